@@ -1,0 +1,95 @@
+"""A ZeroMQ socket served by the asyncio loop directly, without zmq.asyncio's per-call futures.
+
+libzmq's FD is edge-triggered: it signals "something changed", after which the socket must be
+drained until EVENTS shows no more input, and any send may consume a pending edge. So ``drain``
+reads until empty (in batches, yielding to the loop between them), and every send from outside a
+drain schedules one more drain. This is the whole trick; it keeps a syscall's path free of tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import zmq
+
+BATCH = 64   # messages read before yielding to other sockets and timers
+
+
+class Channel:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
+                 on_message: Callable[[zmq.Frame, list[bytes]], None]):
+        self.loop = loop
+        self.sock = sock
+        self.on_message = on_message
+        self.dropped_sends = 0
+        self._scheduled = False
+        self._draining = False
+        self._closed = False
+        loop.add_reader(sock.FD, self.kick)
+
+    def kick(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        sock = self.sock
+        self._draining = True
+        try:
+            for _ in range(BATCH):
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                try:
+                    # The first frame is received as a Frame: for a ROUTER it is the peer's
+                    # routing id, and its metadata (Peer-Address) tells the peer's OS pid and uid.
+                    head = sock.recv(zmq.NOBLOCK, copy=False)
+                    rest = []
+                    while sock.getsockopt(zmq.RCVMORE):
+                        rest.append(sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    return
+                self.on_message(head, rest)
+            self.kick()     # more may be waiting: let timers and the other socket run first
+        finally:
+            self._draining = False
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Send without blocking; False when the peer is gone or its queue is full."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            ok = True
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+                raise
+            self.dropped_sends += 1
+            ok = False
+        if not self._draining:
+            self.kick()
+        return ok
+
+    def reachable(self, ident: bytes, probe: bytes) -> bool:
+        """Send a probe to one peer of a ROUTER socket: False once that peer has disconnected."""
+        try:
+            self.sock.send_multipart([ident, probe], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return False
+            if e.errno != zmq.EAGAIN:    # a full queue means a live but slow peer
+                raise
+        if not self._draining:
+            self.kick()
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.loop.remove_reader(self.sock.FD)
+        except (ValueError, OSError, zmq.ZMQError):
+            pass
+        self.sock.close(linger=0)

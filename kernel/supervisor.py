@@ -1,0 +1,267 @@
+"""The supervisor: starts each service process, watches it, and restarts it when it dies or hangs.
+
+Rules, stated once:
+1. A service is alive while its OS process runs (watched through a pidfd, so a death is seen at
+   once) and it answers the kernel's pings from its own event loop within ``ping_timeout``. A
+   service that stops answering (hung, or SIGSTOPped) is killed with SIGKILL and treated as dead.
+2. A dead service is restarted: the first time at once, then after ``backoff_base`` seconds,
+   doubling up to ``backoff_max``. More than ``max_restarts`` restarts within ``restart_window``
+   marks it FAILED: its calls get ESRVDOWN until ``service_restart`` clears it.
+3. A new service process is trusted only after it says HELLO with the one-time token the kernel
+   gave it on its stdin; anything else arriving on the service socket is dropped and counted.
+The supervisor decides; the kernel (through the ``Events`` it is given) deals with the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Protocol
+
+from .config import SupervisorConfig
+from syscalls.paths import Paths
+
+STARTING, READY, BACKOFF, FAILED, STOPPED = "STARTING", "READY", "BACKOFF", "FAILED", "STOPPED"
+
+# The module each service runs; ``python -m MODULE``.
+SERVICE_MODULES = {
+    "storage": "services.storage",
+}
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_kernel() -> None:
+    # In the child before exec: if the kernel dies (even by SIGKILL), the service gets SIGKILL too,
+    # so a crashed kernel never leaves services holding the database or a device.
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Events(Protocol):
+    def service_ready(self, svc: "Service") -> None: ...
+    def service_down(self, svc: "Service") -> None: ...
+
+
+class Service:
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.argv = argv
+        self.state = STOPPED
+        self.popen: subprocess.Popen | None = None
+        self.pidfd: int | None = None
+        self.ident: bytes | None = None
+        self.token: str = ""
+        self.restarts = 0
+        self.restart_times: deque[float] = deque()
+        self.started_at = 0.0
+        self.ready_at = 0.0
+        self.deadline = 0.0          # STARTING: must say hello (or report progress) before this
+        self.last_pong = 0.0
+        self.ping_seq = 0
+        self.last_exit: str | None = None
+        self.progress: dict | None = None
+        self.restart_handle: asyncio.TimerHandle | None = None
+        self.waiting: deque = deque()     # calls held while the service is not READY
+        self.in_flight: dict[int, object] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen and self.popen.poll() is None else None
+
+    def info(self, now: float) -> dict:
+        return {
+            "name": self.name, "pid": self.pid, "state": self.state, "restarts": self.restarts,
+            "uptime": round(now - self.ready_at, 3) if self.state == READY else 0.0,
+            "last_exit": self.last_exit, "in_flight": len(self.in_flight),
+            "waiting": len(self.waiting), "progress": self.progress,
+        }
+
+
+class Supervisor:
+    def __init__(self, loop: asyncio.AbstractEventLoop, paths: Paths, cfg: SupervisorConfig,
+                 events: Events, log, send_ping):
+        self.loop = loop
+        self.paths = paths
+        self.cfg = cfg
+        self.events = events
+        self.log = log
+        self.send_ping = send_ping          # (service, seq) -> None
+        self.services: dict[str, Service] = {}
+        self.by_ident: dict[bytes, Service] = {}
+        self.stopping = False
+        self._tick: asyncio.Task | None = None
+
+    def add(self, name: str) -> Service:
+        module = SERVICE_MODULES.get(name)
+        if module is None:
+            raise ValueError(f"unknown service {name!r} (known: {', '.join(SERVICE_MODULES)})")
+        svc = self.services[name] = Service(name, [sys.executable, "-m", module])
+        return svc
+
+    def start_all(self) -> None:
+        for svc in self.services.values():
+            self.start(svc)
+        self._tick = self.loop.create_task(self._watch())
+
+    # -- starting ------------------------------------------------------------------------------
+    def start(self, svc: Service) -> None:
+        svc.restart_handle = None
+        svc.token = secrets.token_hex(16)
+        env = dict(os.environ, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        out = open(self.paths.log_file(f"{svc.name}.out"), "ab")
+        try:
+            svc.popen = subprocess.Popen(
+                svc.argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env,
+                close_fds=True, preexec_fn=_die_with_kernel)
+        except OSError as e:
+            self.log.error("service_start_failed", service=svc.name, error=str(e))
+            svc.last_exit = f"could not start: {e}"
+            self._died(svc)
+            return
+        finally:
+            out.close()
+        try:
+            svc.popen.stdin.write(svc.token.encode() + b"\n")
+            svc.popen.stdin.close()
+        except OSError:
+            pass        # it died at once; the pidfd below reports it
+        svc.state = STARTING
+        svc.started_at = time.monotonic()
+        svc.deadline = svc.started_at + self.cfg.start_timeout
+        svc.progress = None
+        svc.pidfd = os.pidfd_open(svc.popen.pid)
+        self.loop.add_reader(svc.pidfd, self._exited, svc)
+        self.log.info("service_started", service=svc.name, pid=svc.popen.pid)
+
+    def hello(self, svc: Service, ident: bytes) -> None:
+        """The service proved it is the process we started (token checked by the kernel)."""
+        if svc.ident is not None:
+            self.by_ident.pop(svc.ident, None)
+        svc.ident = ident
+        self.by_ident[ident] = svc
+        svc.state = READY
+        svc.ready_at = svc.last_pong = time.monotonic()
+        self.log.info("service_ready", service=svc.name, pid=svc.pid,
+                      startup_s=round(svc.ready_at - svc.started_at, 3))
+        self.events.service_ready(svc)
+
+    def progress(self, svc: Service, data: dict) -> None:
+        svc.progress = data
+        svc.deadline = time.monotonic() + self.cfg.start_timeout
+
+    def pong(self, svc: Service) -> None:
+        svc.last_pong = time.monotonic()
+
+    # -- dying ---------------------------------------------------------------------------------
+    def _exited(self, svc: Service) -> None:
+        self._close_pidfd(svc)
+        code = svc.popen.wait() if svc.popen else None
+        if code is not None and code < 0:
+            svc.last_exit = f"killed by {signal.Signals(-code).name}"
+        else:
+            svc.last_exit = f"exited with status {code}"
+        level = "info" if self.stopping else "warning"
+        getattr(self.log, level)("service_exited", service=svc.name, how=svc.last_exit)
+        self._died(svc)
+
+    def _close_pidfd(self, svc: Service) -> None:
+        if svc.pidfd is not None:
+            self.loop.remove_reader(svc.pidfd)
+            os.close(svc.pidfd)
+            svc.pidfd = None
+
+    def kill(self, svc: Service, why: str) -> None:
+        """SIGKILL a service; its pidfd then reports the death and the usual path follows."""
+        if svc.popen and svc.popen.returncode is None:
+            self.log.warning("service_killed", service=svc.name, why=why)
+            try:
+                svc.popen.kill()
+            except ProcessLookupError:
+                pass
+
+    def _died(self, svc: Service) -> None:
+        if svc.ident is not None:
+            self.by_ident.pop(svc.ident, None)
+            svc.ident = None
+        if self.stopping or svc.state == STOPPED:
+            svc.state = STOPPED
+            self.events.service_down(svc)
+            return
+        now = time.monotonic()
+        window = svc.restart_times
+        while window and now - window[0] > self.cfg.restart_window:
+            window.popleft()
+        if len(window) >= self.cfg.max_restarts:
+            svc.state = FAILED
+            self.log.error("service_failed", service=svc.name, restarts=len(window),
+                           window_s=self.cfg.restart_window)
+            self.events.service_down(svc)
+            return
+        delay = 0.0 if not window else min(self.cfg.backoff_max,
+                                           self.cfg.backoff_base * 2 ** (len(window) - 1))
+        window.append(now)
+        svc.restarts += 1
+        svc.state = BACKOFF
+        self.events.service_down(svc)
+        self.log.info("service_restart_scheduled", service=svc.name, delay_s=delay)
+        svc.restart_handle = self.loop.call_later(delay, self.start, svc)
+
+    def restart(self, svc: Service) -> None:
+        """Operator's restart: clears FAILED and the backoff history, then kills or starts."""
+        svc.restart_times.clear()
+        if svc.restart_handle:
+            svc.restart_handle.cancel()
+            svc.restart_handle = None
+        if svc.state in (READY, STARTING) and svc.pid:
+            self.kill(svc, "restart requested")
+        else:
+            svc.restarts += 1
+            self.start(svc)
+
+    # -- watching ------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(self.cfg.ping_interval)
+            now = time.monotonic()
+            for svc in self.services.values():
+                if svc.state == READY:
+                    if now - svc.last_pong > self.cfg.ping_timeout:
+                        self.kill(svc, f"no pong for {now - svc.last_pong:.1f}s")
+                        continue
+                    svc.ping_seq += 1
+                    self.send_ping(svc, svc.ping_seq)
+                elif svc.state == STARTING and now > svc.deadline:
+                    self.kill(svc, f"no hello within {self.cfg.start_timeout}s of starting")
+
+    async def stop_all(self, grace: float = 2.0) -> None:
+        self.stopping = True
+        if self._tick:
+            self._tick.cancel()
+        for svc in self.services.values():
+            if svc.restart_handle:
+                svc.restart_handle.cancel()
+            if svc.pid:
+                try:
+                    svc.popen.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for svc in self.services.values():
+            while svc.pid and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if svc.pid:
+                svc.popen.kill()
+                svc.popen.wait()
+            self._close_pidfd(svc)
+            svc.state = STOPPED

@@ -1,0 +1,1 @@
+"""Service processes started and supervised by the kernel: storage, tokenizer, inference."""

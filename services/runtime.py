@@ -1,0 +1,174 @@
+"""What every service process runs: the link to the kernel, pings, and dispatch to ``op_*`` methods.
+
+A service connects to the kernel (never the other way round), so it listens on no socket a program
+could reach. It proves it is the process the kernel started by saying HELLO with the one-time token
+the kernel wrote on its stdin, answers PINGs from its own event loop (so a hung loop is noticed),
+and hands each CALL to ``op_<name>(args, caller)``:
+
+- a plain method returns the value (or raises an LLMOSError);
+- a coroutine method runs as a task, so a slow call does not hold up pings or other calls, and a
+  CANCEL from the kernel cancels it;
+- a streaming op is a coroutine taking ``emit`` as a keyword: each ``emit(value)`` is a CHUNK, and
+  its return value is the END.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import uvloop
+import zmq
+
+from kernel.channel import Channel
+from kernel.logs import setup
+from syscalls.paths import Paths
+from syscalls import wire
+from syscalls.errors import LLMOSError
+
+KERNEL_SILENCE = 15.0   # no ping from the kernel for this long: it is gone, and so is this service
+
+
+class Service:
+    """Base class: subclasses set ``name`` and define ``op_*`` methods; ``main()`` runs one."""
+
+    name = "service"
+
+    def __init__(self, paths: Paths, log):
+        self.paths = paths
+        self.log = log
+
+    async def start(self) -> None:
+        """Open what the service needs before it says hello (databases, models)."""
+
+    async def stop(self) -> None:
+        """Release it on the way out."""
+
+    def progress(self, **data: Any) -> None:
+        """Report progress of a long start (shown by `services`; keeps the start deadline away)."""
+        self.runtime.send(wire.event("progress", data))
+
+    # set by Runtime
+    runtime: "Runtime"
+
+
+class Runtime:
+    def __init__(self, service: Service, token: str):
+        self.service = service
+        self.token = token
+        self.loop = asyncio.get_running_loop()
+        self.ops = {n[3:]: getattr(service, n) for n in dir(service) if n.startswith("op_")}
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.last_ping = time.monotonic()
+        self.stopped = asyncio.Event()
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.connect(service.paths.services_endpoint)
+        self.ch = Channel(self.loop, sock, self._on_message)
+        service.runtime = self
+
+    def send(self, frame: bytes) -> None:
+        self.ch.send([frame])
+
+    async def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopped.set)
+        await self.service.start()
+        self.send(wire.hello(self.service.name, {"token": self.token, "pid": os.getpid()}))
+        watchdog = self.loop.create_task(self._watchdog())
+        await self.stopped.wait()
+        watchdog.cancel()
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await self.service.stop()
+        self.ch.close()
+        self.ctx.term()
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if time.monotonic() - self.last_ping > KERNEL_SILENCE:
+                self.service.log.error("kernel_silent", seconds=KERNEL_SILENCE)
+                self.stopped.set()
+                return
+
+    def _on_message(self, head: zmq.Frame, rest: list[bytes]) -> None:
+        try:
+            msg = wire.decode(head.bytes)
+        except wire.BadMessage as e:
+            self.service.log.error("bad_message_from_kernel", error=str(e))
+            return
+        kind = msg[1]
+        if kind == wire.PING:
+            self.last_ping = time.monotonic()
+            self.send(wire.pong(msg[2]))
+        elif kind == wire.CALL and len(msg) >= 6:
+            self._call(msg[2], msg[3], msg[4], msg[5])
+        elif kind == wire.CANCEL:
+            task = self.tasks.pop(msg[2], None)
+            if task:
+                task.cancel()
+
+    def _call(self, kid: int, name: str, args: dict, caller: dict) -> None:
+        op = self.ops.get(name)
+        if op is None:
+            self.send(wire.err(kid, "ENOSYS", f"service {self.service.name} has no op {name!r}"))
+            return
+        if not inspect.iscoroutinefunction(op):
+            try:
+                self.send(wire.ok(kid, op(args, caller)))
+            except LLMOSError as e:
+                self.send(wire.err(kid, e.code, e.message))
+            except Exception as e:
+                self.service.log.exception("op_failed", op=name)
+                self.send(wire.err(kid, "EIO", f"{name}: {self.service.name} failed: {e!r}"))
+            return
+        streaming = "emit" in inspect.signature(op).parameters
+        if streaming:
+            coro = op(args, caller, emit=lambda value: self.send(wire.chunk(kid, value)))
+        else:
+            coro = op(args, caller)
+        task = self.loop.create_task(coro)
+        self.tasks[kid] = task
+        task.add_done_callback(lambda t: self._done(kid, name, streaming, t))
+
+    def _done(self, kid: int, name: str, streaming: bool, task: asyncio.Task) -> None:
+        self.tasks.pop(kid, None)
+        if task.cancelled():
+            return
+        e = task.exception()
+        if e is None:
+            self.send((wire.end if streaming else wire.ok)(kid, task.result()))
+        elif isinstance(e, LLMOSError):
+            self.send(wire.err(kid, e.code, e.message))
+        else:
+            self.service.log.error("op_failed", op=name, error=repr(e), exc_info=e)
+            self.send(wire.err(kid, "EIO", f"{name}: {self.service.name} failed: {e!r}"))
+
+
+def main(cls: type[Service]) -> None:
+    """Entry point of a service process: ``python -m services.NAME`` ends up here."""
+    paths = Paths.from_env()
+    log = setup(cls.name, paths.log_file(cls.name))
+    token = sys.stdin.readline().strip()
+    if not token:
+        print(f"{cls.name}: services are started by the llmos kernel, not by hand", file=sys.stderr)
+        sys.exit(2)
+
+    async def run() -> None:
+        await Runtime(cls(paths, log), token).run()
+
+    try:
+        uvloop.run(run())
+    except Exception:
+        log.exception("service_crashed")
+        raise

@@ -1,0 +1,156 @@
+"""Argument schemas: how the syscall table says what a call takes, and how arguments are checked.
+
+The kernel checks every call against its schema before anything runs, so a handler can trust the
+types and ranges of what it receives; a failed check is an EINVAL whose message names the argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import EINVAL
+
+REQUIRED = object()
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_float(v: Any) -> bool:
+    return type(v) in (int, float)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(type(x) is str for x in v)
+
+
+def _is_str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(type(k) is str and type(x) is str for k, x in v.items())
+
+
+# name in the docs -> (predicate, Python annotation used for the client stubs)
+KINDS: dict[str, tuple[Callable[[Any], bool], Any]] = {
+    "int": (_is_int, int),
+    "float": (_is_float, float),
+    "bool": (lambda v: type(v) is bool, bool),
+    "str": (lambda v: type(v) is str, str),
+    "bytes": (lambda v: type(v) is bytes, bytes),
+    "[str]": (_is_str_list, list),
+    "[int]": (lambda v: isinstance(v, list) and all(type(x) is int for x in v), list),
+    "{str:str}": (_is_str_map, dict),
+    "[message]": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), list),
+    "any": (lambda v: True, Any),
+}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its name, kind (a key of KINDS), default, and the limits a value must keep."""
+
+    name: str
+    kind: str
+    default: Any = REQUIRED
+    nullable: bool = False
+    min: float | None = None
+    max: float | None = None
+    max_len: int | None = None
+    choices: tuple | None = None
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise TypeError(f"argument {self.name}: unknown kind {self.kind!r}")
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, call: str, value: Any) -> Any:
+        """Return the value if it fits, else raise EINVAL naming the argument and the rule."""
+        if value is None and (self.nullable or self.default is None):
+            return None
+        where = f"{call}: argument '{self.name}'"
+        if not KINDS[self.kind][0](value):
+            raise EINVAL(f"{where} must be {self.kind_text()}, got {_describe(value)}")
+        if self.kind == "float":
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise EINVAL(f"{where} must be a finite number, got {value}")
+        if self.min is not None and value < self.min:
+            raise EINVAL(f"{where} must be >= {_num(self.min)}, got {value}")
+        if self.max is not None and value > self.max:
+            raise EINVAL(f"{where} must be <= {_num(self.max)}, got {value}")
+        if self.max_len is not None and len(value) > self.max_len:
+            raise EINVAL(f"{where} is too long: {len(value)} > {self.max_len}")
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(map(str, self.choices))
+            raise EINVAL(f"{where} must be one of {allowed}; got {value!r}")
+        return value
+
+    def kind_text(self) -> str:
+        text = {"int": "an integer", "float": "a number", "bool": "true or false",
+                "str": "a string", "bytes": "bytes", "[str]": "a list of strings",
+                "[int]": "a list of integers", "{str:str}": "a map of strings to strings",
+                "[message]": "a list of messages (maps)", "any": "any value"}[self.kind]
+        return text + (" or null" if self.nullable or self.default is None else "")
+
+    def doc_type(self) -> str:
+        t = self.kind + ("?" if self.nullable or self.default is None else "")
+        if self.min is not None or self.max is not None:
+            lo = "" if self.min is None else _num(self.min)
+            hi = "" if self.max is None else _num(self.max)
+            t += f" [{lo}..{hi}]"
+        if self.max_len is not None:
+            t += f" (len <= {self.max_len})"
+        if self.choices is not None:
+            t += " (" + "|".join(map(str, self.choices)) + ")"
+        return t
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _describe(value: Any) -> str:
+    name = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            bytes: "bytes", list: "a list", dict: "a map", type(None): "null"}.get(type(value))
+    return name or type(value).__name__
+
+
+@dataclass(frozen=True)
+class Syscall:
+    """One row of the syscall table."""
+
+    name: str
+    target: str                      # "kernel", or the name of the service that handles it
+    args: tuple[Arg, ...] = ()
+    result: str = "null"
+    errors: tuple[str, ...] = ()
+    doc: str = ""
+    privilege: str | None = None     # "admin": only a privileged process may make the call
+    idempotent: bool = False         # safe to run twice: retried once if its service dies mid-call
+    stream: bool = False             # answered by CHUNK messages and an END
+    by_name: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_name.update({a.name: a for a in self.args})
+
+    def check_args(self, args: Any) -> dict:
+        """Validate a call's arguments; fill in defaults; reject unknown and missing ones."""
+        if not isinstance(args, dict):
+            raise EINVAL(f"{self.name}: arguments must be a map of name to value, got {_describe(args)}")
+        for key in args:
+            if key not in self.by_name:
+                known = ", ".join(self.by_name) or "none"
+                raise EINVAL(f"{self.name}: unknown argument '{key}' (it takes: {known})")
+        out = {}
+        for a in self.args:
+            if a.name in args:
+                out[a.name] = a.check(self.name, args[a.name])
+            elif a.required:
+                raise EINVAL(f"{self.name}: missing required argument '{a.name}' ({a.kind_text()})")
+            else:
+                out[a.name] = a.default
+        return out

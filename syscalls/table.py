@@ -1,0 +1,124 @@
+"""THE syscall table: every call a program can make, in one place.
+
+Each row names the call, its arguments (kinds, defaults, limits), its result, the errors it can
+return, the privilege it needs, whether it is idempotent (so the kernel may retry it once when its
+service dies mid-call), whether it streams, and its handler: ``target`` "kernel" means the kernel's
+``sys_<name>`` method, any other target is the service of that name, whose ``op_<name>`` answers.
+
+The client stubs (``syscalls.client``), the kernel's dispatch and ``docs/abi.md`` are all derived
+from this table; tests fail when any of them disagrees with it.
+"""
+
+from __future__ import annotations
+
+from .schema import Arg, Syscall
+
+SIGNALS = ("TERM", "KILL", "INT", "HUP", "STOP", "CONT")
+MAX_KEY = 512
+MAX_ARGV = 256
+MAX_TIMEOUT = 86400.0
+
+_timeout = Arg("timeout", "float", None, min=0, max=MAX_TIMEOUT,
+               doc="seconds to wait; null waits forever")
+_key = Arg("key", "str", max_len=MAX_KEY, doc="the key, inside the namespace")
+_ns = Arg("ns", "str", None, max_len=128,
+          doc="a shared namespace; null is the caller's own (one per OS user)")
+_pid = Arg("pid", "int", min=1, max=2**31 - 1)
+_topic = Arg("topic", "str", max_len=256)
+
+SYSCALLS: tuple[Syscall, ...] = (
+    # -- processes ------------------------------------------------------------------------------
+    Syscall("hello", "kernel", (
+        Arg("name", "str", "", max_len=128, doc="the program's name, shown by ps"),
+        Arg("argv", "[str]", None, max_len=MAX_ARGV),
+        Arg("privileged", "bool", False, doc="ask for privilege (granted to the kernel's own OS user)"),
+        Arg("spawn_token", "str", None, max_len=64, doc="binds a spawned program to its process entry"),
+    ), result="{pid, ppid, privileged, kernel}", errors=("EPERM",), idempotent=True,
+        doc="Introduce the connection: name it, and ask for privilege. The client library calls it on "
+            "connect; a connection that skips it is registered anyway, unnamed and unprivileged."),
+    Syscall("getpid", "kernel", result="int", idempotent=True, doc="The caller's PID."),
+    Syscall("ps", "kernel", (
+        Arg("pid", "int", None, min=1, doc="only this process"),
+    ), result="[{pid, ppid, uid, name, argv, state, priority, started, syscalls, bytes_stored, "
+              "tokens_in, tokens_out, privileged, daemon, os_pid}]", errors=("ESRCH",), idempotent=True,
+        doc="The process table, the kernel itself (pid 1) first."),
+    Syscall("spawn", "kernel", (
+        Arg("argv", "[str]", max_len=MAX_ARGV, doc="program and arguments; argv[0] is looked up in PATH"),
+        Arg("env", "{str:str}", None, doc="variables added to the kernel's environment"),
+        Arg("cwd", "str", None, max_len=4096),
+        Arg("priority", "int", None, min=-20, max=19, doc="nice value; null inherits the caller's"),
+        Arg("daemon", "bool", False, doc="a daemon outlives its parent and is parented to pid 1"),
+        Arg("name", "str", None, max_len=128),
+    ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM", "EAGAIN"),
+        doc="Start a program as a child of the caller. Its output goes to logs/proc-PID.log."),
+    Syscall("kill", "kernel", (
+        _pid, Arg("signal", "str", "TERM", choices=SIGNALS),
+    ), errors=("ESRCH", "EPERM"),
+        doc="Send a signal. Without privilege only the caller itself and its descendants may be "
+            "signalled. STOP and CONT suspend and resume; TERM, INT and HUP ask a program to end; "
+            "KILL ends it."),
+    Syscall("wait", "kernel", (_pid, _timeout), result="{pid, status, signal}",
+            errors=("ECHILD", "ESRCH", "ETIMEDOUT"),
+            doc="Wait until a child exits and reap it. status is the exit status (null when it was "
+                "killed by a signal, then named in signal)."),
+    Syscall("exit", "kernel", (Arg("status", "int", 0, min=0, max=255),),
+            doc="End the calling process with an exit status; the connection may be closed after."),
+    # -- messages between programs --------------------------------------------------------------
+    Syscall("send", "kernel", (_pid, Arg("data", "any")), errors=("ESRCH", "EAGAIN", "E2BIG"),
+            doc="Put a message in another process's mailbox (bounded; EAGAIN when full)."),
+    Syscall("recv", "kernel", (_timeout,), result="{from, topic, data}", errors=("ETIMEDOUT",),
+            doc="Take the oldest message from the caller's mailbox, waiting for one if empty. "
+                "topic is null for send(), the topic for publish()."),
+    Syscall("publish", "kernel", (_topic, Arg("data", "any")), result="int (processes reached)",
+            errors=("E2BIG",),
+            doc="Deliver a message to every subscriber of a matching topic. A subscriber whose "
+                "mailbox is full misses it (counted in its ps entry as dropped)."),
+    Syscall("subscribe", "kernel", (_topic,), idempotent=True,
+            doc="Receive, through recv(), every message published to a topic starting with this "
+                "prefix."),
+    Syscall("unsubscribe", "kernel", (_topic,), idempotent=True, errors=("ENOENT",)),
+    # -- the system -----------------------------------------------------------------------------
+    Syscall("services", "kernel", result="[{name, pid, state, restarts, uptime, last_exit}]",
+            idempotent=True, doc="The service processes and what the supervisor knows of them."),
+    Syscall("service_restart", "kernel", (Arg("name", "str", max_len=64),),
+            errors=("ENOENT",), privilege="admin",
+            doc="Kill and restart a service, clearing a FAILED state."),
+    Syscall("uname", "kernel", result="{system, version, abi, home, kernel_pid, boot_time}",
+            idempotent=True),
+    Syscall("kstat", "kernel", result="{counters, rss, processes, in_flight}", idempotent=True,
+            doc="The kernel's own counters: messages, malformed frames dropped, replies dropped."),
+    Syscall("shutdown", "kernel", privilege="admin",
+            doc="Stop every program and service, then the kernel."),
+    # -- storage --------------------------------------------------------------------------------
+    Syscall("put", "storage", (
+        _key, Arg("value", "any"),
+        Arg("if_version", "int", None, min=0, doc="compare-and-set: 0 means the key must not exist"),
+        _ns,
+    ), result="{version}", errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT"),
+        idempotent=True,
+        doc="Store a value (any msgpack value). Durable once acknowledged. Idempotent: the kernel "
+            "tags each call with an id that storage records, so a retried put is applied once."),
+    Syscall("get", "storage", (_key, _ns), result="{value, version}", errors=("ENOENT", "EPERM"),
+            idempotent=True),
+    Syscall("delete", "storage", (
+        _key, Arg("if_version", "int", None, min=1), _ns,
+    ), errors=("ENOENT", "ECONFLICT", "EPERM"), idempotent=True),
+    Syscall("list", "storage", (
+        Arg("prefix", "str", "", max_len=MAX_KEY), _ns,
+        Arg("limit", "int", 1000, min=1, max=100000),
+    ), result="[{key, version, size}]", errors=("EPERM", "ENOENT"), idempotent=True,
+        doc="Keys starting with a prefix, in order."),
+    Syscall("ns_create", "storage", (
+        Arg("name", "str", max_len=128), Arg("mode", "str", "r", choices=("", "r", "rw")),
+    ), errors=("EEXIST", "EINVAL"), idempotent=True,
+        doc="Create a shared namespace owned by the caller's user. mode is what other users may "
+            "do: nothing, read, or read and write."),
+    Syscall("ns_chmod", "storage", (
+        Arg("name", "str", max_len=128), Arg("mode", "str", choices=("", "r", "rw")),
+    ), errors=("ENOENT", "EPERM"), idempotent=True),
+    Syscall("ns_list", "storage", result="[{name, owner, mode, bytes}]", idempotent=True),
+    Syscall("usage", "storage", result="{uid, bytes, quota, keys}", idempotent=True,
+            doc="Bytes the caller's user stores, and its quota."),
+)
+
+BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

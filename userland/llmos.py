@@ -1,0 +1,182 @@
+"""The ``llmos`` command: boot, status, shutdown and logs of the llmos in LLMOS_HOME."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import syscalls
+from kernel.logs import render_lines
+from syscalls import errors
+from syscalls.paths import Paths
+
+BOOT_TIMEOUT = 600.0    # loading a large model can take minutes; progress is shown meanwhile
+
+
+def kernel_pid(paths: Paths) -> int | None:
+    """The pid of the kernel holding the pidfile's lock, or None when no kernel runs."""
+    try:
+        fd = os.open(paths.pidfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return int(os.read(fd, 32).decode().strip() or 0) or None
+        except ValueError:
+            return None
+    finally:
+        os.close(fd)
+    return None      # we got the lock: nobody holds it, the file is stale
+
+
+def _fmt_uptime(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def cmd_boot(paths: Paths, args) -> int:
+    pid = kernel_pid(paths)
+    if pid:
+        print(f"llmos: already running in {paths.home} (kernel pid {pid})", file=sys.stderr)
+        return 1
+    paths.ensure()
+    with open(paths.log_file("kernel.out"), "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(paths.home)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, env=dict(os.environ, LLMOS_HOME=str(paths.home)))
+    deadline = time.monotonic() + args.timeout
+    shown = ""
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            if code == 3:
+                print(f"llmos: already running in {paths.home}", file=sys.stderr)
+            else:
+                print(f"llmos: the kernel exited with status {code} while booting; see "
+                      f"`llmos logs kernel`", file=sys.stderr)
+            return 1
+        if paths.programs_sock.exists():
+            try:
+                with syscalls.connect(paths.home, name="llmos-boot", timeout=5) as os_:
+                    services = os_.services()
+            except errors.LLMOSError:
+                services = None
+            if services is not None:
+                failed = [s["name"] for s in services if s["state"] == "FAILED"]
+                if failed:
+                    print(f"llmos: service(s) failed to start: {', '.join(failed)}; see "
+                          f"`llmos logs {failed[0]}`", file=sys.stderr)
+                    return 1
+                if all(s["state"] == "READY" for s in services):
+                    print(f"llmos: booted in {paths.home} (kernel pid {proc.pid}, "
+                          f"{len(services)} services ready)")
+                    return 0
+                line = "; ".join(_progress(s) for s in services if s["state"] != "READY")
+                if line != shown and sys.stderr.isatty():
+                    print(f"\rllmos: waiting for {line}\x1b[K", end="", file=sys.stderr, flush=True)
+                shown = line
+        time.sleep(0.05)
+    print(f"\nllmos: not ready after {args.timeout:.0f}s; see `llmos status` and `llmos logs`",
+          file=sys.stderr)
+    return 1
+
+
+def _progress(svc: dict) -> str:
+    p = svc.get("progress") or {}
+    if "done" in p and "total" in p and p["total"]:
+        return f"{svc['name']} {p.get('what', '')} {100 * p['done'] / p['total']:.0f}%"
+    return f"{svc['name']} ({svc['state'].lower()})"
+
+
+def cmd_status(paths: Paths, args) -> int:
+    pid = kernel_pid(paths)
+    if not pid:
+        print(f"llmos: not running in {paths.home}")
+        return 1
+    with syscalls.connect(paths.home, name="llmos-status", timeout=10) as os_:
+        u = os_.uname()
+        services = os_.services()
+        procs = os_.ps()
+    print(f"llmos {u['version']} (abi {u['abi']}) in {u['home']}")
+    print(f"kernel  pid {u['kernel_pid']}  up {_fmt_uptime(time.time() - u['boot_time'])}  "
+          f"processes {len(procs)}")
+    print(f"{'SERVICE':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'UPTIME':>8}  LAST EXIT")
+    for s in services:
+        print(f"{s['name']:<12} {s['pid'] or '-':>7} {s['state']:<9} {s['restarts']:>8} "
+              f"{_fmt_uptime(s['uptime']):>8}  {s['last_exit'] or ''}")
+    return 0
+
+
+def cmd_shutdown(paths: Paths, args) -> int:
+    pid = kernel_pid(paths)
+    if not pid:
+        print(f"llmos: not running in {paths.home}", file=sys.stderr)
+        return 1
+    try:
+        with syscalls.connect(paths.home, name="llmos-shutdown", privileged=True, timeout=5) as os_:
+            os_.shutdown()
+    except errors.LLMOSError as e:
+        print(f"llmos: shutdown call failed ({e}); sending SIGTERM to the kernel", file=sys.stderr)
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if kernel_pid(paths) is None:
+            print("llmos: stopped")
+            return 0
+        time.sleep(0.05)
+    print(f"llmos: the kernel did not stop within {args.timeout:.0f}s; killing it", file=sys.stderr)
+    os.kill(pid, signal.SIGKILL)
+    return 1
+
+
+def cmd_logs(paths: Paths, args) -> int:
+    names = [args.name] if args.name else sorted(p.stem for p in paths.logs.glob("*.log"))
+    if not names:
+        print(f"llmos: no logs in {paths.logs}", file=sys.stderr)
+        return 1
+    for name in names:
+        path = paths.log_file(name)
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in paths.logs.glob("*.log")))
+            print(f"llmos: no log named {name!r} (logs: {known})", file=sys.stderr)
+            return 1
+        lines = path.read_text(errors="replace").splitlines()[-args.lines:]
+        if len(names) > 1:
+            print(f"==> {name} <==")
+        for line in render_lines(lines):
+            print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmos", description="Boot and manage llmos.")
+    parser.add_argument("--home", help="LLMOS_HOME (default: $LLMOS_HOME or ~/.llmos)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("boot", help="start the kernel as a daemon and wait until it is ready")
+    p.add_argument("--timeout", type=float, default=BOOT_TIMEOUT)
+    sub.add_parser("status", help="kernel and services: pids, states, restarts, uptimes")
+    p = sub.add_parser("shutdown", help="stop every program, service and the kernel")
+    p.add_argument("--timeout", type=float, default=8.0)
+    p = sub.add_parser("logs", help="show the logs (of one process, or all)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    args = parser.parse_args(argv)
+    paths = Paths.from_env(args.home)
+    handler = {"boot": cmd_boot, "status": cmd_status, "shutdown": cmd_shutdown,
+               "logs": cmd_logs}[args.command]
+    try:
+        return handler(paths, args)
+    except errors.LLMOSError as e:
+        print(f"llmos: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
