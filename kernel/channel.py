@@ -27,6 +27,7 @@ class Channel:
         self._draining = False
         self._closed = False
         loop.add_reader(sock.FD, self.kick)
+        self.kick()     # the FD may have fired before we listened: look once regardless
 
     def kick(self) -> None:
         if not self._scheduled and not self._closed:

@@ -430,6 +430,7 @@ class Kernel:
                                    f"or root; this program runs as uid {proc.uid}")
             proc.privileged = True
         return {"pid": proc.pid, "ppid": proc.ppid, "privileged": proc.privileged,
+                "spawned": proc.spawned,
                 "kernel": {"version": __version__, "abi": wire.VERSION, "boot_id": self.boot_id}}
 
     def sys_getpid(self, proc: Process, a: dict) -> int:

@@ -141,9 +141,15 @@ class Connection:
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self, status: int = 0) -> None:
-        """Say exit(status) to the kernel and close the socket; safe to call twice."""
+        """End this process with exit(status) and close the socket; safe to call twice.
+
+        A program the kernel spawned lives as long as its OS process, whose exit status the
+        kernel reads itself, so for it close only closes the socket.
+        """
         if self._closed:
             return
+        if self.info.get("spawned"):
+            return self._shut()
         try:
             self.call("exit", status=status)
         except errors.LLMOSError:
@@ -225,6 +231,8 @@ class AsyncConnection:
     async def close(self, status: int = 0) -> None:
         if self._closed:
             return
+        if self.info.get("spawned"):
+            return self._shut()
         try:
             await asyncio.wait_for(self.call("exit", status=status), 5)
         except (errors.LLMOSError, asyncio.TimeoutError):

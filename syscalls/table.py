@@ -33,7 +33,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("argv", "[str]", None, max_len=MAX_ARGV),
         Arg("privileged", "bool", False, doc="ask for privilege (granted to the kernel's own OS user)"),
         Arg("spawn_token", "str", None, max_len=64, doc="binds a spawned program to its process entry"),
-    ), result="{pid, ppid, privileged, kernel}", errors=("EPERM",), idempotent=True,
+    ), result="{pid, ppid, privileged, spawned, kernel}", errors=("EPERM",), idempotent=True,
         doc="Introduce the connection: name it, and ask for privilege. The client library calls it on "
             "connect; a connection that skips it is registered anyway, unnamed and unprivileged."),
     Syscall("getpid", "kernel", result="int", idempotent=True, doc="The caller's PID."),
@@ -94,7 +94,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         _key, Arg("value", "any"),
         Arg("if_version", "int", None, min=0, doc="compare-and-set: 0 means the key must not exist"),
         _ns,
-    ), result="{version}", errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT"),
+    ), result="{version, size}", errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT"),
         idempotent=True,
         doc="Store a value (any msgpack value). Durable once acknowledged. Idempotent: the kernel "
             "tags each call with an id that storage records, so a retried put is applied once."),

@@ -61,7 +61,7 @@ def unpack(frame: bytes) -> Any:
         return msgpack.unpackb(
             frame, raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext,
             max_str_len=MAX_MESSAGE, max_bin_len=MAX_MESSAGE, max_array_len=MAX_ARRAY,
-            max_map_len=MAX_MAP, max_ext_len=0)
+            max_map_len=MAX_MAP)
     except BadMessage:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:

@@ -1,0 +1,59 @@
+"""The syscall table is the single source: the kernel, the services, the stubs and the doc agree."""
+
+import inspect
+
+from kernel.kernel import Kernel
+from services.storage import Storage
+from syscalls import abi, client, errors
+from syscalls.schema import REQUIRED
+from syscalls.table import SYSCALLS
+
+SERVICE_CLASSES = {"storage": Storage}
+
+
+def test_every_kernel_syscall_has_a_handler_and_every_handler_a_syscall():
+    kernel_calls = {s.name for s in SYSCALLS if s.target == "kernel"}
+    handlers = {n[4:] for n in dir(Kernel) if n.startswith("sys_")}
+    assert kernel_calls == handlers
+
+
+def test_every_service_syscall_is_answered_by_its_service():
+    for target, cls in SERVICE_CLASSES.items():
+        calls = {s.name for s in SYSCALLS if s.target == target}
+        ops = {n[3:] for n in dir(cls) if n.startswith("op_")}
+        assert calls == ops, f"{target}: table {sorted(calls)} vs ops {sorted(ops)}"
+    targets = {s.target for s in SYSCALLS} - {"kernel"}
+    assert targets <= set(SERVICE_CLASSES), "a syscall names a service the test does not know"
+
+
+def test_doc_matches_table():
+    doc = abi.DOC.read_text()
+    assert abi.current(doc) == abi.render(), \
+        "docs/abi.md is out of date: run `python -m syscalls.abi --write`"
+
+
+def test_errors_named_in_table_exist():
+    for s in SYSCALLS:
+        for code in s.errors:
+            assert code in errors.CODES, f"{s.name} names unknown error {code}"
+
+
+def test_client_stubs_follow_the_table():
+    for s in SYSCALLS:
+        for cls in (client.Connection, client.AsyncConnection):
+            method = getattr(cls, s.name)
+            params = list(inspect.signature(method).parameters.values())[1:]
+            assert [p.name for p in params] == [a.name for a in s.args]
+            for p, a in zip(params, s.args):
+                want = inspect.Parameter.empty if a.default is REQUIRED else a.default
+                assert p.default == want, f"{s.name}.{a.name}"
+        assert inspect.iscoroutinefunction(getattr(client.AsyncConnection, s.name))
+
+
+def test_exceptions_are_typed_and_match_builtins():
+    e = errors.from_wire("ESRCH", "no process with pid 9")
+    assert isinstance(e, errors.ESRCH) and isinstance(e, ProcessLookupError)
+    assert e.code == "ESRCH" and "pid 9" in str(e)
+    assert isinstance(errors.from_wire("ETIMEDOUT", "x"), TimeoutError)
+    odd = errors.from_wire("EWHATEVER", "from a newer kernel")
+    assert type(odd) is errors.LLMOSError and odd.code == "EWHATEVER"
