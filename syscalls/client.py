@@ -193,6 +193,11 @@ class AsyncConnection:
 
     async def _read(self) -> None:
         while True:
+            if not await self._sock.poll(POLL_SLICE_MS):
+                if not self.paths.programs_sock.exists():
+                    self._fail_all(errors.ECONNREFUSED("llmos stopped while calls were in flight"))
+                    return
+                continue
             msg = wire.decode(await self._sock.recv())
             target = self._waiting.get(msg[2])
             if target is None:
@@ -205,7 +210,17 @@ class AsyncConnection:
                 self._waiting.pop(msg[2], None)
                 target.set_result(msg)
 
+    def _fail_all(self, exc: errors.LLMOSError) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for cid, target in waiting.items():
+            if isinstance(target, asyncio.Queue):
+                target.put_nowait([wire.VERSION, wire.ERR, cid, exc.code, exc.message])
+            elif not target.done():
+                target.set_exception(exc)
+
     async def call(self, name: str, /, **args: Any) -> Any:
+        if self._closed:
+            raise errors.EINVAL(f"{name}: the connection is closed")
         cid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[cid] = fut
@@ -232,17 +247,23 @@ class AsyncConnection:
         if self._closed:
             return
         if self.info.get("spawned"):
-            return self._shut()
+            return await self.abort()
         try:
             await asyncio.wait_for(self.call("exit", status=status), 5)
         except (errors.LLMOSError, asyncio.TimeoutError):
             pass
-        self._shut()
+        await self.abort()
 
-    def _shut(self) -> None:
+    async def abort(self) -> None:
+        """Close the socket without telling the kernel (which then notices the departure)."""
         self._closed = True
-        if self._reader:
+        if self._reader and not self._reader.done():
             self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._fail_all(errors.ECANCELED("the connection was closed"))
         self._sock.close(linger=0)
 
     async def __aenter__(self) -> "AsyncConnection":
@@ -313,7 +334,7 @@ def _stub(spec: Syscall, asynchronous: bool):
                 return await self.stream(name, **args)
             result = await self.call(name, **args)
             if name == "exit":
-                self._shut()
+                await self.abort()
             return result
     else:
         def method(self, *a, **kw):

@@ -96,13 +96,16 @@ def test_stopped_service_is_detected_by_missed_pings_and_replaced(llmos):
 
 
 def test_too_many_restarts_mark_a_service_failed_until_restarted(llmos):
-    for _ in range(6):                           # max_restarts = 5 in the test config
+    def settled():
         svc = llmos.service("storage")
+        return svc if svc["state"] == "FAILED" or (svc["state"] == "READY" and svc["pid"]) else None
+
+    for _ in range(6):                           # max_restarts = 5 in the test config
+        svc = wait_until(settled, 10, "storage to be READY or FAILED")
         if svc["state"] == "FAILED":
             break
         os.kill(svc["pid"], signal.SIGKILL)
-        wait_until(lambda: llmos.service("storage")["state"] in ("READY", "FAILED")
-                   and llmos.service("storage")["pid"] != svc["pid"], 10, "storage to settle")
+        wait_until(lambda: (s := settled()) and s["pid"] != svc["pid"], 10, "storage to settle")
     assert llmos.service("storage")["state"] == "FAILED"
     with llmos.connect() as c:
         with pytest.raises(errors.ESRVDOWN, match="FAILED"):

@@ -47,7 +47,7 @@ def cmd_boot(paths: Paths, args) -> int:
         print(f"llmos: already running in {paths.home} (kernel pid {pid})", file=sys.stderr)
         return 1
     paths.ensure()
-    with open(paths.log_file("kernel.out"), "ab") as out:
+    with open(paths.log_file("kernel.out"), "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(paths.home)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, env=dict(os.environ, LLMOS_HOME=str(paths.home)))
@@ -59,8 +59,10 @@ def cmd_boot(paths: Paths, args) -> int:
             if code == 3:
                 print(f"llmos: already running in {paths.home}", file=sys.stderr)
             else:
-                print(f"llmos: the kernel exited with status {code} while booting; see "
-                      f"`llmos logs kernel`", file=sys.stderr)
+                said = paths.log_file("kernel.out").read_text(errors="replace").strip()
+                last = said.splitlines()[-1] if said else "see `llmos logs kernel`"
+                print(f"llmos: the kernel exited with status {code} while booting: {last}",
+                      file=sys.stderr)
             return 1
         if paths.programs_sock.exists():
             try:

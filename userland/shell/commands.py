@@ -1,0 +1,563 @@
+"""The built-in commands of llmsh: one ``cmd_NAME`` function each, whose docstring is ``help NAME``.
+
+A command is ``cmd_NAME(sh, io, args) -> status or None (0)``. It reaches llmos only through
+``sh.call``, writes its output to ``io.stdout``, and reports a fault by raising ``Usage`` (status
+2), ``Failure`` or an llmos error (status 1); the shell turns each into one line on stderr. A
+command that works on several targets reports each failure with ``io.error`` and goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import getopt
+import inspect
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, TextIO
+
+from syscalls import errors
+from syscalls.table import BY_NAME, SIGNALS
+
+if TYPE_CHECKING:
+    from .shell import Shell
+
+LS_LIMIT = 1000
+
+
+class Usage(Exception):
+    """The command was called wrongly (status 2); the message is followed by the synopsis."""
+
+
+class Failure(Exception):
+    """The command failed for a reason it explains (status 1, or 2 for a malformed argument)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class ShellExit(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass
+class Streams:
+    """Where a command reads and writes. Pipes and redirections (issue 5) will build other ones."""
+
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+
+    def error(self, cmd: str, message: str) -> None:
+        self.stdout.flush()             # keep the order when both go to one file
+        print(f"llmsh: {cmd}: {message}", file=self.stderr, flush=True)
+
+
+def error_text(e: errors.LLMOSError) -> str:
+    """The kernel's message without its leading 'syscall: ', which llmsh replaces by the command."""
+    head, sep, rest = e.message.partition(": ")
+    return rest if sep and head in BY_NAME else e.message
+
+
+# -- the table of commands ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    args: str                   # the synopsis after the name
+    run: Callable[["Shell", Streams, list[str]], "int | None"]
+
+    @property
+    def synopsis(self) -> str:
+        return f"{self.name} {self.args}".rstrip()
+
+    @property
+    def doc(self) -> str:
+        return inspect.cleandoc(self.run.__doc__ or "")
+
+    @property
+    def summary(self) -> str:
+        return self.doc.split("\n", 1)[0]
+
+
+COMMANDS: dict[str, Builtin] = {}
+
+
+def command(args: str = ""):
+    def register(fn):
+        name = fn.__name__.removeprefix("cmd_")
+        COMMANDS[name] = Builtin(name, args, fn)
+        return fn
+    return register
+
+
+# -- reading arguments ----------------------------------------------------------------------------
+def options(args: list[str], short: str = "", long: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """Options first, then operands (POSIX getopt: the first operand or -- ends the options)."""
+    try:
+        opts, rest = getopt.getopt(args, short, list(long))
+    except getopt.GetoptError as e:
+        raise Usage(e.msg) from None
+    return dict(opts), rest
+
+
+def operands(rest: list[str], *names: str) -> list[str]:
+    if len(rest) < len(names):
+        raise Usage(f"missing {names[len(rest)]}")
+    if len(rest) > len(names):
+        raise Usage(f"unexpected argument {rest[len(names)]!r} (quote a value that has spaces)")
+    return rest
+
+
+def pid_arg(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise Failure(f"{text!r} is not a PID", 2) from None
+    if pid < 1:
+        raise Failure(f"{text!r} is not a PID (PIDs start at 1)", 2)
+    return pid
+
+
+def int_arg(text: str, what: str, lo: int | None = None, hi: int | None = None) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise Failure(f"{what} must be an integer, not {text!r}", 2) from None
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
+        raise Failure(f"{what} must be {_range(lo, hi)}, not {n}", 2)
+    return n
+
+
+def _range(lo: int | None, hi: int | None) -> str:
+    if hi is None:
+        return f">= {lo}"
+    return f"<= {hi}" if lo is None else f"between {lo} and {hi}"
+
+
+def seconds_arg(text: str, what: str = "--timeout") -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not math.isfinite(s) or s < 0:
+        raise Failure(f"{what} must be a number of seconds >= 0, not {text!r}", 2)
+    return s
+
+
+def signal_name(text: str) -> str:
+    """TERM from TERM, term, SIGTERM or 15."""
+    name: str | None = text.upper().removeprefix("SIG")
+    if name.isdigit():
+        try:
+            name = signal.Signals(int(name)).name.removeprefix("SIG")
+        except ValueError:
+            name = None
+    if name not in SIGNALS:
+        known = ", ".join(f"{s} ({signal.Signals['SIG' + s].value})" for s in SIGNALS)
+        raise Failure(f"unknown signal {text!r} (signals: {known})", 2)
+    return name
+
+
+# -- showing results ------------------------------------------------------------------------------
+def table(out: TextIO, header: list[str], rows: list[list[str]], right: set[str] = frozenset()) -> None:
+    """Columns as wide as their widest cell; those named in right align right; the last is ragged."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    cut = shutil.get_terminal_size().columns if out.isatty() else None    # no wrapped lines
+    for row in [header, *rows]:
+        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(row, widths, header)]
+        cells[-1] = row[-1]
+        print(" ".join(cells).rstrip()[:cut], file=out)
+
+
+def show(value: Any) -> str:
+    """A stored or sent value as text: a string as it is, anything else as JSON."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            pass
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, bytes):
+        return "base64:" + base64.b64encode(o).decode()
+    return repr(o)
+
+
+def duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s // 60 % 60:02d}m"
+    return f"{s // 86400}d{s // 3600 % 24:02d}h"
+
+
+def size(n: float) -> str:
+    if n < 1024:
+        return str(int(n))
+    for unit in "KMGT":
+        n /= 1024
+        if n < 1024 or unit == "T":
+            return f"{n:.1f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def tree(procs: list[dict]) -> list[tuple[dict, int]]:
+    """Processes in depth-first order under their parents, each with its depth."""
+    pids = {p["pid"] for p in procs}
+    children: dict[int, list[dict]] = {}
+    for p in procs:
+        children.setdefault(p["ppid"], []).append(p)
+    roots = [p for p in procs if p["ppid"] not in pids or p["ppid"] == p["pid"]]
+    stack, out, seen = [(p, 0) for p in reversed(roots)], [], set()
+    while stack:
+        p, depth = stack.pop()
+        if p["pid"] in seen:
+            continue
+        seen.add(p["pid"])
+        out.append((p, depth))
+        kids = sorted(children.get(p["pid"], []), key=lambda c: c["pid"])
+        stack.extend((c, depth + 1) for c in reversed(kids))
+    return out + [(p, 0) for p in procs if p["pid"] not in seen]
+
+
+# == processes ====================================================================================
+@command("[-t] [PID...]")
+def cmd_ps(sh: Shell, io: Streams, args: list[str]) -> int:
+    """List the processes (or those named); -t draws them as a tree under their parents.
+
+    Columns: PID, parent PID, OS user, state (RUNNING; BLOCKED in wait or recv; STOPPED; ZOMBIE),
+    priority (a nice value), name, age, syscalls made, bytes stored, and the command line.
+    """
+    opts, rest = options(args, "t")
+    pids = [pid_arg(a) for a in rest]
+    status = 0
+    if pids:
+        procs = []
+        for pid in pids:
+            try:
+                procs += sh.call("ps", pid=pid)
+            except errors.ESRCH as e:
+                io.error("ps", error_text(e))
+                status = 1
+    else:
+        procs = sh.call("ps")
+    rows = []
+    now = time.time()
+    for p, depth in tree(procs) if "-t" in opts else [(p, 0) for p in procs]:
+        name = ("   " * (depth - 1) + " \\_ " if depth else "") + (p["name"] or "-")
+        rows.append([str(p["pid"]), str(p["ppid"]), "-" if p["uid"] is None else str(p["uid"]),
+                     p["state"], str(p["priority"]), name, duration(now - p["started"]),
+                     str(p["syscalls"]), size(p["bytes_stored"]), shlex.join(p["argv"] or [])])
+    if rows:
+        table(io.stdout, ["PID", "PPID", "UID", "STATE", "PRI", "NAME", "AGE", "CALLS", "STORED", "ARGV"],
+              rows, right={"PID", "PPID", "UID", "PRI", "AGE", "CALLS", "STORED"})
+    return status
+
+
+@command("[-SIGNAL | -s SIGNAL] PID...  |  kill -l")
+def cmd_kill(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Send a signal (TERM unless named) to processes; kill -l lists the signals.
+
+    TERM, INT and HUP ask a program to end, KILL ends it, STOP and CONT suspend and resume it.
+    A signal is named with or without SIG, in any case, or by number: kill -9 PID.
+    """
+    sig = "TERM"
+    if args[:1] == ["-l"]:
+        if len(args) > 1:
+            raise Usage("-l takes no arguments")
+        for name in SIGNALS:
+            print(f"{signal.Signals['SIG' + name].value:>2} {name}", file=io.stdout)
+        return 0
+    if args[:1] == ["-s"]:
+        if len(args) < 2:
+            raise Usage("-s needs a signal")
+        sig, args = signal_name(args[1]), args[2:]
+    elif args and args[0].startswith("-") and args[0] not in ("-", "--"):
+        sig, args = signal_name(args[0][1:]), args[1:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        raise Usage("missing PID")
+    status = 0
+    for pid in [pid_arg(a) for a in args]:
+        try:
+            sh.call("kill", pid=pid, signal=sig)
+        except errors.LLMOSError as e:
+            io.error("kill", error_text(e))
+            status = 1
+    return status
+
+
+@command("[--daemon] [--name NAME] [--priority N] [--] PROGRAM [ARG...]")
+def cmd_spawn(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Start a program under llmos and print its PID (also kept in $!).
+
+    PROGRAM is a path, or a name looked up in the kernel's PATH; it runs in the shell's current
+    directory. It is a child of this shell unless --daemon, which parents it to pid 1 so it
+    outlives the shell. --priority sets its nice value (-20..19). Its output goes to
+    $LLMOS_HOME/logs/proc-PID.log.
+    """
+    opts, argv = options(args, "", ("daemon", "name=", "priority="))
+    if not argv:
+        raise Usage("missing PROGRAM")
+    kw: dict[str, Any] = {"daemon": "--daemon" in opts, "name": opts.get("--name")}
+    if "--priority" in opts:
+        kw["priority"] = int_arg(opts["--priority"], "--priority", -20, 19)
+    try:
+        kw["cwd"] = os.getcwd()
+    except OSError:
+        pass                    # our directory was removed: the kernel's will do
+    if "/" in argv[0]:          # the kernel resolves a relative path against its own directory
+        argv = [os.path.abspath(argv[0]), *argv[1:]]
+    pid = sh.call("spawn", argv=argv, **kw)
+    sh.last_spawned = pid
+    print(pid, file=io.stdout)
+
+
+@command("[--timeout S] PID...")
+def cmd_wait(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Wait until processes end, print how each ended, and take the status of the last one.
+
+    A program that exited gives its exit status; one killed by a signal gives 128 + the signal's
+    number (143 for TERM), as in sh. Waiting for a child of this shell reaps it. --timeout S
+    gives up after S seconds (status 1); Ctrl-C stops waiting.
+    """
+    opts, rest = options(args, "", ("timeout=",))
+    if not rest:
+        raise Usage("missing PID")
+    pids = [pid_arg(a) for a in rest]
+    timeout = seconds_arg(opts["--timeout"]) if "--timeout" in opts else None
+    status = 0
+    for pid in pids:
+        r = sh.call("wait", blocking=True, pid=pid, timeout=timeout)
+        if r["status"] is not None:
+            status = r["status"]
+            print(f"pid {r['pid']} exited with status {status}", file=io.stdout)
+        else:
+            number = getattr(signal.Signals, "SIG" + str(r["signal"]), None)
+            status = 128 + number.value if number else 255
+            print(f"pid {r['pid']} killed by signal {r['signal']}", file=io.stdout)
+    return status
+
+
+# == the system ===================================================================================
+@command("[restart NAME...]")
+def cmd_services(sh: Shell, io: Streams, args: list[str]) -> int:
+    """List the service processes, or restart some.
+
+    Columns: name, OS pid, state (STARTING, READY, BACKOFF, FAILED, STOPPED), restarts so far,
+    time since it became READY, and how its last process ended. `services restart NAME` kills
+    and restarts a service, and clears a FAILED state.
+    """
+    if not args:
+        rows = [[s["name"], str(s["pid"] or "-"), s["state"], str(s["restarts"]),
+                 duration(s["uptime"]) if s["state"] == "READY" else "-", s["last_exit"] or "-"]
+                for s in sh.call("services")]
+        table(io.stdout, ["NAME", "PID", "STATE", "RESTARTS", "UPTIME", "LAST-EXIT"], rows,
+              right={"PID", "RESTARTS", "UPTIME"})
+        return 0
+    if args[0] != "restart":
+        raise Usage(f"unknown subcommand {args[0]!r}")
+    if len(args) < 2:
+        raise Usage("missing NAME")
+    status = 0
+    for name in args[1:]:
+        try:
+            sh.call("service_restart", name=name)
+        except errors.LLMOSError as e:
+            io.error("services", error_text(e))
+            status = 1
+    return status
+
+
+@command()
+def cmd_uname(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Print the system's name, version, ABI version, kernel OS pid, uptime and home."""
+    operands(args)
+    u = sh.call("uname")
+    print(f"{u['system']} {u['version']} abi {u['abi']} kernel-pid {u['kernel_pid']} "
+          f"up {duration(time.time() - u['boot_time'])} home {u['home']}", file=io.stdout)
+
+
+# == storage ======================================================================================
+@command("[--ns NS] [--if-version V] KEY VALUE")
+def cmd_put(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Store VALUE, a string, under KEY (in your own namespace unless --ns NS).
+
+    --if-version V stores only if the key is at version V; 0 means only if it does not exist.
+    """
+    opts, rest = options(args, "", ("ns=", "if-version="))
+    key, value = operands(rest, "KEY", "VALUE")
+    kw = {}
+    if "--if-version" in opts:
+        kw["if_version"] = int_arg(opts["--if-version"], "--if-version", 0)
+    sh.call("put", key=key, value=value, ns=opts.get("--ns"), **kw)
+
+
+@command("[--ns NS] KEY")
+def cmd_get(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Print the value stored under KEY: a string as it is, any other value as JSON."""
+    opts, rest = options(args, "", ("ns=",))
+    (key,) = operands(rest, "KEY")
+    print(show(sh.call("get", key=key, ns=opts.get("--ns"))["value"]), file=io.stdout)
+
+
+@command("[-l] [--ns NS] [PREFIX]")
+def cmd_ls(sh: Shell, io: Streams, args: list[str]) -> None:
+    """List the keys starting with PREFIX, in order; -l adds each one's version and size."""
+    opts, rest = options(args, "l", ("ns=",))
+    if len(rest) > 1:
+        raise Usage(f"unexpected argument {rest[1]!r}")
+    items = sh.call("list", prefix=rest[0] if rest else "", ns=opts.get("--ns"), limit=LS_LIMIT)
+    if "-l" in opts:
+        if items:
+            table(io.stdout, ["VERSION", "SIZE", "KEY"],
+                  [[str(i["version"]), str(i["size"]), i["key"]] for i in items], right={"VERSION", "SIZE"})
+    else:
+        for i in items:
+            print(i["key"], file=io.stdout)
+    if len(items) == LS_LIMIT:
+        io.error("ls", f"only the first {LS_LIMIT} keys are shown; give a longer PREFIX")
+
+
+@command("[--ns NS] KEY...")
+def cmd_rm(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Delete keys."""
+    opts, rest = options(args, "", ("ns=",))
+    if not rest:
+        raise Usage("missing KEY")
+    status = 0
+    for key in rest:
+        try:
+            sh.call("delete", key=key, ns=opts.get("--ns"))
+        except errors.LLMOSError as e:
+            io.error("rm", error_text(e))
+            status = 1
+    return status
+
+
+# == messages =====================================================================================
+@command("PID DATA")
+def cmd_send(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Put DATA, a string, in the mailbox of process PID (it gets it with recv)."""
+    pid, data = operands(args, "PID", "DATA")
+    sh.call("send", pid=pid_arg(pid), data=data)
+
+
+@command("[--timeout S]")
+def cmd_recv(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Take the oldest message from this shell's mailbox and print it, waiting for one if none.
+
+    Prints `from PID: DATA`, or `from PID [TOPIC]: DATA` for a message published to a topic
+    this shell subscribed to. --timeout S gives up after S seconds (status 1); Ctrl-C stops
+    waiting.
+    """
+    opts, rest = options(args, "", ("timeout=",))
+    operands(rest)
+    timeout = seconds_arg(opts["--timeout"]) if "--timeout" in opts else None
+    m = sh.call("recv", blocking=True, timeout=timeout)
+    topic = "" if m["topic"] is None else f" [{m['topic']}]"
+    print(f"from {m['from']}{topic}: {show(m['data'])}", file=io.stdout)
+
+
+@command("TOPIC DATA")
+def cmd_pub(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Publish DATA, a string, to the processes subscribed to TOPIC (or a prefix of it)."""
+    topic, data = operands(args, "TOPIC", "DATA")
+    n = sh.call("publish", topic=topic, data=data)
+    print(f"delivered to {n} process{'' if n == 1 else 'es'}", file=io.stdout)
+
+
+@command("TOPIC...")
+def cmd_sub(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Subscribe this shell to every topic starting with TOPIC; recv then gets what is published."""
+    if not args:
+        raise Usage("missing TOPIC")
+    for topic in args:
+        sh.call("subscribe", topic=topic)
+
+
+@command("TOPIC...")
+def cmd_unsub(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Undo sub TOPIC."""
+    if not args:
+        raise Usage("missing TOPIC")
+    status = 0
+    for topic in args:
+        try:
+            sh.call("unsubscribe", topic=topic)
+        except errors.LLMOSError as e:
+            io.error("unsub", error_text(e))
+            status = 1
+    return status
+
+
+# == the shell itself =============================================================================
+SYNTAX = """\
+Words are separated by spaces; quote one that has spaces or ;&|<> ('as is', "with $? inside").
+  a; b      run a, then b            a && b    run b if a succeeded (status 0)
+  # ...     a comment                a || b    run b if a failed
+  $?  the status of the last command   $!  the PID of the last spawn   $$  this shell's PID
+"""
+
+
+@command("[CMD...]")
+def cmd_help(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Show the commands, or how to use the ones named."""
+    if not args:
+        print("llmsh, the llmos shell. Commands:", file=io.stdout)
+        width = max(map(len, COMMANDS))
+        for c in COMMANDS.values():
+            print(f"  {c.name:<{width}}  {c.summary}", file=io.stdout)
+        print(f"\n{SYNTAX}help CMD shows how to use CMD.", file=io.stdout)
+        return 0
+    status = 0
+    for i, name in enumerate(args):
+        c = COMMANDS.get(name)
+        if c is None:
+            io.error("help", f"no command named {name!r} (help lists them)")
+            status = 1
+            continue
+        print(("\n" if i else "") + f"usage: {c.synopsis}\n\n{c.doc}", file=io.stdout)
+    return status
+
+
+@command("[STATUS]")
+def cmd_exit(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Leave the shell with STATUS (0-255), or with the status of the last command."""
+    if len(args) > 1:
+        raise Usage(f"unexpected argument {args[1]!r}")
+    raise ShellExit(int_arg(args[0], "STATUS", 0, 255) if args else sh.status)
+
+
+@command("[WORD...]")
+def cmd_echo(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Print the words, separated by spaces."""
+    print(" ".join(args), file=io.stdout)
+
+
+@command()
+def cmd_true(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Do nothing, successfully (status 0)."""
+    return 0
+
+
+@command()
+def cmd_false(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Do nothing, unsuccessfully (status 1)."""
+    return 1

@@ -1,0 +1,112 @@
+"""The interactive llmsh: a prompt with history ($LLMOS_HOME/llmsh_history) and Tab completion.
+
+Ctrl-C only ever cancels: the line being typed, or the command running (its call is withdrawn in
+the kernel). Ctrl-D at an empty prompt leaves. A line left open (a quote, a trailing && or \\)
+continues at a "> " prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Iterable
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.styles import Style
+
+from syscalls.paths import Paths
+from syscalls.table import SIGNALS
+
+from .commands import COMMANDS
+from .parse import ParseError
+from .shell import LineReader, Shell
+
+STYLE = Style.from_dict({"status": "ansired bold", "prompt": "ansigreen bold"})
+COMPLETION_TIMEOUT = 2.0        # a Tab must never hang the prompt for long
+
+
+def repl(sh: Shell) -> int:
+    colour = "NO_COLOR" not in os.environ           # https://no-color.org
+    session = PromptSession(history=_history(sh.paths), completer=Completions(sh),
+                            complete_while_typing=False, style=STYLE if colour else None)
+    reader = LineReader()
+    while True:
+        try:
+            line = session.prompt("> " if reader.pending else _prompt(sh.status, colour))
+        except KeyboardInterrupt:           # drop what was typed, prompt again
+            reader.reset()
+            continue
+        except EOFError:
+            return sh.status
+        try:
+            script = reader.feed(line)
+        except ParseError as e:
+            sh.syntax_error(e, None, reader)
+            reader.reset()
+            continue
+        if script is None:
+            continue
+        try:
+            sh.run(script)
+        except KeyboardInterrupt:
+            sh.status = 130
+            print(file=sys.stderr)          # the terminal echoed ^C without ending the line
+
+
+def _prompt(status: int, colour: bool) -> str | list[tuple[str, str]]:
+    head = f"[{status}] " if status else ""
+    if not colour:
+        return head + "llmsh$ "
+    return [("class:status", head), ("class:prompt", "llmsh$ ")]
+
+
+def _history(paths: Paths) -> History:
+    try:
+        paths.home.mkdir(parents=True, exist_ok=True)
+        return FileHistory(str(paths.home / "llmsh_history"))
+    except OSError:
+        return InMemoryHistory()
+
+
+class Completions(Completer):
+    """Command names first; then, where a command takes them, PIDs, keys, signals, services."""
+
+    def __init__(self, sh: Shell):
+        self.sh = sh
+
+    def get_completions(self, document, complete_event) -> Iterable[Completion]:
+        # Rough on purpose: the words of the last command on the line, quotes ignored.
+        segment = re.split(r"[;|&]", document.text_before_cursor)[-1]
+        words = segment.split()
+        current = words[-1] if words and not segment[-1].isspace() else ""
+        before = words[:-1] if current else words
+        try:
+            candidates = list(self._candidates(before, current))
+        except Exception:           # llmos not running, a slow call: no completions, no noise
+            return
+        for text, meta in sorted(set(candidates)):
+            if text.startswith(current):
+                yield Completion(text, -len(current), display_meta=meta)
+
+    def _candidates(self, before: list[str], current: str) -> Iterable[tuple[str, str]]:
+        if not before or before[0] == "help":
+            return ((c.name, c.summary) for c in COMMANDS.values())
+        cmd, position = before[0], len(before)
+        if cmd == "kill" and current.startswith("-"):
+            return (("-" + s, "signal") for s in SIGNALS)
+        if cmd in ("kill", "wait", "ps") or (cmd == "send" and position == 1):
+            return ((str(p["pid"]), p["name"]) for p in self._call("ps"))
+        if cmd in ("get", "rm") or (cmd == "put" and position == 1):
+            return ((i["key"], "key") for i in self._call("list", prefix=current, limit=200))
+        if cmd == "services":
+            if position == 1:
+                return [("restart", "restart a service")]
+            if before[1] == "restart":
+                return ((s["name"], s["state"]) for s in self._call("services"))
+        return ()
+
+    def _call(self, name: str, **args):
+        return self.sh.call(name, reply_within=COMPLETION_TIMEOUT, **args)
