@@ -26,33 +26,33 @@ class Channel:
         self._scheduled = False
         self._draining = False
         self._closed = False
-        loop.add_reader(sock.FD, self.kick)
+        loop.add_reader(sock.FD, self._drain)
         self.kick()     # the FD may have fired before we listened: look once regardless
 
     def kick(self) -> None:
+        """Drain soon: after a send from outside a drain, which may have eaten the FD's edge."""
         if not self._scheduled and not self._closed:
             self._scheduled = True
             self.loop.call_soon(self._drain)
 
     def _drain(self) -> None:
         self._scheduled = False
-        if self._closed:
+        if self._closed or self._draining:
             return
         sock = self.sock
         self._draining = True
         try:
             for _ in range(BATCH):
+                # EVENTS both tells whether a message waits and re-arms the FD; it is much
+                # cheaper than running into zmq.Again.
                 if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     return
-                try:
-                    # The first frame is received as a Frame: for a ROUTER it is the peer's
-                    # routing id, and its metadata (Peer-Address) tells the peer's OS pid and uid.
-                    head = sock.recv(zmq.NOBLOCK, copy=False)
-                    rest = []
-                    while sock.getsockopt(zmq.RCVMORE):
-                        rest.append(sock.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    return
+                # The first frame is received as a Frame: for a ROUTER it is the peer's
+                # routing id, and its metadata (Peer-Address) tells the peer's OS pid and uid.
+                head = sock.recv(zmq.NOBLOCK, copy=False)
+                rest = []
+                while sock.getsockopt(zmq.RCVMORE):
+                    rest.append(sock.recv(zmq.NOBLOCK))
                 self.on_message(head, rest)
             self.kick()     # more may be waiting: let timers and the other socket run first
         finally:

@@ -450,13 +450,16 @@ class Kernel:
             raise errors.EINVAL("spawn: argument 'argv' must name a program (it is empty)")
         env = dict(os.environ)
         env.update(a["env"] or {})
-        exe = shutil.which(argv[0], path=env.get("PATH"))
-        if exe is None:
-            raise errors.ENOENT(f"spawn: program {argv[0]!r} not found (not a path to an executable, "
-                                f"nor in PATH)")
         cwd = a["cwd"]
         if cwd is not None and not os.path.isdir(cwd):
             raise errors.ENOENT(f"spawn: argument 'cwd': no such directory {cwd!r}")
+        program = argv[0]
+        if os.sep in program and cwd is not None:      # ./prog is relative to the child's cwd
+            program = os.path.join(cwd, program)
+        exe = shutil.which(program, path=env.get("PATH"))
+        if exe is None:
+            raise errors.ENOENT(f"spawn: program {argv[0]!r} not found (not a path to an executable, "
+                                f"nor in PATH)")
         token = secrets.token_hex(16)
         child = self.table.create(
             ppid=KERNEL_PID if a["daemon"] else proc.pid, uid=proc.uid,

@@ -102,7 +102,11 @@ class Connection:
     # -- the generic call -----------------------------------------------------------------------
     def call(self, name: str, /, **args: Any) -> Any:
         cid = self._send(name, args)
-        msg = self._next(cid, name)
+        try:
+            msg = self._next(cid, name)
+        except BaseException:          # interrupted (Ctrl-C) or timed out: the kernel lets go too
+            self._cancel(cid)
+            raise
         if msg[1] == wire.ERR:
             raise _error(msg)
         return msg[3]
@@ -123,10 +127,9 @@ class Connection:
         while True:
             if not self._sock.poll(POLL_SLICE_MS):
                 waited += POLL_SLICE_MS / 1000
-                if not self.paths.programs_sock.exists():
+                if not self.paths.kernel_pid():
                     raise errors.ECONNREFUSED(f"{name}: llmos stopped while the call was in flight")
                 if self.timeout is not None and waited >= self.timeout:
-                    self._cancel(cid)
                     raise errors.ETIMEDOUT(f"{name}: no reply within {self.timeout}s")
                 continue
             msg = wire.decode(self._sock.recv())
@@ -137,7 +140,10 @@ class Connection:
 
     def _cancel(self, cid: int) -> None:
         if not self._closed:
-            self._sock.send(wire.cancel(cid))
+            try:
+                self._sock.send(wire.cancel(cid), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass        # nobody to tell: the kernel is gone or its queue is full
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self, status: int = 0) -> None:
@@ -149,14 +155,15 @@ class Connection:
         if self._closed:
             return
         if self.info.get("spawned"):
-            return self._shut()
+            return self.abort()
         try:
             self.call("exit", status=status)
         except errors.LLMOSError:
             pass
-        self._shut()
+        self.abort()
 
-    def _shut(self) -> None:
+    def abort(self) -> None:
+        """Close the socket without telling the kernel (which then notices the departure)."""
         self._closed = True
         self._sock.close(linger=0)
 
@@ -194,7 +201,7 @@ class AsyncConnection:
     async def _read(self) -> None:
         while True:
             if not await self._sock.poll(POLL_SLICE_MS):
-                if not self.paths.programs_sock.exists():
+                if not self.paths.kernel_pid():
                     self._fail_all(errors.ECONNREFUSED("llmos stopped while calls were in flight"))
                     return
                 continue
@@ -343,7 +350,7 @@ def _stub(spec: Syscall, asynchronous: bool):
                 return self.stream(name, **args)
             result = self.call(name, **args)
             if name == "exit":
-                self._shut()
+                self.abort()
             return result
     method.__name__ = method.__qualname__ = name
     method.__signature__ = sig

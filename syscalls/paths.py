@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,27 @@ class Paths:
 
     def log_file(self, name: str) -> Path:
         return self.logs / f"{name}.log"
+
+    def kernel_pid(self) -> int | None:
+        """The pid of the kernel holding the pidfile's lock, or None when no kernel runs here.
+
+        The kernel holds an flock on the pidfile for its whole life, so a pidfile left behind by a
+        killed kernel reads as "not running", and no pid is ever trusted without its lock.
+        """
+        try:
+            fd = os.open(self.pidfile, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(os.read(fd, 32).decode().strip() or 0) or None
+            except ValueError:
+                return None
+        finally:
+            os.close(fd)
+        return None
 
     def ensure(self) -> None:
         """Create the directories; the runtime directory is private to the user (0700)."""

@@ -18,7 +18,6 @@ sys.path.insert(0, str(ROOT))
 
 import syscalls  # noqa: E402
 from syscalls.paths import Paths  # noqa: E402
-from userland.llmos import kernel_pid  # noqa: E402
 
 # Fast supervision so that failure tests finish in seconds; the defaults are in kernel/config.py.
 FAST_CONFIG = """
@@ -71,7 +70,7 @@ class Booted:
     def boot(self, timeout: float = 60) -> "Booted":
         r = run_cli(self.home, "boot", "--timeout", str(timeout), timeout=timeout + 10)
         assert r.returncode == 0, f"boot failed: {r.stdout}{r.stderr}\n{self.logs()}"
-        self.kernel_pid = kernel_pid(self.paths)
+        self.kernel_pid = self.paths.kernel_pid()
         assert self.kernel_pid
         return self
 
@@ -90,10 +89,10 @@ class Booted:
         return "\n".join(out)
 
     def shutdown(self) -> None:
-        pid = kernel_pid(self.paths)
+        pid = self.paths.kernel_pid()
         if pid:
             run_cli(self.home, "shutdown", timeout=30)
-        pid = kernel_pid(self.paths)
+        pid = self.paths.kernel_pid()
         if pid:      # a test left it unable to stop: make sure nothing outlives the test
             os.kill(pid, signal.SIGKILL)
 

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 import syscalls
-from conftest import Booted, kernel_pid, process_exists, wait_until
+from conftest import Booted, process_exists, wait_until
 from services.storage import Storage
 from syscalls import errors
 from syscalls.paths import Paths
@@ -171,7 +171,7 @@ def test_acknowledged_puts_survive_kill_9_of_the_kernel_and_a_reboot(llmos):
     acked = _storm(llmos, lambda: os.kill(llmos.kernel_pid, signal.SIGKILL))
     wait_until(lambda: not process_exists(llmos.kernel_pid), 5, "the kernel to die")
     wait_until(lambda: not process_exists(storage), 5, "storage to die with its kernel")
-    assert kernel_pid(llmos.paths) is None           # the stale pidfile holds no lock
+    assert llmos.paths.kernel_pid() is None           # the stale pidfile holds no lock
     llmos.boot()                                     # a stale pidfile and sockets are taken over
     _check(llmos, acked)
     llmos.shutdown()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import subprocess
@@ -18,31 +17,13 @@ from syscalls.paths import Paths
 BOOT_TIMEOUT = 600.0    # loading a large model can take minutes; progress is shown meanwhile
 
 
-def kernel_pid(paths: Paths) -> int | None:
-    """The pid of the kernel holding the pidfile's lock, or None when no kernel runs."""
-    try:
-        fd = os.open(paths.pidfile, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            return int(os.read(fd, 32).decode().strip() or 0) or None
-        except ValueError:
-            return None
-    finally:
-        os.close(fd)
-    return None      # we got the lock: nobody holds it, the file is stale
-
-
 def _fmt_uptime(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def cmd_boot(paths: Paths, args) -> int:
-    pid = kernel_pid(paths)
+    pid = paths.kernel_pid()
     if pid:
         print(f"llmos: already running in {paths.home} (kernel pid {pid})", file=sys.stderr)
         return 1
@@ -98,7 +79,7 @@ def _progress(svc: dict) -> str:
 
 
 def cmd_status(paths: Paths, args) -> int:
-    pid = kernel_pid(paths)
+    pid = paths.kernel_pid()
     if not pid:
         print(f"llmos: not running in {paths.home}")
         return 1
@@ -117,7 +98,7 @@ def cmd_status(paths: Paths, args) -> int:
 
 
 def cmd_shutdown(paths: Paths, args) -> int:
-    pid = kernel_pid(paths)
+    pid = paths.kernel_pid()
     if not pid:
         print(f"llmos: not running in {paths.home}", file=sys.stderr)
         return 1
@@ -129,7 +110,7 @@ def cmd_shutdown(paths: Paths, args) -> int:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        if kernel_pid(paths) is None:
+        if paths.kernel_pid() is None:
             print("llmos: stopped")
             return 0
         time.sleep(0.05)

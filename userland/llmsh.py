@@ -16,7 +16,7 @@ import os
 import sys
 
 from syscalls.paths import Paths
-from userland.shell.commands import ShellExit
+from userland.shell.builtin import ShellExit
 from userland.shell.shell import Shell
 
 

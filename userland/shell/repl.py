@@ -33,6 +33,9 @@ def repl(sh: Shell) -> int:
     session = PromptSession(history=_history(sh.paths), completer=Completions(sh),
                             complete_while_typing=False, style=STYLE if colour else None)
     reader = LineReader()
+    if sh.paths.kernel_pid() is None:        # say so now rather than at the first command
+        print(f"llmsh: llmos is not running in {sh.paths.home} (start it with `llmos boot`)",
+              file=sys.stderr)
     while True:
         try:
             line = session.prompt("> " if reader.pending else _prompt(sh.status, colour))

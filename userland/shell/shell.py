@@ -18,9 +18,9 @@ from typing import Any, Iterable
 import syscalls
 from syscalls import errors
 from syscalls.paths import Paths
-from userland.llmos import kernel_pid
 
-from .commands import COMMANDS, Failure, ShellExit, Streams, Usage, error_text
+from .builtin import Failure, ShellExit, Streams, Usage, error_text
+from .commands import COMMANDS
 from .parse import AndOr, Command, Incomplete, Param, ParseError, Pipeline, Word, parse
 
 CALL_TIMEOUT = 30.0      # seconds for a call that should answer at once (not wait, recv)
@@ -40,7 +40,7 @@ class Shell:
     # -- the connection ---------------------------------------------------------------------------
     @property
     def conn(self) -> syscalls.Connection:
-        kernel = kernel_pid(self.paths)
+        kernel = self.paths.kernel_pid()
         if self._conn is not None and kernel != self._kernel:
             self._drop()            # the kernel we spoke to has stopped (or was rebooted)
         if self._conn is None:
@@ -65,7 +65,7 @@ class Shell:
         conn, self._conn, self._kernel = self._conn, None, None
         if conn is not None:
             # No exit call: the kernel is gone. The client has no public close-without-exit.
-            conn._shut()
+            conn.abort()
 
     def call(self, name: str, /, *, blocking: bool = False, reply_within: float = CALL_TIMEOUT,
              **args: Any) -> Any:
@@ -88,7 +88,7 @@ class Shell:
     def close(self, status: int) -> None:
         """Leave llmos with exit(status), if it is still there."""
         if self._conn is not None:
-            if kernel_pid(self.paths) == self._kernel:
+            if self.paths.kernel_pid() == self._kernel:
                 self._conn.timeout = 5
                 self._conn.close(status)
             else:
@@ -114,7 +114,7 @@ class Shell:
         return self.status
 
     def run_command(self, command: Command, io: Streams) -> int:
-        name = "llmsh"
+        name = self._word_text(command.words[0])       # until it is expanded
         try:
             argv = []
             for word in command.words:

@@ -1,0 +1,213 @@
+"""What a builtin command is: its entry in COMMANDS, how it fails, where it writes; and the small
+helpers every command uses to read its arguments and show its results.
+
+A command is ``cmd_NAME(sh, io, args) -> status or None (0)``, registered with ``@command(SYNOPSIS)``;
+its docstring is what ``help NAME`` prints. It reports a fault by raising ``Usage`` (status 2, the
+synopsis is shown), ``Failure`` or an llmos error (status 1); the shell turns each into one line
+on stderr. A command that works on several targets reports each failure with ``io.error`` and
+goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import getopt
+import inspect
+import json
+import math
+import shutil
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, TextIO
+
+from syscalls import errors
+from syscalls.table import BY_NAME, SIGNALS
+
+if TYPE_CHECKING:
+    from .shell import Shell
+
+
+class Usage(Exception):
+    """The command was called wrongly (status 2); the message is followed by the synopsis."""
+
+
+class Failure(Exception):
+    """The command failed for a reason it explains (status 1, or 2 for a malformed argument)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class ShellExit(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass
+class Streams:
+    """Where a command reads and writes. Pipes and redirections (issue 5) will build other ones."""
+
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+
+    def error(self, cmd: str, message: str) -> None:
+        self.stdout.flush()             # keep the order when both go to one file
+        print(f"llmsh: {cmd}: {message}", file=self.stderr, flush=True)
+
+
+def error_text(e: errors.LLMOSError) -> str:
+    """The kernel's message without its leading 'syscall: ', which llmsh replaces by the command."""
+    head, sep, rest = e.message.partition(": ")
+    return rest if sep and head in BY_NAME else e.message
+
+
+# -- the table of commands ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    args: str                   # the synopsis after the name
+    run: Callable[["Shell", Streams, list[str]], "int | None"]
+
+    @property
+    def synopsis(self) -> str:
+        return f"{self.name} {self.args}".rstrip()
+
+    @property
+    def doc(self) -> str:
+        return inspect.cleandoc(self.run.__doc__ or "")
+
+    @property
+    def summary(self) -> str:
+        return self.doc.split("\n", 1)[0]
+
+
+COMMANDS: dict[str, Builtin] = {}
+
+
+def command(args: str = ""):
+    def register(fn):
+        name = fn.__name__.removeprefix("cmd_")
+        COMMANDS[name] = Builtin(name, args, fn)
+        return fn
+    return register
+
+
+# -- reading arguments ----------------------------------------------------------------------------
+def options(args: list[str], short: str = "", long: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """Options first, then operands (POSIX getopt: the first operand or -- ends the options)."""
+    try:
+        opts, rest = getopt.getopt(args, short, list(long))
+    except getopt.GetoptError as e:
+        raise Usage(e.msg) from None
+    return dict(opts), rest
+
+
+def operands(rest: list[str], *names: str) -> list[str]:
+    if len(rest) < len(names):
+        raise Usage(f"missing {names[len(rest)]}")
+    if len(rest) > len(names):
+        raise Usage(f"unexpected argument {rest[len(names)]!r} (quote a value that has spaces)")
+    return rest
+
+
+def pid_arg(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise Failure(f"{text!r} is not a PID", 2) from None
+    if pid < 1:
+        raise Failure(f"{text!r} is not a PID (PIDs start at 1)", 2)
+    return pid
+
+
+def int_arg(text: str, what: str, lo: int | None = None, hi: int | None = None) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise Failure(f"{what} must be an integer, not {text!r}", 2) from None
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
+        raise Failure(f"{what} must be {_range(lo, hi)}, not {n}", 2)
+    return n
+
+
+def _range(lo: int | None, hi: int | None) -> str:
+    if hi is None:
+        return f">= {lo}"
+    return f"<= {hi}" if lo is None else f"between {lo} and {hi}"
+
+
+def seconds_arg(text: str, what: str = "--timeout") -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not math.isfinite(s) or s < 0:
+        raise Failure(f"{what} must be a number of seconds >= 0, not {text!r}", 2)
+    return s
+
+
+def signal_name(text: str) -> str:
+    """TERM from TERM, term, SIGTERM or 15."""
+    name: str | None = text.upper().removeprefix("SIG")
+    if name.isdigit():
+        try:
+            name = signal.Signals(int(name)).name.removeprefix("SIG")
+        except ValueError:
+            name = None
+    if name not in SIGNALS:
+        known = ", ".join(f"{s} ({signal.Signals['SIG' + s].value})" for s in SIGNALS)
+        raise Failure(f"unknown signal {text!r} (signals: {known})", 2)
+    return name
+
+
+# -- showing results ------------------------------------------------------------------------------
+def table(out: TextIO, header: list[str], rows: list[list[str]], right: set[str] = frozenset()) -> None:
+    """Columns as wide as their widest cell; those named in right align right; the last is ragged."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    cut = shutil.get_terminal_size().columns if out.isatty() else None    # no wrapped lines
+    for row in [header, *rows]:
+        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(row, widths, header)]
+        cells[-1] = row[-1]
+        print(" ".join(cells).rstrip()[:cut], file=out)
+
+
+def show(value: Any) -> str:
+    """A stored or sent value as text: a string as it is, anything else as JSON."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            pass
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, bytes):
+        return "base64:" + base64.b64encode(o).decode()
+    return repr(o)
+
+
+def duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s // 60 % 60:02d}m"
+    return f"{s // 86400}d{s // 3600 % 24:02d}h"
+
+
+def size(n: float) -> str:
+    if n < 1024:
+        return str(int(n))
+    for unit in "KMGT":
+        n /= 1024
+        if n < 1024 or unit == "T":
+            return f"{n:.1f}{unit}"
+    raise AssertionError("unreachable")
