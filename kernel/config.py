@@ -1,10 +1,13 @@
 """The kernel's tunables, read from LLMOS_HOME/config.toml; every key is optional.
 
-    [kernel]       max_in_flight, mailbox_messages, mailbox_bytes, call_deadline
+    [kernel]       max_in_flight, mailbox_messages, mailbox_bytes, call_deadline,
+                   zombies_per_parent
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
     [services]     enabled = ["storage", ...]
+
+An unknown section or key is an error, so a typo never silently leaves a default in force.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+
+# The services llmos knows, and the module each runs (``python -m MODULE``).
+SERVICE_MODULES = {
+    "storage": "services.storage",
+}
 
 
 @dataclass
@@ -53,13 +62,28 @@ class Config:
         cfg = cls()
         if not path.exists():
             return cfg
-        raw = tomllib.loads(path.read_text())
-        for section in ("kernel", "supervisor", "storage"):
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config: {path} is not valid TOML: {e}") from None
+        sections = ("kernel", "supervisor", "storage", "services")
+        for name in raw:
+            if name not in sections or not isinstance(raw[name], dict):
+                raise ValueError(f"config: unknown section [{name}] (known: {', '.join(sections)})")
+        for section in sections[:3]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
-        enabled = raw.get("services", {}).get("enabled")
+        services = raw.get("services", {})
+        for key in services:
+            if key != "enabled":
+                raise ValueError(f"config: unknown key services.{key} (known: enabled)")
+        enabled = services.get("enabled")
         if enabled is not None:
             if not isinstance(enabled, list) or not all(isinstance(x, str) for x in enabled):
                 raise ValueError("config: services.enabled must be a list of service names")
+            for name in enabled:
+                if name not in SERVICE_MODULES:
+                    raise ValueError(f"config: services.enabled names unknown service {name!r} "
+                                     f"(known: {', '.join(SERVICE_MODULES)})")
             cfg.services = enabled
         return cfg
 

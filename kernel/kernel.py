@@ -39,7 +39,7 @@ from syscalls.schema import Syscall
 from syscalls.table import BY_NAME
 
 from . import __version__
-from .channel import Channel
+from .channel import FULL, SENT, Channel
 from .config import Config
 from syscalls.paths import Paths
 from .proctable import BLOCKED, KERNEL_PID, RUNNING, STOPPED, Process, ProcessTable
@@ -218,7 +218,7 @@ class Kernel:
             self._reply(ident, wire.err(cid, "EIO", f"{name}: internal kernel error (see kernel log)"))
 
     def _reply(self, ident: bytes | None, frame: bytes) -> None:
-        if ident is None or not self.programs.send([ident, frame]):
+        if ident is None or self.programs.send([ident, frame]) != SENT:
             self.counters["replies_dropped"] += 1
 
     # == programs: noticing departures ===========================================================
@@ -326,8 +326,8 @@ class Kernel:
             frame = wire.err(call.cid, str(msg[3]), str(msg[4]))
         else:
             value = msg[3]
-            if call.spec.name == "put" and isinstance(value, dict):
-                call.proc.bytes_stored += int(value.get("size") or 0)
+            if call.spec.name in ("put", "delete") and isinstance(value, dict):
+                call.proc.bytes_stored += int(value.get("delta") or 0)
             frame = (wire.ok if kind == wire.OK else wire.end)(call.cid, value)
         self._reply(call.proc.ident, frame)
 
@@ -346,8 +346,13 @@ class Kernel:
             svc.in_flight[call.kid] = call
             caller = {"pid": call.proc.pid, "uid": call.proc.uid, "privileged": call.proc.privileged,
                       "txid": call.txid}
-            self.services_ch.send([svc.ident, wire.service_call(call.kid, call.spec.name, call.args,
-                                                                caller)])
+            # GONE: the service died and its pidfd has not told us yet; service_down will
+            # retry or fail the call like any other call in flight.
+            if self.services_ch.send([svc.ident, wire.service_call(
+                    call.kid, call.spec.name, call.args, caller)]) == FULL:
+                del svc.in_flight[call.kid]
+                self._fail(call, "EAGAIN", f"{call.spec.name}: service '{svc.name}' is overloaded "
+                                           f"(its queue is full); try again")
         elif svc.state in (FAILED, SVC_STOPPED):
             self._fail(call, "ESRVDOWN", f"{call.spec.name}: service '{svc.name}' is {svc.state}"
                                          f" ({svc.last_exit}); an admin can run service_restart")
@@ -460,11 +465,15 @@ class Kernel:
         if exe is None:
             raise errors.ENOENT(f"spawn: program {argv[0]!r} not found (not a path to an executable, "
                                 f"nor in PATH)")
+        priority = proc.priority if a["priority"] is None else a["priority"]
+        if priority < proc.priority and not proc.privileged:
+            raise errors.EPERM(f"spawn: priority {priority} is more urgent than the caller's "
+                               f"({proc.priority}); that needs privilege")
         token = secrets.token_hex(16)
         child = self.table.create(
             ppid=KERNEL_PID if a["daemon"] else proc.pid, uid=proc.uid,
             name=a["name"] or os.path.basename(argv[0]), argv=argv,
-            priority=proc.priority if a["priority"] is None else a["priority"],
+            priority=priority,
             privileged=proc.privileged, daemon=a["daemon"], spawned=True, spawn_token=token)
         env.update(LLMOS_HOME=str(self.paths.home), LLMOS_SPAWN_TOKEN=token,
                    LLMOS_PID=str(child.pid))
@@ -518,7 +527,7 @@ class Kernel:
         if sig == "STOP":
             target.state = STOPPED
         elif sig == "CONT":
-            target.state = BLOCKED if target.receiver or target.exit_waiters else RUNNING
+            target.state = BLOCKED if target.blocked else RUNNING
         elif target.os_pid is None:     # nothing to deliver it to: the kernel ends the process
             self.end_process(target, None, sig)
         return None
@@ -642,12 +651,14 @@ class Kernel:
     @contextlib.contextmanager
     def _blocked(self, proc: Process):
         """The process is BLOCKED while the kernel holds one of its calls waiting."""
+        proc.blocked += 1
         if proc.state == RUNNING:
             proc.state = BLOCKED
         try:
             yield
         finally:
-            if proc.state == BLOCKED:
+            proc.blocked -= 1
+            if proc.state == BLOCKED and not proc.blocked:
                 proc.state = RUNNING
 
     async def _shutdown(self) -> None:

@@ -31,6 +31,7 @@ class Process:
     os_pid: int | None = None
     started: float = field(default_factory=time.time)
     state: str = RUNNING
+    blocked: int = 0                      # calls the kernel holds waiting (wait, recv)
     ident: bytes | None = None            # the routing id of its connection, once connected
     spawned: bool = False                 # started by the kernel: it lives as long as its OS process
     spawn_token: str | None = None

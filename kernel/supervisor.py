@@ -26,15 +26,11 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
-from .config import SupervisorConfig
+from .config import SERVICE_MODULES, SupervisorConfig
 from syscalls.paths import Paths
 
 STARTING, READY, BACKOFF, FAILED, STOPPED = "STARTING", "READY", "BACKOFF", "FAILED", "STOPPED"
 
-# The module each service runs; ``python -m MODULE``.
-SERVICE_MODULES = {
-    "storage": "services.storage",
-}
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -194,7 +190,7 @@ class Supervisor:
         if svc.ident is not None:
             self.by_ident.pop(svc.ident, None)
             svc.ident = None
-        if self.stopping or svc.state == STOPPED:
+        if self.stopping:
             svc.state = STOPPED
             self.events.service_down(svc)
             return

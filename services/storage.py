@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS applied (
 KEEP_APPLIED = 100_000      # transaction ids remembered for retries (far more than can be in flight)
 
 
+def _uid(caller: dict) -> int:
+    """The caller's OS uid; -1 stands for a peer whose credentials the kernel could not read."""
+    uid = caller.get("uid")
+    return uid if isinstance(uid, int) else -1
+
+
 class Storage(Service):
     name = "storage"
 
@@ -62,7 +68,7 @@ class Storage(Service):
     # -- access ---------------------------------------------------------------------------------
     def _ns(self, args: dict, caller: dict, write: bool) -> tuple[str, int]:
         """(namespace, owner uid) the call may use, or EPERM/ENOENT saying why not."""
-        uid = caller["uid"] if caller.get("uid") is not None else -1
+        uid = _uid(caller)
         ns = args.get("ns") or f"user:{uid}"
         if ns.startswith("user:"):
             try:
@@ -105,12 +111,12 @@ class Storage(Service):
         rows = self.db.execute(
             "SELECT n.name, n.owner, n.mode, COALESCE(SUM(kv.size), 0) FROM namespaces n "
             "LEFT JOIN kv ON kv.ns = n.name GROUP BY n.name ORDER BY n.name").fetchall()
-        uid = caller.get("uid")
+        uid = _uid(caller)
         return [{"name": n, "owner": o, "mode": m, "bytes": b} for n, o, m, b in rows
                 if o == uid or "r" in m or caller.get("privileged")]
 
     def op_usage(self, args: dict, caller: dict) -> dict:
-        uid = caller.get("uid")
+        uid = _uid(caller)
         row = self.db.execute("SELECT bytes, keys FROM usage WHERE owner=?", (uid,)).fetchone()
         return {"uid": uid, "bytes": row[0] if row else 0, "keys": row[1] if row else 0,
                 "quota": self.quota}
@@ -119,7 +125,7 @@ class Storage(Service):
     async def op_put(self, args: dict, caller: dict) -> dict:
         return await self._write(self._put, args, caller)
 
-    async def op_delete(self, args: dict, caller: dict) -> None:
+    async def op_delete(self, args: dict, caller: dict) -> dict:
         return await self._write(self._delete, args, caller)
 
     async def op_ns_create(self, args: dict, caller: dict) -> None:
@@ -205,9 +211,9 @@ class Storage(Service):
         self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)",
                         (ns, key, blob, version + 1, size, time.time()))
         self._account(owner, size - old_size, 0 if row else 1)
-        return {"version": version + 1, "size": size}
+        return {"version": version + 1, "size": size, "delta": size - old_size}
 
-    def _delete(self, args: dict, caller: dict) -> None:
+    def _delete(self, args: dict, caller: dict) -> dict:
         ns, owner = self._ns(args, caller, write=True)
         key = args["key"]
         row = self.db.execute("SELECT version, size FROM kv WHERE ns=? AND key=?", (ns, key)).fetchone()
@@ -218,6 +224,7 @@ class Storage(Service):
                                    f"not {args['if_version']} as if_version asked")
         self.db.execute("DELETE FROM kv WHERE ns=? AND key=?", (ns, key))
         self._account(owner, -row[1], -1)
+        return {"delta": -row[1]}
 
     def _ns_create(self, args: dict, caller: dict) -> None:
         name = args["name"]
@@ -227,13 +234,13 @@ class Storage(Service):
         if self.db.execute("SELECT 1 FROM namespaces WHERE name=?", (name,)).fetchone():
             raise errors.EEXIST(f"ns_create: namespace {name!r} already exists")
         self.db.execute("INSERT INTO namespaces VALUES (?, ?, ?, ?)",
-                        (name, caller.get("uid"), args["mode"], time.time()))
+                        (name, _uid(caller), args["mode"], time.time()))
 
     def _ns_chmod(self, args: dict, caller: dict) -> None:
         row = self.db.execute("SELECT owner FROM namespaces WHERE name=?", (args["name"],)).fetchone()
         if row is None:
             raise errors.ENOENT(f"ns_chmod: no namespace {args['name']!r}")
-        if row[0] != caller.get("uid") and not caller.get("privileged"):
+        if row[0] != _uid(caller) and not caller.get("privileged"):
             raise errors.EPERM(f"ns_chmod: namespace {args['name']!r} belongs to uid {row[0]}")
         self.db.execute("UPDATE namespaces SET mode=? WHERE name=?", (args["mode"], args["name"]))
 

@@ -95,6 +95,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()
         self._sock = _socket(self._ctx, self.paths)
+        self._kernel = self.paths.kernel_pid()
         self._closed = False
         self.info = self.hello(**_hello_args(name, privileged))
         self.pid: int = self.info["pid"]
@@ -127,8 +128,9 @@ class Connection:
         while True:
             if not self._sock.poll(POLL_SLICE_MS):
                 waited += POLL_SLICE_MS / 1000
-                if not self.paths.kernel_pid():
-                    raise errors.ECONNREFUSED(f"{name}: llmos stopped while the call was in flight")
+                if self.paths.kernel_pid() != self._kernel:
+                    raise errors.ECONNREFUSED(f"{name}: the kernel this connection talked to "
+                                              f"stopped while the call was in flight")
                 if self.timeout is not None and waited >= self.timeout:
                     raise errors.ETIMEDOUT(f"{name}: no reply within {self.timeout}s")
                 continue
@@ -186,6 +188,7 @@ class AsyncConnection:
         self._ids = itertools.count(1)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = _socket(self._ctx, self.paths)
+        self._kernel = self.paths.kernel_pid()
         self._waiting: dict[int, asyncio.Queue | asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self._closed = False
@@ -201,8 +204,9 @@ class AsyncConnection:
     async def _read(self) -> None:
         while True:
             if not await self._sock.poll(POLL_SLICE_MS):
-                if not self.paths.kernel_pid():
-                    self._fail_all(errors.ECONNREFUSED("llmos stopped while calls were in flight"))
+                if self.paths.kernel_pid() != self._kernel:
+                    self._fail_all(errors.ECONNREFUSED("the kernel this connection talked to "
+                                                       "stopped while calls were in flight"))
                     return
                 continue
             msg = wire.decode(await self._sock.recv())

@@ -2,7 +2,7 @@
 
     LLMOS_HOME/run/       mode 0700: the kernel's sockets and pidfile (gone after shutdown)
     LLMOS_HOME/logs/      JSON-lines logs, one file per process
-    LLMOS_HOME/data/      storage's SQLite database, model caches
+    LLMOS_HOME/data/      storage's SQLite database
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("argv", "[str]", max_len=MAX_ARGV, doc="program and arguments; argv[0] is looked up in PATH"),
         Arg("env", "{str:str}", None, doc="variables added to the kernel's environment"),
         Arg("cwd", "str", None, max_len=4096),
-        Arg("priority", "int", None, min=-20, max=19, doc="nice value; null inherits the caller's"),
+        Arg("priority", "int", None, min=-20, max=19,
+            doc="scheduling priority, nice-style (-20 most urgent); null inherits the caller's; "
+                "more urgent than the caller's needs privilege"),
         Arg("daemon", "bool", False, doc="a daemon outlives its parent and is parented to pid 1"),
         Arg("name", "str", None, max_len=128),
     ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM", "EAGAIN"),
@@ -94,7 +96,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         _key, Arg("value", "any"),
         Arg("if_version", "int", None, min=0, doc="compare-and-set: 0 means the key must not exist"),
         _ns,
-    ), result="{version, size}", errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT"),
+    ), result="{version, size, delta}", errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT"),
         idempotent=True,
         doc="Store a value (any msgpack value). Durable once acknowledged. Idempotent: the kernel "
             "tags each call with an id that storage records, so a retried put is applied once."),
@@ -102,7 +104,8 @@ SYSCALLS: tuple[Syscall, ...] = (
             idempotent=True),
     Syscall("delete", "storage", (
         _key, Arg("if_version", "int", None, min=1), _ns,
-    ), errors=("ENOENT", "ECONFLICT", "EPERM"), idempotent=True),
+    ), result="{delta}", errors=("ENOENT", "ECONFLICT", "EPERM"), idempotent=True,
+        doc="Remove a key; delta is the (negative) change in bytes stored."),
     Syscall("list", "storage", (
         Arg("prefix", "str", "", max_len=MAX_KEY), _ns,
         Arg("limit", "int", 1000, min=1, max=100000),

@@ -59,3 +59,12 @@ def test_bad_config_is_reported(home):
     r = run_cli(home, "boot", "--timeout", "20")
     assert r.returncode == 1
     assert "supervisor.ping_timeout must be float, got 'soon'" in r.stderr
+
+
+def test_unknown_service_or_section_in_config_is_refused(home):
+    (home / "config.toml").write_text("[services]\nenabled = ['storage', 'nonesuch']\n")
+    r = run_cli(home, "boot", "--timeout", "20")
+    assert r.returncode == 1 and "unknown service 'nonesuch'" in r.stderr
+    (home / "config.toml").write_text("[kernal]\nmax_in_flight = 3\n")
+    r = run_cli(home, "boot", "--timeout", "20")
+    assert r.returncode == 1 and "unknown section [kernal]" in r.stderr

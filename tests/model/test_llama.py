@@ -1,0 +1,209 @@
+"""The paged forward pass against the contiguous reference, chunked prefill, batch invariance, validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from drivers.model.gguf import load_gguf
+from drivers.model.llama import Chunk, KVPool, Llama
+from .tiny_gguf import Q, write_tiny_gguf
+
+BLOCK = 4
+
+
+class Blocks:
+    """A shuffled free list, so block tables are never contiguous runs."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.free = list(range(n))
+        random.Random(seed).shuffle(self.free)
+
+    def take(self, n: int) -> list[int]:
+        out, self.free = self.free[:n], self.free[n:]
+        return out
+
+
+def prompt(n: int, seed: int, vocab: int = 400) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def paged_logits(model: Llama, tokens: list[int], cuts: list[int], block: int = BLOCK) -> torch.Tensor:
+    """Logits of every position, feeding the prompt in chunks split at `cuts`."""
+    pool = model.new_kv_pool(64, block)
+    table = Blocks(64).take((len(tokens) + block - 1) // block)
+    bounds = [0, *cuts, len(tokens)]
+    rows = [model.step(pool, [Chunk(tokens[a:b], a, table, "all")]) for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(rows)
+
+
+def test_paged_matches_contiguous(tiny_model):
+    tokens = prompt(60, seed=1)
+    expected = tiny_model.forward_contiguous(tokens)
+    got = paged_logits(tiny_model, tokens, cuts=[1, 2, 9, 25, 26])
+    assert got.shape == expected.shape == (60, 400)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (4, 1)], ids=["mha", "gqa4", "mqa"])
+def test_head_layouts(tmp_path, heads, kv_heads):
+    model = Llama.from_gguf(write_tiny_gguf(tmp_path / "m.gguf", heads=heads, kv_heads=kv_heads))
+    tokens = prompt(23, seed=2)
+    torch.testing.assert_close(paged_logits(model, tokens, cuts=[10, 11]), model.forward_contiguous(tokens),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_untied_output_and_quantised_weights(tmp_path):
+    model = Llama.from_gguf(write_tiny_gguf(tmp_path / "m.gguf", tied=False, quant=Q.Q8_0, rope_theta=500.0))
+    assert not model.config.tied_embeddings
+    tokens = prompt(30, seed=3)
+    torch.testing.assert_close(paged_logits(model, tokens, cuts=[7]), model.forward_contiguous(tokens),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_equals_one_shot(tiny_model):
+    tokens = prompt(37, seed=4)
+    whole_pool, split_pool = tiny_model.new_kv_pool(16, BLOCK), tiny_model.new_kv_pool(16, BLOCK)
+    table = Blocks(16, seed=5).take(10)
+    whole = tiny_model.step(whole_pool, [Chunk(tokens, 0, table)])
+    for a, b in [(0, 5), (5, 6), (6, 20), (20, 36)]:
+        assert tiny_model.step(split_pool, [Chunk(tokens[a:b], a, table, "none")]).shape == (0, 400)
+    split = tiny_model.step(split_pool, [Chunk(tokens[36:], 36, table)])
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split_pool.data, whole_pool.data, atol=1e-5, rtol=1e-5)
+
+
+def greedy(model: Llama, pool: KVPool, tokens: list[int], table: list[int], steps: int) -> list[int]:
+    out = []
+    logits = model.step(pool, [Chunk(tokens, 0, table)])
+    for i in range(steps):
+        out.append(int(logits[0].argmax()))
+        logits = model.step(pool, [Chunk([out[-1]], len(tokens) + i, table)])
+    return out
+
+
+def test_batch_invariance(tiny_model):
+    """A greedy sequence decoded alone and inside a batch of 16 (others prefilling and decoding, with
+    different lengths, in a different row order) yields the same tokens."""
+    steps, blocks_each = 12, 16
+    target = prompt(9, seed=6)
+    alone = greedy(tiny_model, tiny_model.new_kv_pool(blocks_each, BLOCK), target, list(range(blocks_each)), steps)
+
+    pool, blocks = tiny_model.new_kv_pool(16 * blocks_each, BLOCK), Blocks(16 * blocks_each, seed=7)
+    seqs = [{"tokens": prompt(3 + 4 * i, seed=100 + i), "fed": 0, "table": blocks.take(blocks_each), "out": []}
+            for i in range(15)]
+    mine = {"tokens": list(target), "fed": 0, "table": blocks.take(blocks_each), "out": []}
+    seqs.insert(6, mine)
+    while len(mine["out"]) < steps:
+        chunks, owners = [], []
+        for s in seqs:
+            pending = s["tokens"][s["fed"]:]
+            feed = pending[:5] if s is not mine else pending    # others prefill 5 tokens per step
+            chunks.append(Chunk(feed, s["fed"], s["table"], "last" if len(feed) == len(pending) else "none"))
+            owners.append(s)
+            s["fed"] += len(feed)
+        logits = tiny_model.step(pool, chunks)
+        rows = iter(logits)
+        for ch, s in zip(chunks, owners):
+            if ch.logits == "last":
+                token = int(next(rows).argmax())
+                s["out"].append(token)
+                s["tokens"].append(token)
+    assert mine["out"] == alone
+
+
+def test_mixed_step_rows_follow_chunk_order(tiny_model):
+    a, b, c = prompt(8, 8), prompt(5, 9), prompt(6, 10)
+    pool, blocks = tiny_model.new_kv_pool(32, BLOCK), Blocks(32, seed=11)
+    ta, tb, tc = blocks.take(4), blocks.take(4), blocks.take(4)
+    tiny_model.step(pool, [Chunk(a[:-1], 0, ta, "none"), Chunk(c[:-1], 0, tc, "none")])
+    mixed = tiny_model.step(pool, [Chunk(a[-1:], 7, ta), Chunk(b, 0, tb, "all"), Chunk(c[-1:], 5, tc)])
+    assert mixed.shape == (1 + 5 + 1, 400)
+    ref_a, ref_b, ref_c = (tiny_model.forward_contiguous(t) for t in (a, b, c))
+    torch.testing.assert_close(mixed[0], ref_a[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1:6], ref_b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[6], ref_c[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_blocks(tiny_model):
+    """Two sequences may share the blocks of a common prefix (prefix caching): only tables say so."""
+    shared, x, y = prompt(8, 12), prompt(3, 13), prompt(4, 14)
+    pool = tiny_model.new_kv_pool(16, BLOCK)
+    prefix = [0, 1]                                     # 8 tokens = 2 full blocks
+    tiny_model.step(pool, [Chunk(shared, 0, prefix, "none")])
+    out = tiny_model.step(pool, [Chunk(x, 8, prefix + [2]), Chunk(y, 8, prefix + [3, 4])])
+    torch.testing.assert_close(out[0], tiny_model.forward_contiguous(shared + x)[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], tiny_model.forward_contiguous(shared + y)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_single_token_mode(tiny_path):
+    exact = Llama.from_gguf(tiny_path)
+    fast = Llama.from_gguf(tiny_path, fp16_single_token=True)
+    tokens = prompt(20, seed=15)
+    table = list(range(8))
+    pools = exact.new_kv_pool(8, BLOCK), fast.new_kv_pool(8, BLOCK)
+    # matmuls over several rows run the fp32 path: identical
+    prefill = [m.step(p, [Chunk(tokens, 0, table, "all")]) for m, p in zip((exact, fast), pools)]
+    assert torch.equal(prefill[0], prefill[1])
+    # a one-token step uses fp16 weights: close, same argmax
+    one = [m.step(p, [Chunk([5], 20, table)]) for m, p in zip((exact, fast), pools)]
+    torch.testing.assert_close(one[1], one[0], atol=0.05, rtol=0.01)
+    assert int(one[0].argmax()) == int(one[1].argmax())
+
+
+def test_pool_layout_and_sizing(tiny_model):
+    c = tiny_model.config
+    pool = tiny_model.new_kv_pool(10, 8)
+    assert pool.data.shape == (c.n_layers, 2, 10, 8, c.n_kv_heads, c.head_dim)
+    per_block = KVPool.block_bytes(c, 8)
+    assert per_block == pool.data[:, :, 0].numel() * 4
+    assert KVPool.for_memory(c, per_block * 7 + 1, 8).num_blocks == 7
+
+
+def test_unused_table_entries_are_ignored(tiny_model):
+    """Tables may list blocks reserved for later; only those covering fed positions are read."""
+    pool = tiny_model.new_kv_pool(8, BLOCK)
+    short, long_ = prompt(3, 18), prompt(9, 19)
+    tiny_model.step(pool, [Chunk(short, 0, [0, 1]), Chunk(long_, 0, [2, 3, 4])])
+    out = tiny_model.step(pool, [Chunk([7], 3, [0, 10**6]), Chunk([8], 9, [2, 3, 4, 10**6])])
+    torch.testing.assert_close(out[0], tiny_model.forward_contiguous(short + [7])[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], tiny_model.forward_contiguous(long_ + [8])[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_kv_written_where_the_table_says(tiny_model):
+    pool = tiny_model.new_kv_pool(8, BLOCK)
+    tiny_model.step(pool, [Chunk(prompt(6, 16), 0, [5, 2])])
+    used = pool.data.abs().sum(dim=(0, 1, 4, 5))          # [blocks, slots]
+    assert used[5].all() and used[2, :2].all()
+    assert not used[2, 2:].any() and not used[[0, 1, 3, 4, 6, 7]].any()
+
+
+@pytest.mark.parametrize("chunks,message", [
+    ([], "at least one chunk"),
+    ([Chunk([], 0, [0])], "no tokens"),
+    ([Chunk([1] * 5, 0, [0])], "need 2"),
+    ([Chunk([1], 0, [99])], "block ids"),
+    ([Chunk([400], 0, [0])], "token ids"),
+    ([Chunk([1], -1, [0])], "outside"),
+    ([Chunk([1], 256, [0] * 70)], "outside"),
+    ([Chunk([1], 0, [0], "first")], "logits must be"),
+    ([Chunk([1], 4, [0, 3]), Chunk([2], 4, [1, 3])], "same KV slot"),
+])
+def test_step_rejects_bad_chunks(tiny_model, chunks, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.step(tiny_model.new_kv_pool(8, BLOCK), chunks)
+
+
+def test_weights_shared_with_cache_are_not_modified(tiny_path, tmp_path):
+    """Building a model must not write into the (mmapped) cached tensors."""
+    load_gguf(tiny_path, tmp_path)
+    cached = load_gguf(tiny_path, tmp_path)
+    before = {k: v.clone() for k, v in cached.weights.items()}
+    model = Llama.from_model_file(cached)
+    model.step(model.new_kv_pool(4, BLOCK), [Chunk(prompt(5, 17), 0, [0, 1])])
+    for name, w in cached.weights.items():
+        assert torch.equal(w, before[name]), name

@@ -1,0 +1,119 @@
+"""The real SmolLM2-135M-Instruct Q4_1 GGUF against Hugging Face transformers loading the same file.
+
+transformers dequantises the GGUF with its own code, un-permutes q/k to its rotate-half layout and runs
+its own Llama, so agreement here checks our dequantisation, adjacent-pair RoPE, GQA, norms and tied output.
+Expected token ids come from transformers' tokenizer built from the same GGUF metadata.
+The reference model is loaded once per session (~25 s).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from drivers.model.gguf import describe, load_gguf
+from drivers.model.llama import Chunk
+from drivers.model.tokenizer import Tokenizer
+
+STRINGS = [
+    "Hello world",
+    "The year 2024 had 366 days; 3.14159 is pi.",
+    "  leading spaces and\ttabs\n\nnewlines",
+    "café naïve 日本語 😀🎉",
+    "<|im_start|>user\nHi<|im_end|>",
+    "def f(x):\n    return x**2  # square",
+    "I'm sure they'll've done it, DON'T you think?",
+]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_file_loaded):
+    return Tokenizer(smollm_file_loaded.metadata)
+
+
+def test_config(smollm_file_loaded):
+    c = smollm_file_loaded.config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.hidden, c.ffn, c.vocab_size) == (30, 9, 3, 576, 1536, 49152)
+    assert (c.context_length, c.rope_theta, c.bos_id, c.eos_id) == (8192, 100000.0, 1, 2)
+    assert c.tied_embeddings
+
+
+def test_describe(smollm_path, smollm_cache, smollm_file_loaded):
+    d = describe(smollm_path, smollm_cache)
+    assert d["architecture"] == "llama" and d["quantization"] == "Q4_1"
+    assert d["context_length"] == 8192 and d["file_size"] == smollm_path.stat().st_size
+    assert 134_000_000 < d["parameters"] < 136_000_000
+
+
+def test_second_load_is_fast_and_identical(smollm_path, smollm_cache, smollm_file_loaded):
+    assert not smollm_file_loaded.from_cache
+    start = time.perf_counter()
+    again = load_gguf(smollm_path, smollm_cache)
+    elapsed = time.perf_counter() - start
+    assert again.from_cache and elapsed < 2.0, elapsed
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight"):
+        assert torch.equal(again.weights[name], smollm_file_loaded.weights[name])
+
+
+def test_token_ids_match_transformers(tokenizer, hf_reference):
+    _, hf_tok = hf_reference
+    for text in STRINGS:
+        assert tokenizer.encode(text) == hf_tok.encode(text, add_special_tokens=False), text
+        assert tokenizer.decode(tokenizer.encode(text), skip_special=False) == text
+
+
+def test_known_ids(tokenizer):
+    # pinned from transformers' tokenizer for this file (see test above); digits are one token each
+    assert tokenizer.encode("Hello world") == [19556, 905]
+    assert tokenizer.encode("<|im_start|>user\nHi<|im_end|>") == [1, 4093, 198, 26843, 2]
+    assert tokenizer.encode("2024") == [34, 32, 34, 36]
+
+
+def test_chat_template_matches_transformers(tokenizer, hf_reference):
+    _, hf_tok = hf_reference
+    assert tokenizer.apply_chat_template(CHAT) == hf_tok.apply_chat_template(CHAT, tokenize=False,
+                                                                               add_generation_prompt=True)
+
+
+def test_logits_match_transformers(smollm, tokenizer, hf_reference):
+    hf_model, _ = hf_reference
+    prompts = [tokenizer.encode_chat(CHAT), tokenizer.encode("The capital of France is"),
+               tokenizer.encode("Once upon a time, in a land far away, there lived a"),
+               tokenizer.encode("def fibonacci(n):\n    ")]
+    pool = smollm.new_kv_pool(64, 16)
+    for ids in prompts:
+        with torch.inference_mode():
+            expected = hf_model(torch.tensor([ids])).logits[0].float()
+        # feed in two chunks through the paged cache, blocks out of order
+        table = [7, 3, 11, 0]
+        cut = len(ids) // 2
+        got = torch.cat([smollm.step(pool, [Chunk(ids[:cut], 0, table, "all")]),
+                         smollm.step(pool, [Chunk(ids[cut:], cut, table, "all")])])
+        assert (got - expected).abs().max().item() < 1e-3
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_greedy_alone_and_batched(smollm, tokenizer):
+    """Greedy continuation of one chat prompt, alone and as one of 16 sequences, gives the same text."""
+    ids = tokenizer.encode_chat(CHAT)
+    steps = 8
+
+    def run(batch: int) -> list[int]:
+        pool = smollm.new_kv_pool(batch * 4, 16)
+        tables = [list(range(i * 4, i * 4 + 4)) for i in range(batch)]
+        prompts = [ids if i == batch // 2 else tokenizer.encode_chat([{"role": "user", "content": f"Count to {i}"}])
+                   for i in range(batch)]
+        logits = smollm.step(pool, [Chunk(p, 0, t) for p, t in zip(prompts, tables)])
+        out = [[int(row.argmax())] for row in logits]
+        for s in range(steps - 1):
+            logits = smollm.step(pool, [Chunk([o[-1]], len(p) + s, t) for o, p, t in zip(out, prompts, tables)])
+            for o, row in zip(out, logits):
+                o.append(int(row.argmax()))
+        return out[batch // 2]
+
+    alone = run(1)
+    assert alone == run(16)
+    assert tokenizer.decode(alone).startswith("The capital of France is Paris")
