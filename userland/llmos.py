@@ -1,4 +1,4 @@
-"""The ``llmos`` command: boot, status, shutdown and logs of the llmos in LLMOS_HOME."""
+"""The ``llmos`` command: boot, status, shutdown and logs of the llmos in LLMOS_HOME, and its models."""
 
 from __future__ import annotations
 
@@ -138,6 +138,24 @@ def cmd_logs(paths: Paths, args) -> int:
     return 0
 
 
+def cmd_models(paths: Paths, args) -> int:
+    from userland.shell.commands import show_models
+    with syscalls.connect(paths.home, name="llmos-models", timeout=30) as os_:
+        show_models(sys.stdout, os_.models())
+    return 0
+
+
+def cmd_model(paths: Paths, args) -> int:
+    with syscalls.connect(paths.home, name="llmos-model", timeout=60) as os_:
+        if args.action == "add":
+            m = os_.model_add(os.path.abspath(args.path), args.name)
+            print(f"llmos: added model {m['name']}: {m['path']}")
+        else:
+            os_.model_remove(args.name)
+            print(f"llmos: removed model {args.name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmos", description="Boot and manage llmos.")
     parser.add_argument("--home", help="LLMOS_HOME (default: $LLMOS_HOME or ~/.llmos)")
@@ -150,10 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("logs", help="show the logs (of one process, or all)")
     p.add_argument("name", nargs="?")
     p.add_argument("-n", "--lines", type=int, default=50)
+    sub.add_parser("models", help="the models llmos knows (* marks the default)")
+    p = sub.add_parser("model", help="add or remove a model (a GGUF file)")
+    action = p.add_subparsers(dest="action", required=True)
+    a = action.add_parser("add", help="check a Llama GGUF file and add it under a name")
+    a.add_argument("path")
+    a.add_argument("--name", help="default: the file's name without .gguf, lowercased")
+    a = action.add_parser("rm", help="forget an added model (the file stays)")
+    a.add_argument("name")
     args = parser.parse_args(argv)
     paths = Paths.from_env(args.home)
     handler = {"boot": cmd_boot, "status": cmd_status, "shutdown": cmd_shutdown,
-               "logs": cmd_logs}[args.command]
+               "logs": cmd_logs, "models": cmd_models, "model": cmd_model}[args.command]
     try:
         return handler(paths, args)
     except errors.LLMOSError as e:

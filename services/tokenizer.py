@@ -1,0 +1,180 @@
+"""The tokenizer service: text <-> token ids and chat templates for every model llmos knows, and the
+model registry's syscalls (models, model_add, model_remove) until an inference service takes them.
+
+A model's tokenizer is built from its GGUF's metadata (drivers.model.Tokenizer) the first time a
+call names the model, and kept; the default model's is built at start, so the first call after
+boot is fast. Building runs in a worker thread, so pings are answered meanwhile; a call that needs
+a tokenizer being built waits for that build instead of starting another.
+
+Never: load weights, or keep a tokenizer for a file that changed (the cache key is path, size
+and mtime, so a replaced file is read again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from services import models
+from services.runtime import Service, main
+from syscalls import errors, wire
+
+BIG_TEXT = 1 << 16        # characters: tokenize longer texts in a worker thread
+REPLY_ROOM = wire.MAX_MESSAGE - 4096
+
+
+def _key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise errors.ENOENT(f"{path}: the model's file is gone (model_remove it, or put it back)")
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _check_size(what: str, nbytes: int) -> None:
+    if nbytes > REPLY_ROOM:
+        raise errors.E2BIG(f"{what}: the result would be {nbytes} bytes, more than one message "
+                           f"holds ({wire.MAX_MESSAGE}); split the input")
+
+
+class TokenizerService(Service):
+    name = "tokenizer"
+
+    async def start(self) -> None:
+        self.registry = models.Registry(self.paths)
+        self.tokenizers: dict[tuple, Any] = {}                 # _key(path) -> drivers.model.Tokenizer
+        self.building: dict[tuple, asyncio.Future] = {}
+        try:
+            path = self.registry.resolve(None)
+        except errors.ENOENT as e:          # the service still serves added models
+            self.log.warning("no_default_model", error=e.message)
+            return
+        self.progress(done=0, total=1, what=f"tokenizer of {models.DEFAULT}")
+        await self._tokenizer(path)
+        self.progress(done=1, total=1, what=f"tokenizer of {models.DEFAULT}")
+        self.log.info("tokenizer_loaded", model=models.DEFAULT, path=str(path))
+
+    # -- tokenizers -----------------------------------------------------------------------------
+    async def _tokenizer(self, path: Path):
+        key = _key(path)
+        tok = self.tokenizers.get(key)
+        if tok is not None:
+            return tok
+        build = self.building.get(key)
+        if build is None:
+            build = self.building[key] = asyncio.ensure_future(asyncio.to_thread(self._build, path))
+
+            def built(f: asyncio.Future) -> None:
+                self.building.pop(key, None)
+                if not f.cancelled() and f.exception() is None:
+                    self.tokenizers[key] = f.result()
+            build.add_done_callback(built)
+        return await asyncio.shield(build)      # a cancelled call leaves the build to finish
+
+    def _build(self, path: Path):
+        from drivers.model import ModelError, Tokenizer
+        try:
+            return Tokenizer(models.metadata(path, self.registry.cache_dir))
+        except ModelError as e:
+            raise models.model_error(e, path) from None
+        except KeyError as e:
+            raise errors.EINVAL(f"{path}: no tokenizer in its metadata (missing {e})") from None
+
+    async def _for(self, args: dict):
+        return await self._tokenizer(self.registry.resolve(args["model"]))
+
+    # -- tokens ---------------------------------------------------------------------------------
+    async def op_tokenize(self, args: dict, caller: dict) -> list[int]:
+        tok = await self._for(args)
+        text, add_bos, special = args["text"], args["add_bos"], args["special"]
+        if len(text) > BIG_TEXT:
+            ids = await asyncio.to_thread(tok.encode, text, add_bos, special)
+        else:
+            ids = tok.encode(text, add_bos, special)
+        if len(ids) > wire.MAX_ARRAY:
+            raise errors.E2BIG(f"tokenize: the text is {len(ids)} tokens, more than one reply "
+                               f"holds ({wire.MAX_ARRAY}); split it")
+        return ids
+
+    async def op_detokenize(self, args: dict, caller: dict) -> str:
+        tok = await self._for(args)
+        ids = args["ids"]
+        for i, t in enumerate(ids):
+            if not 0 <= t < tok.vocab_size:
+                raise errors.EINVAL(f"detokenize: ids[{i}] = {t} is not a token id: the vocabulary "
+                                    f"of {args['model'] or models.DEFAULT} has {tok.vocab_size} "
+                                    f"tokens (0..{tok.vocab_size - 1})")
+        text = tok.decode(ids, skip_special=args["skip_special"])
+        _check_size("detokenize", len(text.encode()))
+        return text
+
+    async def op_apply_chat_template(self, args: dict, caller: dict) -> str:
+        from drivers.model import ChatTemplateError
+        messages = args["messages"]
+        if not messages:
+            raise errors.EINVAL("apply_chat_template: argument 'messages' is empty")
+        for i, m in enumerate(messages):
+            for field in ("role", "content"):
+                if field not in m:
+                    raise errors.EINVAL(f"apply_chat_template: messages[{i}] has no {field!r} "
+                                        f"(a message is {{role, content}})")
+                if type(m[field]) is not str:
+                    raise errors.EINVAL(f"apply_chat_template: messages[{i}].{field} must be a "
+                                        f"string, got {type(m[field]).__name__}")
+            extra = sorted(map(str, set(m) - {"role", "content"}))
+            if extra:
+                raise errors.EINVAL(f"apply_chat_template: messages[{i}] has unknown key "
+                                    f"{extra[0]!r} (a message is {{role, content}})")
+        tok = await self._for(args)
+        try:
+            text = tok.apply_chat_template(messages, args["add_generation_prompt"])
+        except ChatTemplateError as e:
+            raise errors.EINVAL(f"apply_chat_template: {e}") from None
+        _check_size("apply_chat_template", len(text.encode()))
+        return text
+
+    # -- the registry ---------------------------------------------------------------------------
+    async def op_models(self, args: dict, caller: dict) -> list[dict]:
+        return await asyncio.to_thread(self._models)
+
+    def _models(self) -> list[dict]:
+        from drivers.model import ModelError
+        out = []
+        for m in self.registry.list():
+            row = {"name": m["name"], "architecture": None, "parameters": None,
+                   "quantization": None, "context_length": None, "file_size": None,
+                   "path": m["path"], "added": m["added"], "default": m["default"], "error": None}
+            try:
+                info = models.summary(Path(m["path"]), self.registry.cache_dir)
+                row.update({k: info[k] for k in ("architecture", "parameters", "quantization",
+                                                 "context_length", "file_size")})
+            except FileNotFoundError:
+                row["error"] = "the file is gone"
+            except (ModelError, OSError) as e:
+                row["error"] = str(e)
+            out.append(row)
+        return out
+
+    async def op_model_add(self, args: dict, caller: dict) -> dict:
+        built = []
+
+        def check(path: Path) -> None:   # a model whose tokenizer llmos cannot build is no use
+            built.append((_key(path), self._build(path)))
+        entry = await asyncio.to_thread(self.registry.add, args["path"], args["name"],
+                                        caller.get("uid"), check)
+        self.tokenizers.update(built)
+        self.log.info("model_added", name=entry["name"], path=entry["path"], uid=caller.get("uid"))
+        return {k: entry[k] for k in ("name", "path", "added")}
+
+    async def op_model_remove(self, args: dict, caller: dict) -> None:
+        path = await asyncio.to_thread(self.registry.remove, args["name"], caller.get("uid"),
+                                       bool(caller.get("privileged")))
+        if path not in {m["path"] for m in self.registry.list()}:
+            for key in [k for k in self.tokenizers if k[0] == path]:
+                del self.tokenizers[key]
+        self.log.info("model_removed", name=args["name"], uid=caller.get("uid"))
+
+
+if __name__ == "__main__":
+    main(TokenizerService)
