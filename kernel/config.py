@@ -6,6 +6,8 @@
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
     [services]     enabled = ["storage", ...]
+    [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
+                   programs the kernel starts at boot and keeps running by their restart policy
 
 An unknown section or key is an error, so a typo never silently leaves a default in force.
 """
@@ -52,11 +54,23 @@ class StorageConfig:
 
 
 @dataclass
+class DaemonConfig:
+    name: str
+    argv: list[str]
+    restart: str = "on-failure"
+    priority: int = 0
+    env: dict = field(default_factory=dict)
+    cwd: str | None = None
+    privileged: bool = False
+
+
+@dataclass
 class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     services: list[str] = field(default_factory=lambda: ["storage", "tokenizer"])
+    daemons: list[DaemonConfig] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> "Config":
@@ -67,9 +81,9 @@ class Config:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config: {path} is not valid TOML: {e}") from None
-        sections = ("kernel", "supervisor", "storage", "services")
+        sections = ("kernel", "supervisor", "storage", "services", "daemons")
         for name in raw:
-            if name not in sections or not isinstance(raw[name], dict):
+            if name not in sections or not isinstance(raw[name], list if name == "daemons" else dict):
                 raise ValueError(f"config: unknown section [{name}] (known: {', '.join(sections)})")
         for section in sections[:3]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
@@ -86,7 +100,28 @@ class Config:
                     raise ValueError(f"config: services.enabled names unknown service {name!r} "
                                      f"(known: {', '.join(SERVICE_MODULES)})")
             cfg.services = enabled
+        cfg.daemons = [_daemon(i, d) for i, d in enumerate(raw.get("daemons", []))]
         return cfg
+
+
+def _daemon(i: int, raw: object) -> DaemonConfig:
+    where = f"config: daemons[{i}]"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a table")
+    if not isinstance(raw.get("name"), str) or not raw["name"]:
+        raise ValueError(f"{where} needs a name (a string)")
+    d = DaemonConfig(name=raw["name"], argv=[])
+    where = f"config: daemon {d.name!r}"
+    _apply(d, raw, f"daemons.{d.name}")
+    if not d.argv or not all(isinstance(a, str) for a in d.argv):
+        raise ValueError(f"{where}: argv must be a non-empty list of strings")
+    if d.restart not in ("never", "on-failure", "always"):
+        raise ValueError(f"{where}: restart must be never, on-failure or always, not {d.restart!r}")
+    if not -20 <= d.priority <= 19:
+        raise ValueError(f"{where}: priority must be in -20..19, got {d.priority}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.env.items()):
+        raise ValueError(f"{where}: env must map strings to strings")
+    return d
 
 
 def _apply(target: Any, values: dict, section: str) -> None:
@@ -97,6 +132,8 @@ def _apply(target: Any, values: dict, section: str) -> None:
         want = type(getattr(target, key))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if want is type(None):      # optional strings (a daemon's cwd)
+            want = str
         if type(value) is not want:
             raise ValueError(f"config: {section}.{key} must be {want.__name__}, got {value!r}")
         setattr(target, key, value)

@@ -25,10 +25,8 @@ import os
 import secrets
 import shutil
 import signal as signals
-import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -43,8 +41,9 @@ from . import __version__
 from .channel import FULL, SENT, Channel
 from .config import Config
 from syscalls.paths import Paths
-from .proctable import BLOCKED, KERNEL_PID, RUNNING, STOPPED, Process, ProcessTable
-from .supervisor import FAILED, READY, STOPPED as SVC_STOPPED, Service, Supervisor, _die_with_kernel
+from .launcher import ENDING_SIGNALS, Launcher
+from .proctable import BLOCKED, KERNEL_PID, RESTARTING, RUNNING, STOPPED, Process, ProcessTable
+from .supervisor import FAILED, READY, STOPPED as SVC_STOPPED, Service, Supervisor
 
 HWM = 10_000
 
@@ -90,7 +89,6 @@ class Kernel:
         self._handlers = {n[4:]: getattr(self, n) for n in dir(self) if n.startswith("sys_")}
         self._async = {n for n, h in self._handlers.items() if asyncio.iscoroutinefunction(h)}
         self._sweeps: list[asyncio.TimerHandle] = []
-        self._children: dict[int, tuple[Process, subprocess.Popen, int]] = {}  # os pid -> ...
         self.stopping = False
         self.stopped = asyncio.Event()
 
@@ -100,6 +98,7 @@ class Kernel:
         mon = self.programs.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.monitor = Channel(self.loop, mon, self._on_monitor)
         self.supervisor = Supervisor(self.loop, paths, cfg.supervisor, self, log, self._ping_service)
+        self.launcher = Launcher(self.loop, paths, cfg.supervisor, log, self.end_process)
         for name in cfg.services:
             self.supervisor.add(name)
 
@@ -119,12 +118,27 @@ class Kernel:
         gc.collect()
         gc.freeze()
         self.supervisor.start_all()
+        self._start_daemons()
         housekeeping = self.loop.create_task(self._housekeeping())
         self.log.info("kernel_started", pid=os.getpid(), home=str(self.paths.home),
                       services=list(self.supervisor.services))
         await self.stopped.wait()
         housekeeping.cancel()
         await self._shutdown()
+
+    def _start_daemons(self) -> None:
+        """Start the [[daemons]] of config.toml, as children of pid 1."""
+        init = self.table.get(KERNEL_PID)
+        for d in self.cfg.daemons:
+            args = {"argv": d.argv, "env": d.env, "cwd": d.cwd, "priority": d.priority,
+                    "daemon": True, "name": d.name, "restart": d.restart}
+            try:
+                pid = self.sys_spawn(init, args)
+            except LLMOSError as e:
+                self.log.error("daemon_not_started", daemon=d.name, error=e.message)
+                continue
+            self.table.get(pid).privileged = d.privileged
+            self.log.info("daemon_started", daemon=d.name, pid=pid)
 
     # == programs: receiving =====================================================================
     def _on_program(self, head: zmq.Frame, rest: list[bytes]) -> None:
@@ -474,40 +488,17 @@ class Kernel:
         if priority < proc.priority and not proc.privileged:
             raise errors.EPERM(f"spawn: priority {priority} is more urgent than the caller's "
                                f"({proc.priority}); that needs privilege")
-        token = secrets.token_hex(16)
         child = self.table.create(
             ppid=KERNEL_PID if a["daemon"] else proc.pid, uid=proc.uid,
-            name=a["name"] or os.path.basename(argv[0]), argv=argv,
-            priority=priority,
-            privileged=proc.privileged, daemon=a["daemon"], spawned=True, spawn_token=token)
-        env.update(LLMOS_HOME=str(self.paths.home), LLMOS_SPAWN_TOKEN=token,
-                   LLMOS_PID=str(child.pid))
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            name=a["name"] or os.path.basename(argv[0]), argv=argv, priority=priority,
+            privileged=proc.privileged, daemon=a["daemon"], spawned=True,
+            spawn_token=secrets.token_hex(16), exe=exe, env=env, cwd=cwd, restart=a["restart"])
         try:
-            with open(self.paths.log_file(f"proc-{child.pid}"), "ab") as out:
-                popen = subprocess.Popen([exe, *argv[1:]], stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, env=env, cwd=cwd, close_fds=True,
-                                         start_new_session=True, preexec_fn=_die_with_kernel)
+            self.launcher.launch(child)
         except OSError as e:
             self.table.end(child, 127, None)
             raise errors.ENOENT(f"spawn: cannot run {argv[0]!r}: {e.strerror}") from None
-        child.os_pid = popen.pid
-        pidfd = os.pidfd_open(popen.pid)
-        self._children[popen.pid] = (child, popen, pidfd)
-        self.loop.add_reader(pidfd, self._child_exited, popen.pid)
-        self.log.info("spawned", pid=child.pid, ppid=child.ppid, argv=argv, os_pid=popen.pid)
         return child.pid
-
-    def _child_exited(self, os_pid: int) -> None:
-        proc, popen, pidfd = self._children.pop(os_pid)
-        self.loop.remove_reader(pidfd)
-        os.close(pidfd)
-        code = popen.wait()
-        if code < 0:
-            self.end_process(proc, None, signals.Signals(-code).name.removeprefix("SIG"))
-        else:
-            self.end_process(proc, code, None)
 
     def sys_kill(self, proc: Process, a: dict) -> None:
         target, sig = self.table.get(a["pid"]), a["signal"]
@@ -520,9 +511,13 @@ class Kernel:
                                f"one of its descendants; signalling it needs privilege")
         self.log.info("signal", sender=proc.pid, target=target.pid, signal=sig)
         target.last_signal = sig
+        if target.state == RESTARTING:     # between two runs: nothing to signal
+            if sig in ENDING_SIGNALS:
+                self.end_process(target, None, sig)
+            return None
         if target.os_pid is not None:
             try:
-                os.kill(target.os_pid, getattr(signals, "SIG" + sig))
+                self.launcher.signal(target, getattr(signals, "SIG" + sig))
             except ProcessLookupError:
                 self.end_process(target, None, sig)
                 return None
@@ -674,21 +669,7 @@ class Kernel:
                 for cid in list(proc.in_flight):
                     self._reply(proc.ident, wire.err(cid, "ESHUTDOWN", "llmos is shutting down"))
                 self._abort_calls(proc)
-        for _, popen, _ in self._children.values():
-            try:
-                os.killpg(popen.pid, signals.SIGTERM)
-            except ProcessLookupError:
-                pass
-        await self.supervisor.stop_all(grace=2.0)
-        deadline = time.monotonic() + 1.0
-        for os_pid, (proc, popen, pidfd) in list(self._children.items()):
-            while popen.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            if popen.poll() is None:
-                os.killpg(popen.pid, signals.SIGKILL)
-                popen.wait()
-            self.loop.remove_reader(pidfd)
-            os.close(pidfd)
+        await asyncio.gather(self.supervisor.stop_all(grace=2.0), self.launcher.stop_all(grace=2.0))
         for h in self._sweeps:
             h.cancel()
         for ch in (self.monitor, self.programs, self.services_ch):

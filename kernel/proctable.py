@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RUNNING, BLOCKED, STOPPED, ZOMBIE = "RUNNING", "BLOCKED", "STOPPED", "ZOMBIE"
+RESTARTING = "RESTARTING"      # a daemon between two runs, waiting out its backoff
 KERNEL_PID = 1
 
 
@@ -35,6 +36,13 @@ class Process:
     ident: bytes | None = None            # the routing id of its connection, once connected
     spawned: bool = False                 # started by the kernel: it lives as long as its OS process
     spawn_token: str | None = None
+    # how the kernel (re)starts it, for spawned programs
+    exe: str = ""
+    env: dict = field(default_factory=dict)
+    cwd: str | None = None
+    restart: str = "never"                # never | on-failure | always
+    restarts: int = 0
+    backoff: Any = None
     # counters
     syscalls: int = 0
     bytes_stored: int = 0
@@ -65,6 +73,7 @@ class Process:
             "started": self.started, "syscalls": self.syscalls, "bytes_stored": self.bytes_stored,
             "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
             "privileged": self.privileged, "daemon": self.daemon, "os_pid": self.os_pid,
+            "restart": self.restart, "restarts": self.restarts,
             "mailbox": len(self.mailbox), "dropped": self.dropped,
             "exit_status": self.exit_status, "exit_signal": self.exit_signal,
         }

@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
+from .backoff import Backoff
 from .config import SERVICE_MODULES, SupervisorConfig
 from syscalls.paths import Paths
 
@@ -48,16 +49,16 @@ class Events(Protocol):
 
 
 class Service:
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], backoff: Backoff):
         self.name = name
         self.argv = argv
+        self.backoff = backoff
         self.state = STOPPED
         self.popen: subprocess.Popen | None = None
         self.pidfd: int | None = None
         self.ident: bytes | None = None
         self.token: str = ""
         self.restarts = 0
-        self.restart_times: deque[float] = deque()
         self.started_at = 0.0
         self.ready_at = 0.0
         self.deadline = 0.0          # STARTING: must say hello (or report progress) before this
@@ -100,7 +101,9 @@ class Supervisor:
         module = SERVICE_MODULES.get(name)
         if module is None:
             raise ValueError(f"unknown service {name!r} (known: {', '.join(SERVICE_MODULES)})")
-        svc = self.services[name] = Service(name, [sys.executable, "-m", module])
+        c = self.cfg
+        svc = self.services[name] = Service(name, [sys.executable, "-m", module], Backoff(
+            c.backoff_base, c.backoff_max, c.max_restarts, c.restart_window))
         return svc
 
     def start_all(self) -> None:
@@ -194,19 +197,13 @@ class Supervisor:
             svc.state = STOPPED
             self.events.service_down(svc)
             return
-        now = time.monotonic()
-        window = svc.restart_times
-        while window and now - window[0] > self.cfg.restart_window:
-            window.popleft()
-        if len(window) >= self.cfg.max_restarts:
+        delay = svc.backoff.next_delay(time.monotonic())
+        if delay is None:
             svc.state = FAILED
-            self.log.error("service_failed", service=svc.name, restarts=len(window),
+            self.log.error("service_failed", service=svc.name, restarts=len(svc.backoff),
                            window_s=self.cfg.restart_window)
             self.events.service_down(svc)
             return
-        delay = 0.0 if not window else min(self.cfg.backoff_max,
-                                           self.cfg.backoff_base * 2 ** (len(window) - 1))
-        window.append(now)
         svc.restarts += 1
         svc.state = BACKOFF
         self.events.service_down(svc)
@@ -215,7 +212,7 @@ class Supervisor:
 
     def restart(self, svc: Service) -> None:
         """Operator's restart: clears FAILED and the backoff history, then kills or starts."""
-        svc.restart_times.clear()
+        svc.backoff.reset()
         if svc.restart_handle:
             svc.restart_handle.cancel()
             svc.restart_handle = None

@@ -44,7 +44,8 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall("ps", "kernel", (
         Arg("pid", "int", None, min=1, doc="only this process"),
     ), result="[{pid, ppid, uid, name, argv, state, priority, started, syscalls, bytes_stored, "
-              "tokens_in, tokens_out, privileged, daemon, os_pid}]", errors=("ESRCH",), idempotent=True,
+              "tokens_in, tokens_out, privileged, daemon, os_pid, restart, restarts, mailbox, "
+              "dropped, exit_status, exit_signal}]", errors=("ESRCH",), idempotent=True,
         doc="The process table, the kernel itself (pid 1) first."),
     Syscall("spawn", "kernel", (
         Arg("argv", "[str]", max_len=MAX_ARGV, doc="program and arguments; argv[0] is looked up in PATH"),
@@ -55,8 +56,11 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "more urgent than the caller's needs privilege"),
         Arg("daemon", "bool", False, doc="a daemon outlives its parent and is parented to pid 1"),
         Arg("name", "str", None, max_len=128),
+        Arg("restart", "str", "never", choices=("never", "on-failure", "always"),
+            doc="when the kernel starts it again (same PID) after it exits; not after llmos's kill"),
     ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM", "EAGAIN"),
-        doc="Start a program as a child of the caller. Its output goes to logs/proc-PID.log."),
+        doc="Start a program as a child of the caller. Its output goes to logs/proc-PID.log, "
+            "appended across restarts."),
     Syscall("kill", "kernel", (
         _pid, Arg("signal", "str", "TERM", choices=SIGNALS),
     ), errors=("ESRCH", "EPERM"),
