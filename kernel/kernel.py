@@ -98,7 +98,8 @@ class Kernel:
         mon = self.programs.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.monitor = Channel(self.loop, mon, self._on_monitor)
         self.supervisor = Supervisor(self.loop, paths, cfg.supervisor, self, log, self._ping_service)
-        self.launcher = Launcher(self.loop, paths, cfg.supervisor, log, self.end_process)
+        self.launcher = Launcher(self.loop, paths, cfg.supervisor, log, self.end_process,
+                                 self._detach)
         for name in cfg.services:
             self.supervisor.add(name)
 
@@ -260,21 +261,29 @@ class Kernel:
     def _lost(self, proc: Process) -> None:
         self.log.info("program_disconnected", pid=proc.pid, name=proc.name)
         if proc.spawned:
-            self._abort_calls(proc)
-            self.table.unbind(proc)     # a spawned program lives until its OS process ends
+            self._detach(proc)          # a spawned program lives until its OS process ends
         else:
             self.end_process(proc, None, proc.last_signal or "HUP")
+
+    def _detach(self, proc: Process) -> None:
+        """Forget a process's connection (and the calls on it), keeping the process."""
+        self._abort_calls(proc)
+        self.table.unbind(proc)
 
     def end_process(self, proc: Process, status: int | None, signal: str | None) -> None:
         if not proc.alive:
             return
         self._abort_calls(proc)
-        if proc.receiver and not proc.receiver.done():
-            proc.receiver.cancel()
         self.table.end(proc, status, signal)
         self.log.info("process_ended", pid=proc.pid, name=proc.name, status=status, signal=signal)
 
     def _abort_calls(self, proc: Process) -> None:
+        # The receiver goes at once: a message delivered to a recv that is merely being
+        # cancelled would be lost.
+        if proc.receiver is not None:
+            if not proc.receiver.done():
+                proc.receiver.cancel()
+            proc.receiver = None
         calls, proc.in_flight = proc.in_flight, {}
         for call in calls.values():
             self._cancel(call)
@@ -492,7 +501,8 @@ class Kernel:
             ppid=KERNEL_PID if a["daemon"] else proc.pid, uid=proc.uid,
             name=a["name"] or os.path.basename(argv[0]), argv=argv, priority=priority,
             privileged=proc.privileged, daemon=a["daemon"], spawned=True,
-            spawn_token=secrets.token_hex(16), exe=exe, env=env, cwd=cwd, restart=a["restart"])
+            spawn_token=secrets.token_hex(16), command=[exe, *argv[1:]], env=env, cwd=cwd,
+            restart=a["restart"])
         try:
             self.launcher.launch(child)
         except OSError as e:

@@ -33,9 +33,11 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 
 class Launcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, paths: Paths, cfg: SupervisorConfig, log,
-                 on_end: Callable[[Process, int | None, str | None], None]):
+                 on_end: Callable[[Process, int | None, str | None], None],
+                 on_detach: Callable[[Process], None]):
         self.loop, self.paths, self.cfg, self.log = loop, paths, cfg, log
         self.on_end = on_end
+        self.on_detach = on_detach
         self.running: dict[int, tuple[Process, subprocess.Popen, int]] = {}   # OS pid -> ...
         self.stopping = False
 
@@ -46,7 +48,7 @@ class Launcher:
                    LLMOS_PID=str(proc.pid))
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(self.paths.log_file(f"proc-{proc.pid}"), "ab") as out:
-            popen = subprocess.Popen([proc.exe, *proc.argv[1:]], stdin=subprocess.DEVNULL,
+            popen = subprocess.Popen(proc.command, stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT, env=env, cwd=proc.cwd,
                                      close_fds=True, start_new_session=True,
                                      preexec_fn=_die_with_kernel)
@@ -74,6 +76,9 @@ class Launcher:
         proc.restarts += 1
         proc.state = RESTARTING
         proc.os_pid = None
+        # Its connection died with it, whether or not the kernel has noticed yet: let go of it,
+        # so that the next run's connection binds to this entry (mailbox and subscriptions kept).
+        self.on_detach(proc)
         self.log.warning("daemon_exited", pid=proc.pid, status=status, signal=sig,
                          restart_in_s=delay, policy=proc.restart)
         self.loop.call_later(delay, self._relaunch, proc)

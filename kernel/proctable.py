@@ -36,8 +36,8 @@ class Process:
     ident: bytes | None = None            # the routing id of its connection, once connected
     spawned: bool = False                 # started by the kernel: it lives as long as its OS process
     spawn_token: str | None = None
-    # how the kernel (re)starts it, for spawned programs
-    exe: str = ""
+    # how the kernel (re)starts it, for spawned programs (argv above may be renamed by hello)
+    command: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     cwd: str | None = None
     restart: str = "never"                # never | on-failure | always

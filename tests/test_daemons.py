@@ -79,3 +79,21 @@ def test_bad_daemon_config_is_refused(home):
         f.write('\n[[daemons]]\nname = "x"\nargv = []\n')
     r = run_cli(home, "boot", "--timeout", "20")
     assert r.returncode == 1 and "daemon 'x': argv must be a non-empty list" in r.stderr
+
+
+def test_echo_daemon_answers_and_survives_a_crash(llmos):
+    import sys
+    with llmos.connect() as c:
+        pid = c.spawn([sys.executable, "-m", "userland.programs.echo_daemon"], daemon=True,
+                      restart="on-failure", name="echo-daemon")
+
+        def subscribed():
+            # published messages only reach it once it has subscribed: retry until one is answered
+            return c.publish("echo", "ping") == 1
+        wait_until(subscribed, 20, "the echo daemon to subscribe")
+        assert c.recv(timeout=10) == {"from": pid, "topic": None, "data": {"echo": "ping", "by": pid}}
+        os_pid = entry(c, pid)["os_pid"]
+        os.kill(os_pid, signal.SIGKILL)
+        wait_until(lambda: relaunched(c, pid, os_pid), 5, "the echo daemon to return")
+        wait_until(subscribed, 20, "the restarted echo daemon to subscribe again")
+        assert c.recv(timeout=10)["data"] == {"echo": "ping", "by": pid}
