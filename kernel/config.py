@@ -5,7 +5,7 @@
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
-    [services]     enabled = ["storage", ...]
+    [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
 
@@ -71,6 +71,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     services: list[str] = field(default_factory=lambda: ["storage", "tokenizer"])
     daemons: list[DaemonConfig] = field(default_factory=list)
+    modules: dict[str, str] = field(default_factory=lambda: dict(SERVICE_MODULES))
 
     @classmethod
     def load(cls, path: Path) -> "Config":
@@ -89,17 +90,25 @@ class Config:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
         services = raw.get("services", {})
         for key in services:
-            if key != "enabled":
-                raise ValueError(f"config: unknown key services.{key} (known: enabled)")
+            if key not in ("enabled", "modules"):
+                raise ValueError(f"config: unknown key services.{key} (known: enabled, modules)")
+        extra = services.get("modules", {})
+        if not isinstance(extra, dict) or not all(
+                isinstance(k, str) and k.isidentifier() and isinstance(v, str) and
+                all(part.isidentifier() for part in v.split(".")) for k, v in extra.items()):
+            raise ValueError("config: services.modules must map service names to Python module "
+                             "names, e.g. {relay = \"mypackage.relay\"}")
+        cfg.modules.update(extra)
         enabled = services.get("enabled")
         if enabled is not None:
             if not isinstance(enabled, list) or not all(isinstance(x, str) for x in enabled):
                 raise ValueError("config: services.enabled must be a list of service names")
             for name in enabled:
-                if name not in SERVICE_MODULES:
+                if name not in cfg.modules:
                     raise ValueError(f"config: services.enabled names unknown service {name!r} "
-                                     f"(known: {', '.join(SERVICE_MODULES)})")
+                                     f"(known: {', '.join(cfg.modules)})")
             cfg.services = enabled
+        cfg.services += [name for name in extra if name not in cfg.services]
         cfg.daemons = [_daemon(i, d) for i, d in enumerate(raw.get("daemons", []))]
         return cfg
 

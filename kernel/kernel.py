@@ -61,7 +61,13 @@ class Forwarded:
     queued_at: float
     attempts: int = 1
     chunks: int = 0
-    service: Service | None = None
+    service: Service | None = None      # the service handling it
+    origin: Service | None = None       # the service that made it, for a service-to-service call
+
+    @property
+    def waiting_map(self) -> dict:
+        """Where the caller's side keeps it: the program's or the calling service's calls."""
+        return self.origin.outgoing if self.origin else self.proc.in_flight
 
 
 def _peer(head: zmq.Frame) -> tuple[int | None, int | None]:
@@ -101,7 +107,7 @@ class Kernel:
         self.launcher = Launcher(self.loop, paths, cfg.supervisor, log, self.end_process,
                                  self._detach)
         for name in cfg.services:
-            self.supervisor.add(name)
+            self.supervisor.add(name, cfg.modules[name])
 
     def _bind(self, endpoint: str, handler) -> Channel:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -317,6 +323,12 @@ class Kernel:
                 self.supervisor.pong(svc)
             elif kind in (wire.OK, wire.ERR, wire.CHUNK, wire.END):
                 self._service_reply(svc, msg)
+            elif kind == wire.CALL:
+                self._service_call(svc, msg)
+            elif kind == wire.CANCEL:
+                call = svc.outgoing.pop(msg[2], None)
+                if call is not None:
+                    self._drop_forwarded(call)
             elif kind == wire.EVENT:
                 self._service_event(svc, msg)
         except Exception:
@@ -339,6 +351,8 @@ class Kernel:
         kind, data = msg[3], msg[4]
         if kind == "progress" and isinstance(data, dict):
             self.supervisor.progress(svc, data)
+        elif kind == "ready":
+            self.supervisor.ready(svc)
 
     def _service_reply(self, svc: Service, msg: list) -> None:
         kind, kid = msg[1], msg[2]
@@ -347,9 +361,9 @@ class Kernel:
             return                          # the caller cancelled, or died, meanwhile
         if kind == wire.CHUNK:
             call.chunks += 1
-            return self._reply(call.proc.ident, wire.chunk(call.cid, msg[3]))
+            return self._answer(call, wire.chunk(call.cid, msg[3]))
         del svc.in_flight[kid]
-        call.proc.in_flight.pop(call.cid, None)
+        call.waiting_map.pop(call.cid, None)
         if kind == wire.ERR:
             frame = wire.err(call.cid, str(msg[3]), str(msg[4]))
         else:
@@ -357,7 +371,33 @@ class Kernel:
             if call.spec.name in ("put", "delete") and isinstance(value, dict):
                 call.proc.bytes_stored += int(value.get("delta") or 0)
             frame = (wire.ok if kind == wire.OK else wire.end)(call.cid, value)
-        self._reply(call.proc.ident, frame)
+        self._answer(call, frame)
+
+    def _answer(self, call: Forwarded, frame: bytes) -> None:
+        if call.origin is None:
+            self._reply(call.proc.ident, frame)
+        elif call.origin.ident is not None:
+            self.services_ch.send([call.origin.ident, frame])
+
+    def _service_call(self, origin: Service, msg: list) -> None:
+        """A service asks another for something ("target.op"), through the kernel like all else.
+
+        Internal ops have no row in the syscall table: services are trusted, and the callee
+        checks its own arguments. The kernel never retries these; the caller decides.
+        """
+        sid, name, args = msg[2], msg[3], msg[4]
+        target, _, op = name.partition(".") if type(name) is str else ("", "", "")
+        svc = self.supervisor.services.get(target)
+        if svc is None or not op or not isinstance(args, dict):
+            self.services_ch.send([origin.ident, wire.err(
+                sid, "ENOENT", f"no service {target!r} to call {name!r} on (or no op, or args "
+                               f"that are not a map)")])
+            return
+        kid = next(self._kids)
+        call = Forwarded(self.table.get(KERNEL_PID), sid, Syscall(op, target), args, kid,
+                         f"{self.boot_id}-{kid}", time.monotonic(), origin=origin)
+        origin.outgoing[sid] = call
+        self._dispatch(svc, call)
 
     def _forward(self, proc: Process, cid: int, spec: Syscall, args: dict) -> None:
         svc = self.supervisor.services.get(spec.target)
@@ -374,6 +414,8 @@ class Kernel:
             svc.in_flight[call.kid] = call
             caller = {"pid": call.proc.pid, "uid": call.proc.uid, "privileged": call.proc.privileged,
                       "txid": call.txid}
+            if call.origin is not None:
+                caller["service"] = call.origin.name
             # GONE: the service died and its pidfd has not told us yet; service_down will
             # retry or fail the call like any other call in flight.
             if self.services_ch.send([svc.ident, wire.service_call(
@@ -389,8 +431,8 @@ class Kernel:
             svc.waiting.append(call)
 
     def _fail(self, call: Forwarded, code: str, message: str) -> None:
-        call.proc.in_flight.pop(call.cid, None)
-        self._reply(call.proc.ident, wire.err(call.cid, code, message))
+        call.waiting_map.pop(call.cid, None)
+        self._answer(call, wire.err(call.cid, code, message))
 
     def _drop_forwarded(self, call: Forwarded) -> None:
         """Forget a forwarded call; a service already working on it is told to stop."""
@@ -417,11 +459,14 @@ class Kernel:
             self._dispatch(svc, call)
 
     def service_down(self, svc: Service) -> None:
+        outgoing, svc.outgoing = svc.outgoing, {}      # its own calls to others: nobody to answer
+        for call in outgoing.values():
+            self._drop_forwarded(call)
         lost, svc.in_flight = svc.in_flight, {}
         retry = []
         for call in lost.values():
             if call.spec.idempotent and call.attempts < 2 and call.chunks == 0 \
-                    and svc.state not in (FAILED, SVC_STOPPED):
+                    and call.origin is None and svc.state not in (FAILED, SVC_STOPPED):
                 call.attempts += 1
                 self.counters["retries"] += 1
                 retry.append(call)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .backoff import Backoff
-from .config import SERVICE_MODULES, SupervisorConfig
+from .config import SupervisorConfig
 from syscalls.paths import Paths
 
 STARTING, READY, BACKOFF, FAILED, STOPPED = "STARTING", "READY", "BACKOFF", "FAILED", "STOPPED"
@@ -68,7 +68,8 @@ class Service:
         self.progress: dict | None = None
         self.restart_handle: asyncio.TimerHandle | None = None
         self.waiting: deque = deque()     # calls held while the service is not READY
-        self.in_flight: dict[int, object] = {}
+        self.in_flight: dict[int, object] = {}   # calls it is handling, by kernel call id
+        self.outgoing: dict[int, object] = {}    # calls it made to other services, by its own id
 
     @property
     def pid(self) -> int | None:
@@ -97,10 +98,7 @@ class Supervisor:
         self.stopping = False
         self._tick: asyncio.Task | None = None
 
-    def add(self, name: str) -> Service:
-        module = SERVICE_MODULES.get(name)
-        if module is None:
-            raise ValueError(f"unknown service {name!r} (known: {', '.join(SERVICE_MODULES)})")
+    def add(self, name: str, module: str) -> Service:
         c = self.cfg
         svc = self.services[name] = Service(name, [sys.executable, "-m", module], Backoff(
             c.backoff_base, c.backoff_max, c.max_restarts, c.restart_window))
@@ -144,11 +142,19 @@ class Supervisor:
         self.log.info("service_started", service=svc.name, pid=svc.popen.pid)
 
     def hello(self, svc: Service, ident: bytes) -> None:
-        """The service proved it is the process we started (token checked by the kernel)."""
+        """The service proved it is the process we started (token checked by the kernel).
+
+        From now on the kernel hears it (it may call other services while it starts); it is
+        READY, and gets calls and pings, once it says so.
+        """
         if svc.ident is not None:
             self.by_ident.pop(svc.ident, None)
         svc.ident = ident
         self.by_ident[ident] = svc
+
+    def ready(self, svc: Service) -> None:
+        if svc.state != STARTING:
+            return
         svc.state = READY
         svc.ready_at = svc.last_pong = time.monotonic()
         self.log.info("service_ready", service=svc.name, pid=svc.pid,

@@ -2,20 +2,26 @@
 
 A service connects to the kernel (never the other way round), so it listens on no socket a program
 could reach. It proves it is the process the kernel started by saying HELLO with the one-time token
-the kernel wrote on its stdin, answers PINGs from its own event loop (so a hung loop is noticed),
-and hands each CALL to ``op_<name>(args, caller)``:
+the kernel wrote on its stdin, runs ``start()`` (loading what it needs; the kernel hears it
+already), then says it is ready. From then on it answers PINGs from its own event loop (so a hung
+loop is noticed) and hands each CALL to ``op_<name>(args, caller)``:
 
 - a plain method returns the value (or raises an LLMOSError);
 - a coroutine method runs as a task, so a slow call does not hold up pings or other calls, and a
   CANCEL from the kernel cancels it;
 - a streaming op is a coroutine taking ``emit`` as a keyword: each ``emit(value)`` is a CHUNK, and
   its return value is the END.
+
+A service reaches another only through the kernel: ``await self.runtime.call("storage", "get",
+{...})``. The kernel routes it like a syscall (waiting while the target restarts) but never
+retries it: the caller knows best what a failure means.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import os
 import signal
 import sys
@@ -28,7 +34,7 @@ import zmq
 from kernel.channel import Channel
 from kernel.logs import setup
 from syscalls.paths import Paths
-from syscalls import wire
+from syscalls import errors, wire
 from syscalls.errors import LLMOSError
 
 KERNEL_SILENCE = 15.0   # no ping from the kernel for this long: it is gone, and so is this service
@@ -44,7 +50,8 @@ class Service:
         self.log = log
 
     async def start(self) -> None:
-        """Open what the service needs before it says hello (databases, models)."""
+        """Open what the service needs before it is READY (databases, models); it may already
+        call other services."""
 
     async def stop(self) -> None:
         """Release it on the way out."""
@@ -64,6 +71,8 @@ class Runtime:
         self.loop = asyncio.get_running_loop()
         self.ops = {n[3:]: getattr(service, n) for n in dir(service) if n.startswith("op_")}
         self.tasks: dict[int, asyncio.Task] = {}
+        self.calls: dict[int, asyncio.Future] = {}    # our calls to other services, by our id
+        self._ids = itertools.count(1)
         self.last_ping = time.monotonic()
         self.stopped = asyncio.Event()
         self.ctx = zmq.Context()
@@ -79,11 +88,29 @@ class Runtime:
     def send(self, frame: bytes) -> None:
         self.ch.send([frame])
 
+    async def call(self, service: str, op: str, args: dict) -> Any:
+        """Call another service's op through the kernel; raises the LLMOSError it answers."""
+        sid = next(self._ids)
+        fut = self.loop.create_future()
+        self.calls[sid] = fut
+        self.send(wire.call(sid, f"{service}.{op}", args))
+        try:
+            msg = await fut
+        except asyncio.CancelledError:
+            if self.calls.pop(sid, None) is not None:
+                self.send(wire.cancel(sid))
+            raise
+        if msg[1] == wire.ERR:
+            raise errors.from_wire(str(msg[3]), str(msg[4]))
+        return msg[3]
+
     async def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopped.set)
-        await self.service.start()
         self.send(wire.hello(self.service.name, {"token": self.token, "pid": os.getpid()}))
+        await self.service.start()
+        self.last_ping = time.monotonic()
+        self.send(wire.event("ready", {}))
         watchdog = self.loop.create_task(self._watchdog())
         await self.stopped.wait()
         watchdog.cancel()
@@ -117,6 +144,10 @@ class Runtime:
             task = self.tasks.pop(msg[2], None)
             if task:
                 task.cancel()
+        elif kind in (wire.OK, wire.ERR):
+            fut = self.calls.pop(msg[2], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
 
     def _call(self, kid: int, name: str, args: dict, caller: dict) -> None:
         op = self.ops.get(name)
