@@ -69,7 +69,10 @@ class Booted:
 
     def boot(self, timeout: float = 60) -> "Booted":
         r = run_cli(self.home, "boot", "--timeout", str(timeout), timeout=timeout + 10)
-        assert r.returncode == 0, f"boot failed: {r.stdout}{r.stderr}\n{self.logs()}"
+        if r.returncode != 0:
+            logs = self.logs()
+            self.shutdown()          # a half-booted kernel must not outlive the test
+            raise AssertionError(f"boot failed: {r.stdout}{r.stderr}\n{logs}")
         self.kernel_pid = self.paths.kernel_pid()
         assert self.kernel_pid
         return self
