@@ -128,6 +128,6 @@ class Launcher:
             if popen.poll() is None:
                 os.killpg(popen.pid, signal.SIGKILL)
                 popen.wait()
-            self.loop.remove_reader(pidfd)
-            os.close(pidfd)
-        self.running.clear()
+            if self.running.pop(os_pid, None) is not None:   # _exited may have taken it already
+                self.loop.remove_reader(pidfd)
+                os.close(pidfd)

@@ -134,6 +134,7 @@ class Registry:
         if not NAME.fullmatch(name):
             raise errors.EINVAL(f"model name {name!r} is not allowed (1-64 letters, digits, '.', "
                                 f"'_' or '-', starting with a letter or digit)")
+        self._check_free(name, p, self._added())
         try:
             info = describe(p)          # the library's own checks: GGUF, not truncated
         except ModelError as e:
@@ -145,19 +146,24 @@ class Registry:
             check(p)
         with self._lock:
             entries = self._added()
-            for other, e in entries.items():
-                if other == name and e["path"] == str(p):
-                    return {"name": name, **e}           # a retry of this very add
-            if name == DEFAULT or name in entries:
-                where = default_path() if name == DEFAULT else entries[name]["path"]
-                raise errors.EEXIST(f"a model named {name!r} exists already ({where}); "
-                                    f"remove it first or choose another name")
-            same = [n for n, e in entries.items() if e["path"] == str(p)]
-            if same or p == default_path():
-                raise errors.EEXIST(f"{p} is registered already, as {(same or [DEFAULT])[0]!r}")
+            if entries.get(name, {}).get("path") == str(p):
+                return {"name": name, **entries[name]}      # a retry of this very add
+            self._check_free(name, p, entries)
             entries[name] = {"path": str(p), "added": time.time(), "uid": uid}
             self._write(entries)
         return {"name": name, **entries[name]}
+
+    def _check_free(self, name: str, path: Path, entries: dict) -> None:
+        """EEXIST unless both the name and the file are new (or this very entry exists)."""
+        if entries.get(name, {}).get("path") == str(path):
+            return
+        if name == DEFAULT or name in entries:
+            where = default_path() if name == DEFAULT else entries[name]["path"]
+            raise errors.EEXIST(f"a model named {name!r} exists already ({where}); "
+                                f"remove it first or choose another name")
+        same = [n for n, e in entries.items() if e["path"] == str(path)]
+        if same or path == default_path():
+            raise errors.EEXIST(f"{path} is registered already, as {(same or [DEFAULT])[0]!r}")
 
     def remove(self, name: str, uid: int | None = None, privileged: bool = True) -> str:
         """Forget an added model; only the uid that added it, or a privileged caller, may.
@@ -193,7 +199,11 @@ class _Unexpected(Exception):
 
 def read_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
     """(metadata, [(tensor name, dims innermost first, ggml type)]) of a little-endian GGUF v2/v3."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 24:
+            raise _Unexpected("too short for a GGUF header")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with buf:
         at = 0
 
         def take(fmt: str):
@@ -252,6 +262,8 @@ def metadata(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """All metadata key/values of a GGUF, as drivers.model.read_metadata gives them."""
     try:
         return read_header(path)[0]
+    except FileNotFoundError:
+        raise
     except (_Unexpected, OSError):
         from drivers.model import read_metadata
         return read_metadata(path, cache_dir)
@@ -262,6 +274,8 @@ def summary(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     tensor_types, context_length, file_size, path), computed from the header alone."""
     try:
         meta, tensors = read_header(path)
+    except FileNotFoundError:
+        raise
     except (_Unexpected, OSError):
         from drivers.model import describe
         return describe(path, cache_dir)

@@ -38,6 +38,23 @@ def _check_size(what: str, nbytes: int) -> None:
                            f"holds ({wire.MAX_MESSAGE}); split the input")
 
 
+def _encode_releasing_the_gil(tok, text: str, add_bos: bool | None, special: bool) -> list[int]:
+    """tok.encode(text, add_bos, special), but letting the event loop run meanwhile.
+
+    drivers.model.Tokenizer.encode calls tokenizers' `encode`, which holds the GIL for the whole
+    text (~1 s per MB), so even in a worker thread it stalls this service's pongs and the
+    supervisor kills it as hung. `encode_batch` releases the GIL and gives the same ids. This
+    reaches into the library's private tokenizers until it makes the switch itself.
+    """
+    if not special:
+        tok.encode("", add_bos=False, parse_special=False)     # builds tok._hf_plain
+    hf = tok._hf if special else tok._hf_plain
+    ids = hf.encode_batch([text], add_special_tokens=False)[0].ids
+    if (tok.add_bos if add_bos is None else add_bos) and tok.bos_id is not None:
+        ids = [tok.bos_id, *ids]
+    return ids
+
+
 class TokenizerService(Service):
     name = "tokenizer"
 
@@ -50,9 +67,13 @@ class TokenizerService(Service):
         except errors.ENOENT as e:          # the service still serves added models
             self.log.warning("no_default_model", error=e.message)
             return
-        self.progress(done=0, total=1, what=f"tokenizer of {models.DEFAULT}")
-        await self._tokenizer(path)
-        self.progress(done=1, total=1, what=f"tokenizer of {models.DEFAULT}")
+        # No progress events: it takes ~0.3 s, and the kernel drops (and counts as forged) any
+        # event a service sends before its HELLO, which is when start() runs.
+        try:
+            await self._tokenizer(path)
+        except errors.LLMOSError as e:      # calls naming it will say why; the others still work
+            self.log.error("default_tokenizer_failed", path=str(path), error=e.message)
+            return
         self.log.info("tokenizer_loaded", model=models.DEFAULT, path=str(path))
 
     # -- tokenizers -----------------------------------------------------------------------------
@@ -76,7 +97,7 @@ class TokenizerService(Service):
         from drivers.model import ModelError, Tokenizer
         try:
             return Tokenizer(models.metadata(path, self.registry.cache_dir))
-        except ModelError as e:
+        except (ModelError, FileNotFoundError) as e:
             raise models.model_error(e, path) from None
         except KeyError as e:
             raise errors.EINVAL(f"{path}: no tokenizer in its metadata (missing {e})") from None
@@ -89,7 +110,7 @@ class TokenizerService(Service):
         tok = await self._for(args)
         text, add_bos, special = args["text"], args["add_bos"], args["special"]
         if len(text) > BIG_TEXT:
-            ids = await asyncio.to_thread(tok.encode, text, add_bos, special)
+            ids = await asyncio.to_thread(_encode_releasing_the_gil, tok, text, add_bos, special)
         else:
             ids = tok.encode(text, add_bos, special)
         if len(ids) > wire.MAX_ARRAY:

@@ -24,8 +24,11 @@ class Raw:
         self.sock.send_multipart(list(frames))
 
     def reply(self, timeout_ms: int = 5000) -> list:
-        assert self.sock.poll(timeout_ms), "no reply from the kernel"
-        return msgpack.unpackb(self.sock.recv(), raw=False)
+        while True:
+            assert self.sock.poll(timeout_ms), "no reply from the kernel"
+            msg = msgpack.unpackb(self.sock.recv(), raw=False)
+            if msg[1] != wire.PING:      # the kernel's liveness probes are not replies
+                return msg
 
     def close(self) -> None:
         self.sock.close(linger=0)

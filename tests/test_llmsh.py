@@ -327,7 +327,7 @@ def test_tab_completion(llmos):
         assert complete("rm o") == ["other"]
         pids = {str(p["pid"]) for p in c.ps()}          # includes the shell's own connection
         assert pids <= set(complete("kill ")) and c.pid and str(c.pid) in complete("wait ")
-    assert complete("services restart ") == ["storage"]
+    assert complete("services restart ") == ["storage", "tokenizer"]
     assert complete("services ") == ["restart"]
     assert complete("put k ") == []                     # a value: nothing to offer
     shell.close(0)
@@ -338,7 +338,7 @@ def test_tab_completion(llmos):
 def test_services_and_restart(llmos):
     before = llmos.service("storage")
     r = sh(llmos.home, "services")
-    (row,) = table(r.stdout)
+    row, _tokenizer = table(r.stdout)
     assert list(row) == ["NAME", "PID", "STATE", "RESTARTS", "UPTIME", "LAST-EXIT"]
     assert (row["NAME"], row["PID"], row["STATE"], row["RESTARTS"], row["LAST-EXIT"]) == \
         ("storage", str(before["pid"]), "READY", "0", "-")
@@ -346,11 +346,11 @@ def test_services_and_restart(llmos):
     assert r.returncode == 0 and r.stderr == ""
     wait_until(lambda: (s := llmos.service("storage"))["state"] == "READY" and s["pid"] != before["pid"],
                30, "storage to come back")
-    (row,) = table(sh(llmos.home, "services").stdout)
+    row, _tokenizer = table(sh(llmos.home, "services").stdout)
     assert (row["STATE"], row["RESTARTS"]) == ("READY", "1") and row["LAST-EXIT"] != "-"
     r = sh(llmos.home, "services restart nope; echo s=$?; services bogus; echo s=$?")
     assert statuses(r) == [1, 2]
-    assert errors(r) == ["llmsh: services: no service named 'nope' (services: storage)",
+    assert errors(r) == ["llmsh: services: no service named 'nope' (services: storage, tokenizer)",
                          "llmsh: services: unknown subcommand 'bogus' (usage: services [restart NAME...])"]
 
 

@@ -64,8 +64,7 @@ class Shell:
     def _drop(self) -> None:
         conn, self._conn, self._kernel = self._conn, None, None
         if conn is not None:
-            # No exit call: the kernel is gone. The client has no public close-without-exit.
-            conn.abort()
+            conn.abort()            # no exit call: the kernel it would go to is gone
 
     def call(self, name: str, /, *, blocking: bool = False, reply_within: float = CALL_TIMEOUT,
              **args: Any) -> Any:
@@ -73,7 +72,7 @@ class Shell:
         conn = self.conn
         saved = conn.timeout
         conn.timeout = None if blocking else reply_within
-        stream = conn.stream(name, **args)      # a plain call, but one that Ctrl-C can cancel
+        stream = conn.stream(name, **args)      # read like a stream, so any reply shape ends it
         try:
             for _ in stream:
                 pass
