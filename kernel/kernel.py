@@ -35,7 +35,7 @@ from zmq.utils.monitor import parse_monitor_message
 from syscalls import errors, wire
 from syscalls.errors import LLMOSError
 from syscalls.schema import Syscall
-from syscalls.table import BY_NAME
+from syscalls.table import BY_NAME, RESOURCES
 
 from . import __version__
 from .channel import FULL, SENT, Channel
@@ -416,6 +416,10 @@ class Kernel:
                       "txid": call.txid}
             if call.origin is not None:
                 caller["service"] = call.origin.name
+            limit = call.proc.limits.get("storage_bytes")
+            if limit is not None:      # storage enforces it inside the write's transaction
+                caller["storage_allowance"] = {"pid": call.proc.pid, "limit": limit,
+                                               "left": limit - call.proc.bytes_stored}
             # GONE: the service died and its pidfd has not told us yet; service_down will
             # retry or fail the call like any other call in flight.
             if self.services_ch.send([svc.ident, wire.service_call(
@@ -545,7 +549,7 @@ class Kernel:
         child = self.table.create(
             ppid=KERNEL_PID if a["daemon"] else proc.pid, uid=proc.uid,
             name=a["name"] or os.path.basename(argv[0]), argv=argv, priority=priority,
-            privileged=proc.privileged, daemon=a["daemon"], spawned=True,
+            privileged=proc.privileged, daemon=a["daemon"], spawned=True, limits=dict(proc.limits),
             spawn_token=secrets.token_hex(16), command=[exe, *argv[1:]], env=env, cwd=cwd,
             restart=a["restart"])
         try:
@@ -611,6 +615,58 @@ class Kernel:
     def sys_exit(self, proc: Process, a: dict) -> None:
         # The reply still reaches the connection that asked: _syscall holds its routing id.
         self.end_process(proc, a["status"], None)
+
+    # == syscalls: priorities and limits =========================================================
+    def _may_change(self, proc: Process, pid: int | None, call: str) -> Process:
+        target = proc if pid is None else self.table.get(pid)
+        if target is None or not target.alive:
+            raise errors.ESRCH(f"{call}: no process with pid {pid}")
+        if not (proc.privileged or self.table.is_descendant(target.pid, proc.pid)):
+            raise errors.EPERM(f"{call}: pid {target.pid} is neither the caller nor one of its "
+                               f"descendants; that needs privilege")
+        if target.pid == KERNEL_PID:
+            raise errors.EPERM(f"{call}: pid 1 is the kernel")
+        return target
+
+    def sys_nice(self, proc: Process, a: dict) -> int:
+        new = max(-20, min(19, proc.priority + a["increment"]))
+        if new < proc.priority and not proc.privileged:
+            raise errors.EPERM(f"nice: making pid {proc.pid} more urgent ({proc.priority} -> {new}) "
+                               f"needs privilege")
+        proc.priority = new
+        return new
+
+    def sys_setpriority(self, proc: Process, a: dict) -> None:
+        target = self._may_change(proc, a["pid"], "setpriority")
+        if a["priority"] < target.priority and not proc.privileged:
+            raise errors.EPERM(f"setpriority: making pid {target.pid} more urgent "
+                               f"({target.priority} -> {a['priority']}) needs privilege")
+        target.priority = a["priority"]
+
+    def sys_getpriority(self, proc: Process, a: dict) -> int:
+        target = proc if a["pid"] is None else self.table.get(a["pid"])
+        if target is None:
+            raise errors.ESRCH(f"getpriority: no process with pid {a['pid']}")
+        return target.priority
+
+    def sys_getrlimit(self, proc: Process, a: dict) -> dict:
+        target = proc if a["pid"] is None else self.table.get(a["pid"])
+        if target is None:
+            raise errors.ESRCH(f"getrlimit: no process with pid {a['pid']}")
+        return {r: target.limits.get(r) for r in RESOURCES}
+
+    def sys_setrlimit(self, proc: Process, a: dict) -> None:
+        target = self._may_change(proc, a["pid"], "setrlimit")
+        resource, new = a["resource"], a["limit"]
+        old = target.limits.get(resource)
+        raising = old is not None and (new is None or new > old)
+        if raising and not proc.privileged:
+            raise errors.EPERM(f"setrlimit: raising {resource} of pid {target.pid} from {old} to "
+                               f"{'unlimited' if new is None else new} needs privilege")
+        if new is None:
+            target.limits.pop(resource, None)
+        else:
+            target.limits[resource] = new
 
     # == syscalls: messages ======================================================================
     def sys_send(self, proc: Process, a: dict) -> None:

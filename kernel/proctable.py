@@ -33,6 +33,7 @@ class Process:
     started: float = field(default_factory=time.time)
     state: str = RUNNING
     blocked: int = 0                      # calls the kernel holds waiting (wait, recv)
+    limits: dict = field(default_factory=dict)   # resource -> limit; absent: unlimited
     ident: bytes | None = None            # the routing id of its connection, once connected
     spawned: bool = False                 # started by the kernel: it lives as long as its OS process
     spawn_token: str | None = None

@@ -204,6 +204,11 @@ class Storage(Service):
         if want is not None and want != version:
             now = f"is at version {version}" if row else "does not exist"
             raise errors.ECONFLICT(f"put: key {key!r} {now}, not {want} as if_version asked")
+        allowance = caller.get("storage_allowance")
+        if allowance and size - old_size > allowance["left"]:
+            raise errors.EDQUOT(f"put: pid {allowance['pid']}'s storage_bytes limit is "
+                                f"{allowance['limit']}; this value adds {size - old_size} bytes and "
+                                f"only {max(0, allowance['left'])} are left")
         used = self._used(owner)
         if size > old_size and used - old_size + size > self.quota:
             raise errors.EDQUOT(f"put: uid {owner} stores {used} bytes; this value would make it "

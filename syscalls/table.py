@@ -14,6 +14,7 @@ from __future__ import annotations
 from .schema import Arg, Syscall
 
 SIGNALS = ("TERM", "KILL", "INT", "HUP", "STOP", "CONT")
+RESOURCES = ("kv_blocks", "sequences", "tokens_per_minute", "storage_bytes")
 MAX_KEY = 512
 MAX_ARGV = 256
 MAX_TIMEOUT = 86400.0
@@ -73,6 +74,30 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "killed by a signal, then named in signal)."),
     Syscall("exit", "kernel", (Arg("status", "int", 0, min=0, max=255),),
             doc="End the calling process with an exit status; the connection may be closed after."),
+    # -- priorities and limits ------------------------------------------------------------------
+    Syscall("nice", "kernel", (Arg("increment", "int", 1, min=-39, max=39),), result="int",
+            errors=("EPERM",),
+            doc="Add to the caller's priority (nice-style: -20 most urgent .. 19 least), clamped to "
+                "that range; returns the new value. A negative increment needs privilege."),
+    Syscall("setpriority", "kernel", (_pid, Arg("priority", "int", min=-20, max=19)),
+            errors=("ESRCH", "EPERM"), idempotent=True,
+            doc="Set the priority of the caller or one of its descendants (any process, with "
+                "privilege). Making a process more urgent than it is needs privilege."),
+    Syscall("getpriority", "kernel", (Arg("pid", "int", None, min=1),), result="int",
+            errors=("ESRCH",), idempotent=True, doc="The priority of a process (default: the caller)."),
+    Syscall("getrlimit", "kernel", (Arg("pid", "int", None, min=1),),
+            result="{kv_blocks, sequences, tokens_per_minute, storage_bytes} (null: unlimited)",
+            errors=("ESRCH",), idempotent=True,
+            doc="A process's resource limits (default: the caller's)."),
+    Syscall("setrlimit", "kernel", (
+        Arg("resource", "str", choices=RESOURCES),
+        Arg("limit", "int", None, min=0, doc="null: unlimited"),
+        Arg("pid", "int", None, min=1, doc="default: the caller"),
+    ), errors=("ESRCH", "EPERM"), idempotent=True,
+        doc="Set a resource limit of the caller or a descendant; children inherit limits when "
+            "spawned. Lowering is always allowed; raising (or lifting) needs privilege. "
+            "storage_bytes is the net bytes a process may add to storage; the model resources "
+            "are enforced by the scheduler."),
     # -- messages between programs --------------------------------------------------------------
     Syscall("send", "kernel", (_pid, Arg("data", "any")), errors=("ESRCH", "EAGAIN", "E2BIG"),
             doc="Put a message in another process's mailbox (bounded; EAGAIN when full)."),

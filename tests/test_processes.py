@@ -204,3 +204,58 @@ def test_cont_restores_blocked_state_and_priority_needs_privilege(llmos):
         pid = c.spawn(["sleep", "5"], priority=5)
         assert pids(c)[pid]["priority"] == 5
         c.kill(pid, "KILL")
+
+
+def test_nice_setpriority_and_inheritance(llmos):
+    with llmos.connect() as c, llmos.connect(privileged=True) as root:
+        assert c.getpriority() == 0
+        assert c.nice(5) == 5 and c.getpriority() == 5
+        assert c.nice(100 - 95) == 10                       # increments add up
+        with pytest.raises(errors.EPERM, match="more urgent"):
+            c.nice(-1)
+        child = c.spawn(["sleep", "30"])
+        assert c.getpriority(child) == 10                   # inherited
+        c.setpriority(child, 15)
+        with pytest.raises(errors.EPERM, match="more urgent"):
+            c.setpriority(child, 12)
+        with pytest.raises(errors.EPERM, match="descendants"):
+            c.setpriority(root.getpid(), 19)
+        root.setpriority(child, -5)                         # privilege may raise it
+        assert pids(c)[child]["priority"] == -5
+        assert root.nice(-30) == -20                        # clamped
+        with pytest.raises(errors.EINVAL, match="'priority' must be <= 19"):
+            root.setpriority(child, 20)
+        c.kill(child, "KILL")
+
+
+def test_rlimits_are_inherited_and_only_privilege_raises_them(llmos):
+    with llmos.connect() as c, llmos.connect(privileged=True) as root:
+        assert c.getrlimit() == {"kv_blocks": None, "sequences": None,
+                                 "tokens_per_minute": None, "storage_bytes": None}
+        c.setrlimit("sequences", 4)
+        c.setrlimit("sequences", 2)                         # lowering is always allowed
+        with pytest.raises(errors.EPERM, match="raising sequences of pid .* from 2 to 3"):
+            c.setrlimit("sequences", 3)
+        with pytest.raises(errors.EPERM, match="unlimited"):
+            c.setrlimit("sequences", None)
+        child = c.spawn(["sleep", "30"])
+        assert c.getrlimit(child)["sequences"] == 2         # inherited at spawn
+        root.setrlimit("sequences", 8, pid=child)
+        assert c.getrlimit(child)["sequences"] == 8
+        with pytest.raises(errors.EINVAL, match="resource"):
+            c.setrlimit("cpu", 1)
+        c.kill(child, "KILL")
+
+
+def test_storage_bytes_limit_is_enforced_per_process(llmos):
+    with llmos.connect() as c, llmos.connect() as other:
+        c.setrlimit("storage_bytes", 1000)
+        c.put("a", "x" * 600)
+        with pytest.raises(errors.EDQUOT, match="storage_bytes limit is 1000; this value adds"):
+            c.put("b", "x" * 600)
+        with pytest.raises(errors.ENOENT):
+            c.get("b")                                      # nothing of it was stored
+        c.put("a", "x" * 100)                               # shrinking frees allowance
+        c.put("b", "x" * 600)
+        other.put("c", "x" * 5000)                          # another process is not affected
+        assert c.getrlimit()["storage_bytes"] == 1000
