@@ -5,6 +5,7 @@
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
+    [driver]       model, kv_blocks, block_size, threads, fp16_single_token (the device drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
@@ -24,6 +25,8 @@ from typing import Any
 SERVICE_MODULES = {
     "storage": "services.storage",
     "tokenizer": "services.tokenizer",
+    "cpu": "drivers.cpu",
+    "inference": "services.inference",
 }
 
 
@@ -54,6 +57,15 @@ class StorageConfig:
 
 
 @dataclass
+class DriverConfig:
+    model: str = ""                 # a registered model name or an absolute path; "": the default
+    kv_blocks: int = 1024           # KV cache blocks of block_size tokens each
+    block_size: int = 16
+    threads: int = 0                # torch threads; 0: torch's choice
+    fp16_single_token: bool = True  # fp16 weights for one-row steps: ~1.7x single-stream decode
+
+
+@dataclass
 class DaemonConfig:
     name: str
     argv: list[str]
@@ -69,7 +81,9 @@ class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    services: list[str] = field(default_factory=lambda: ["storage", "tokenizer"])
+    driver: DriverConfig = field(default_factory=DriverConfig)
+    services: list[str] = field(default_factory=lambda: ["storage", "tokenizer", "cpu",
+                                                         "inference"])
     daemons: list[DaemonConfig] = field(default_factory=list)
     modules: dict[str, str] = field(default_factory=lambda: dict(SERVICE_MODULES))
 
@@ -82,11 +96,11 @@ class Config:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config: {path} is not valid TOML: {e}") from None
-        sections = ("kernel", "supervisor", "storage", "services", "daemons")
+        sections = ("kernel", "supervisor", "storage", "driver", "services", "daemons")
         for name in raw:
             if name not in sections or not isinstance(raw[name], list if name == "daemons" else dict):
                 raise ValueError(f"config: unknown section [{name}] (known: {', '.join(sections)})")
-        for section in sections[:3]:
+        for section in sections[:4]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
         services = raw.get("services", {})
         for key in services:

@@ -368,8 +368,12 @@ class Kernel:
             frame = wire.err(call.cid, str(msg[3]), str(msg[4]))
         else:
             value = msg[3]
-            if call.spec.name in ("put", "delete") and isinstance(value, dict):
-                call.proc.bytes_stored += int(value.get("delta") or 0)
+            if isinstance(value, dict):
+                if call.spec.name in ("put", "delete"):
+                    call.proc.bytes_stored += int(value.get("delta") or 0)
+                elif kind == wire.END:          # a generation's counts
+                    call.proc.tokens_in += int(value.get("prompt_tokens") or 0)
+                    call.proc.tokens_out += int(value.get("generated_tokens") or 0)
             frame = (wire.ok if kind == wire.OK else wire.end)(call.cid, value)
         self._answer(call, frame)
 

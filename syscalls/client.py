@@ -51,32 +51,60 @@ def _hello_args(name: str | None, privileged: bool) -> dict:
     return args
 
 
+class Record(dict):
+    """A dict whose keys read as attributes too: ``chunk.text`` as well as ``chunk["text"]``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _record(value: Any) -> Any:
+    return Record(value) if isinstance(value, dict) else value
+
+
 def _error(msg: list) -> errors.LLMOSError:
     return errors.from_wire(str(msg[3]), str(msg[4]))
 
 
 class Stream:
-    """The chunks of a streaming call, as they arrive; ``result`` is the END value once done."""
+    """The chunks of a streaming call, as they arrive; ``result`` is the END value once done.
+
+    Iterate it for the chunks (``for chunk in os.generate(...): print(chunk.text)``), or read
+    ``.text`` to wait for the whole answer (``os.chat(messages).text``).
+    """
 
     def __init__(self, conn: "Connection", cid: int, name: str):
         self._conn, self._cid, self.name = conn, cid, name
         self.result: Any = None
         self.done = False
+        self._seen: list[Any] = []
 
     def __iter__(self) -> Iterator[Any]:
         try:
             while not self.done:
                 msg = self._conn._next(self._cid, self.name)
                 if msg[1] == wire.CHUNK:
-                    yield msg[3]
+                    chunk = _record(msg[3])
+                    self._seen.append(chunk)
+                    yield chunk
                 else:
                     self.done = True
                     if msg[1] == wire.ERR:
                         raise _error(msg)
-                    self.result = msg[3]
+                    self.result = _record(msg[3])
         finally:
             if not self.done:
                 self.close()
+
+    @property
+    def text(self) -> str:
+        """Everything streamed, waiting for the end first."""
+        for _ in self:
+            pass
+        return "".join(c.get("text", "") for c in self._seen if isinstance(c, dict))
 
     def close(self) -> None:
         """Give up on the rest: the kernel cancels the call and frees what it holds."""
@@ -298,11 +326,11 @@ class AsyncStream:
             raise StopAsyncIteration
         msg = await self._queue.get()
         if msg[1] == wire.CHUNK:
-            return msg[3]
+            return _record(msg[3])
         self.done = True
         if msg[1] == wire.ERR:
             raise _error(msg)
-        self.result = msg[3]
+        self.result = _record(msg[3])
         raise StopAsyncIteration
 
     async def aclose(self) -> None:

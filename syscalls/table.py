@@ -28,6 +28,20 @@ _key = Arg("key", "str", max_len=MAX_KEY, doc="the key, inside the namespace")
 _ns = Arg("ns", "str", None, max_len=128,
           doc="a shared namespace; null is the caller's own (one per OS user)")
 _pid = Arg("pid", "int", min=1, max=2**31 - 1)
+MAX_PROMPT = 1 << 20
+_GENERATION = (
+    Arg("model", "str", None, max_len=256, doc="null: the loaded model"),
+    Arg("max_tokens", "int", 256, min=1, max=1 << 20),
+    Arg("temperature", "float", 0.8, min=0, max=100, doc="0: greedy"),
+    Arg("top_k", "int", 40, min=0, max=1 << 20, doc="0: off"),
+    Arg("top_p", "float", 0.95, min=0, max=1, doc="1: off"),
+    Arg("min_p", "float", 0.05, min=0, max=1, doc="0: off"),
+    Arg("repetition_penalty", "float", 1.0, min=0.01, max=100, doc="1: off"),
+    Arg("seed", "int", None, min=0, max=2**63 - 1, doc="same seed, same output"),
+    Arg("stop", "[str]", None, max_len=64, doc="strings that end the generation (not shown)"),
+    Arg("stop_ids", "[int]", None, max_len=64, doc="token ids that end it, besides end-of-text"),
+    Arg("logprobs", "int", 0, min=0, max=20, doc="top-n logprobs per token"),
+)
 _topic = Arg("topic", "str", max_len=256)
 _model = Arg("model", "str", None, max_len=64, doc="a model's name (see models); null: the default")
 
@@ -124,6 +138,18 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="The kernel's own counters: messages, malformed frames dropped, replies dropped."),
     Syscall("shutdown", "kernel", privilege="admin",
             doc="Stop every program and service, then the kernel."),
+    # -- the model ------------------------------------------------------------------------------
+    Syscall("generate", "inference", (Arg("prompt", "str", max_len=MAX_PROMPT), *_GENERATION),
+            result="CHUNKs {text, tokens[, logprobs]}, then END {finish, stop_reason, error, "
+                   "prompt_tokens, generated_tokens, ttft_s, decode_s, preemptions}",
+            errors=("EINVAL", "ENOENT", "EIO"), stream=True,
+            doc="Generate text from a prompt, streamed as it is produced. finish is stop (a stop "
+                "string, stop id or end of text), length (max_tokens or the context window), "
+                "cancelled or error. Sampling defaults follow llama.cpp's."),
+    Syscall("chat", "inference", (Arg("messages", "[message]", max_len=4096), *_GENERATION),
+            result="as generate", errors=("EINVAL", "ENOENT", "EIO"), stream=True,
+            doc="generate, from chat messages ({role, content}) rendered with the model's chat "
+                "template."),
     # -- storage --------------------------------------------------------------------------------
     Syscall("put", "storage", (
         _key, Arg("value", "any"),

@@ -29,6 +29,8 @@ backoff_max = 1.0
 max_restarts = 5
 restart_window = 30.0
 """
+# Most tests need no model: they run without the driver and inference services, which load one.
+LIGHT_SERVICES = '[services]\nenabled = ["storage", "tokenizer"]\n'
 
 
 def run_cli(home: Path, *args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
@@ -104,7 +106,7 @@ class Booted:
 def home():
     # ipc:// paths must stay under ~100 bytes, so not pytest's long tmp_path
     path = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
-    (path / "config.toml").write_text(FAST_CONFIG)
+    (path / "config.toml").write_text(FAST_CONFIG + LIGHT_SERVICES)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

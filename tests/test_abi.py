@@ -3,13 +3,14 @@
 import inspect
 
 from kernel.kernel import Kernel
+from services.inference.service import Inference
 from services.storage import Storage
 from services.tokenizer import TokenizerService
 from syscalls import abi, client, errors
 from syscalls.schema import REQUIRED
 from syscalls.table import SYSCALLS
 
-SERVICE_CLASSES = {"storage": Storage, "tokenizer": TokenizerService}
+SERVICE_CLASSES = {"storage": Storage, "tokenizer": TokenizerService, "inference": Inference}
 
 
 def test_every_kernel_syscall_has_a_handler_and_every_handler_a_syscall():

@@ -1,11 +1,11 @@
 """Services call each other through the kernel; a configured module adds a service."""
 
-from conftest import Booted
+from conftest import FAST_CONFIG, Booted
 
 
 def test_a_service_reaches_another_through_the_kernel(home):
-    with open(home / "config.toml", "a") as f:
-        f.write('\n[services]\nmodules = {relay = "tests.services.relay"}\n')
+    (home / "config.toml").write_text(
+        FAST_CONFIG + '[services]\nenabled = ["storage"]\nmodules = {relay = "tests.services.relay"}\n')
     system = Booted(home).boot()
     try:
         with system.connect() as c:

@@ -1,0 +1,100 @@
+"""The boundary between the engine and the device: what a driver must do, and the in-process driver.
+
+A driver owns the model, the KV pool and each sequence's sampler; the engine owns everything else.
+Every message across the boundary is plain data (ints, floats, str, lists, dicts) so that it can travel
+as msgpack to a driver process unchanged: token ids, positions, block tables and sampling parameters go
+in, sampled token ids (with logprobs) come out. Tensors and logits never leave the driver.
+
+One step's input, a list of SeqStep, one per scheduled sequence:
+    {"seq_id": int, "tokens": [int], "start": int, "block_table": [int], "sample": bool,
+     "params": {...} | None}    # SamplingParams.to_dict(); sent with a sequence's start == 0 chunk
+Output, a list of Sampled, one per SeqStep with sample=True, in the same order:
+    {"seq_id": int, "token": int, "logprob": float, "top": [[int, float], ...]}
+
+Never: allocate blocks, schedule, or look at text.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, TypedDict
+
+
+class SeqStep(TypedDict):
+    seq_id: int
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool
+    params: dict[str, Any] | None
+
+
+class Sampled(TypedDict):
+    seq_id: int
+    token: int
+    logprob: float
+    top: list[list]
+
+
+class Driver(Protocol):
+    def info(self) -> dict[str, Any]:
+        """{"num_blocks", "block_size", "vocab_size", "context_length", "model"}"""
+
+    def step(self, batch: list[SeqStep]) -> list[Sampled]:
+        """Feed every SeqStep's tokens (writing their K/V), then sample for those that ask."""
+
+    def release(self, seq_ids: list[int]) -> None:
+        """Forget these sequences' samplers and histories (their blocks are the engine's business)."""
+
+
+class LocalDriver:
+    """A driver in the caller's process: Llama + KVPool + one SequenceSampler and history per sequence."""
+
+    def __init__(self, model, num_blocks: int, block_size: int = 16, name: str = ""):
+        self.model = model
+        self.pool = model.new_kv_pool(num_blocks, block_size)
+        self.name = name
+        self._samplers: dict[int, Any] = {}
+        self._history: dict[int, list[int]] = {}   # every token fed, by position: the repetition penalty's view
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                  num_blocks: int = 1024, block_size: int = 16, **model_args) -> LocalDriver:
+        from drivers.model.llama import Llama
+        return cls(Llama.from_gguf(path, cache_dir, **model_args), num_blocks, block_size, name=str(path))
+
+    def info(self) -> dict[str, Any]:
+        return {"num_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
+                "vocab_size": self.model.config.vocab_size, "context_length": self.model.max_positions,
+                "model": self.name}
+
+    def step(self, batch: list[SeqStep]) -> list[Sampled]:
+        from drivers.model.llama import Chunk
+        from drivers.model.sampling import SamplingParams, SequenceSampler, sample
+        chunks, samplers, histories, ids = [], [], [], []
+        for s in batch:
+            sid = s["seq_id"]
+            if sid not in self._samplers:
+                if s.get("params") is None and s["start"] != 0:
+                    raise ValueError(f"sequence {sid}: first step must start at 0 or carry params")
+                self._samplers[sid] = SequenceSampler(SamplingParams.from_dict(s.get("params")))
+            # recompute after preemption re-feeds earlier positions: overwrite, never append twice
+            hist = self._history.setdefault(sid, [])
+            del hist[s["start"]:]
+            hist.extend(s["tokens"])
+            chunks.append(Chunk(s["tokens"], s["start"], s["block_table"], "last" if s["sample"] else "none"))
+            if s["sample"]:
+                samplers.append(self._samplers[sid])
+                histories.append(hist)
+                ids.append(sid)
+        logits = self.model.step(self.pool, chunks)
+        if not ids:
+            return []
+        picks = sample(logits, samplers, histories)
+        return [{"seq_id": sid, "token": p.token, "logprob": p.logprob, "top": [list(t) for t in p.top]}
+                for sid, p in zip(ids, picks)]
+
+    def release(self, seq_ids: list[int]) -> None:
+        for sid in seq_ids:
+            self._samplers.pop(sid, None)
+            self._history.pop(sid, None)

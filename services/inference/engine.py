@@ -1,0 +1,207 @@
+"""The inference engine: requests in, streamed text and token events out, one step at a time.
+
+A step is: schedule (who runs, with how many tokens), driver.step (forward and sample, in the driver),
+postprocess (append tokens, stream text, check stops and limits). The engine owns requests, the block
+allocator, the scheduler and detokenisation; the driver owns the model, the KV pool and sampling.
+
+Events are plain dicts, one per request per step that produced something:
+    {"seq_id", "text", "tokens"[, "logprobs"]}                          while it runs
+    ... plus "finish" ("stop" | "length" | "cancelled" | "error"), "stop_reason", "error",
+    "prompt_tokens", "generated_tokens", "ttft_s", "decode_s", "preemptions"    on its last event
+A caller that awaits its driver (the inference service) uses schedule() / postprocess() / fail()
+instead of step(); cancel() between them is safe: a cancelled sequence's results are ignored.
+
+Never: touch tensors or logits, or block on anything but the driver call inside step().
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from drivers.model.sampling import SamplingParams, SamplingParamsError
+from drivers.model.tokenizer import StreamDecoder, Tokenizer
+from services.inference.blocks import BlockAllocator
+from services.inference.driver import Driver, Sampled, SeqStep
+from services.inference.scheduler import Batch, Policy, Scheduler
+from services.inference.sequence import Sequence, Status
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (bad parameter, prompt too long); the message says which and why."""
+
+
+class Engine:
+    def __init__(self, driver: Driver, tokenizer: Tokenizer, *, max_running: int = 32, token_budget: int = 256,
+                 policy: Policy | None = None):
+        info = driver.info()
+        self.driver = driver
+        self.tokenizer = tokenizer
+        self.context_length = int(info["context_length"])
+        self.vocab_size = int(info["vocab_size"])
+        self.blocks = BlockAllocator(int(info["num_blocks"]), int(info["block_size"]))
+        self.scheduler = Scheduler(self.blocks, max_running, token_budget, policy)
+        self._seqs: dict[int, Sequence] = {}
+        self._decoders: dict[int, StreamDecoder] = {}
+        self._ids = itertools.count(1)
+        self._arrivals = itertools.count()
+        self._release: list[int] = []     # finished sequences the driver has not been told about yet
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def add(self, prompt: str | Seq[int], sampling: SamplingParams | dict | None = None, *, max_tokens: int = 256,
+            stop: Iterable[str] = (), stop_ids: Iterable[int] = (), ignore_eos: bool = False,
+            seq_id: int | None = None, priority: int = 0) -> int:
+        """Queue a request; return its seq_id. Raises RequestError for anything the engine cannot run."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be integers in 0..{self.vocab_size - 1}")
+        if len(ids) >= self.context_length:
+            raise RequestError(f"the prompt has {len(ids)} tokens but the model's context window is "
+                               f"{self.context_length} tokens (at most {self.context_length - 1} leave room "
+                               f"to generate)")
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if len(ids) >= capacity:
+            raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
+        try:
+            params = sampling if isinstance(sampling, SamplingParams) else SamplingParams.from_dict(sampling)
+        except (SamplingParamsError, TypeError) as e:
+            raise RequestError(str(e)) from None
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        stop, stop_ids = [stop] if isinstance(stop, str) else list(stop), set(stop_ids)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise RequestError("stop strings must be non-empty strings")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in stop_ids):
+            raise RequestError(f"stop_ids must be integers in 0..{self.vocab_size - 1}")
+        if not ignore_eos:
+            stop_ids |= set(self.tokenizer.eog_ids)
+        if seq_id is None:
+            seq_id = next(self._ids)
+            while seq_id in self._seqs:
+                seq_id = next(self._ids)
+        elif seq_id in self._seqs:
+            raise RequestError(f"seq_id {seq_id} is already in use")
+        seq = Sequence(seq_id, ids, params.to_dict(), min(max_tokens, self.context_length - len(ids)),
+                       frozenset(stop_ids), arrival=next(self._arrivals), priority=priority)
+        self._seqs[seq_id] = seq
+        self._decoders[seq_id] = StreamDecoder(self.tokenizer, stop)
+        self.scheduler.add(seq)
+        return seq_id
+
+    def cancel(self, seq_id: int) -> dict | None:
+        """Finish a request now and free its blocks; return its last event (None if it is unknown)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return None
+        return self._finish(seq, "cancelled", {"seq_id": seq_id, "text": "", "tokens": []})
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def usage(self) -> dict[str, int]:
+        return {**self.blocks.usage(), "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting)}
+
+    # ------------------------------------------------------------------------------------------ the step
+
+    def step(self) -> list[dict]:
+        """One scheduling step with an in-process (or otherwise synchronous) driver."""
+        batch, msgs, events = self.schedule()
+        if not batch:
+            return events
+        try:
+            sampled = self.driver.step(msgs)
+        except Exception as e:  # noqa: BLE001 -- a driver failure ends this batch's requests, never the engine
+            return events + self.fail(batch, f"driver step failed: {type(e).__name__}: {e}")
+        return events + self.postprocess(batch, sampled)
+
+    def schedule(self) -> tuple[Batch, list[SeqStep], list[dict]]:
+        """Pick this step's work; return it, the driver's messages, and events of requests that cannot run."""
+        if self._release:
+            self.driver.release(self._release)
+            self._release = []
+        batch = self.scheduler.schedule()
+        events = [self._finish(seq, "length", {"seq_id": seq.seq_id, "text": self._decoders[seq.seq_id].flush(),
+                                               "tokens": []},
+                               error=f"the KV cache ({self.blocks.num_blocks} blocks of {self.blocks.block_size}"
+                                     f" tokens) cannot hold {len(seq)} tokens")
+                  for seq in batch.starved]
+        msgs: list[SeqStep] = []
+        for seq, n in batch.steps:
+            start = seq.num_computed
+            msgs.append({"seq_id": seq.seq_id, "tokens": seq.tokens[start:start + n], "start": start,
+                         "block_table": list(self.blocks.table(seq.seq_id)), "sample": start + n == len(seq),
+                         "params": seq.params if start == 0 else None})
+        return batch, msgs, events
+
+    def postprocess(self, batch: Batch, sampled: list[Sampled]) -> list[dict]:
+        picks = {s["seq_id"]: s for s in sampled}
+        events = []
+        for seq, n in batch.steps:
+            if seq.finished:             # cancelled while the step was in flight
+                continue
+            seq.num_computed += n
+            if seq.num_computed == len(seq):
+                pick = picks.get(seq.seq_id)
+                if pick is None:
+                    events.append(self._finish(seq, "error", {"seq_id": seq.seq_id, "text": "", "tokens": []},
+                                               error="the driver returned no token for this sequence"))
+                else:
+                    events.append(self._append(seq, pick))
+        return events
+
+    def fail(self, batch: Batch, message: str) -> list[dict]:
+        return [self._finish(seq, "error", {"seq_id": seq.seq_id, "text": "", "tokens": []}, error=message)
+                for seq, _ in batch.steps if not seq.finished]
+
+    def run(self) -> dict[int, dict]:
+        """Step until every request has finished; return each one's whole text, tokens and last event."""
+        out: dict[int, dict] = {}
+        while self.has_work():
+            for ev in self.step():
+                r = out.setdefault(ev["seq_id"], {"text": "", "tokens": []})
+                r["text"] += ev["text"]
+                r["tokens"] += ev["tokens"]
+                if "finish" in ev:
+                    r.update({k: v for k, v in ev.items() if k not in ("text", "tokens")})
+        return out
+
+    # ------------------------------------------------------------------------------------------ postprocess
+
+    def _append(self, seq: Sequence, pick: Sampled) -> dict:
+        token = int(pick["token"])
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        seq.output.append(token)
+        decoder = self._decoders[seq.seq_id]
+        event: dict[str, Any] = {"seq_id": seq.seq_id, "text": "", "tokens": [token]}
+        if seq.params.get("logprobs"):
+            event["logprobs"] = [{"token": token, "logprob": pick["logprob"], "top": pick["top"]}]
+        if token in seq.stop_ids:       # the stop token itself is counted but never shown as text
+            seq.stop_reason = token
+            event["text"] = decoder.flush()
+            return self._finish(seq, "stop", event)
+        event["text"] = decoder.push(token)
+        if decoder.stopped:
+            seq.stop_reason = decoder.stopped_on
+            return self._finish(seq, "stop", event)
+        if len(seq.output) >= seq.max_tokens:
+            event["text"] += decoder.flush()
+            return self._finish(seq, "length", event)
+        return event
+
+    def _finish(self, seq: Sequence, reason: str, event: dict, error: str | None = None) -> dict:
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
+        seq.finished_at = time.monotonic()
+        del self._seqs[seq.seq_id]
+        del self._decoders[seq.seq_id]
+        self._release.append(seq.seq_id)
+        event.update(finish=reason, stop_reason=seq.stop_reason, error=error, **seq.stats())
+        return event

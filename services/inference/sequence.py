@@ -1,0 +1,64 @@
+"""One request's state inside the engine: its tokens, how many of them are in the KV cache, and its
+progress towards a finish reason.
+
+Never: touch blocks (the BlockAllocator owns block tables) or talk to the driver.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"        # not admitted, or preempted: nothing of it is in the KV cache
+    RUNNING = "running"        # has blocks; prefilling (num_computed < len - 1) or decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt: list[int]
+    params: dict[str, Any]            # validated SamplingParams, as the plain dict the driver receives
+    max_tokens: int                   # already capped by the context window
+    stop_ids: frozenset[int] = frozenset()
+    arrival: int = 0                  # admission order; the default policy preempts the newest
+    priority: int = 0                 # unused by the default policy; for the kernel's scheduler (issue 4)
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0             # tokens whose K/V are in the cache; reset to 0 by preemption
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    stop_reason: str | int | None = None   # the stop string or stop id that ended it
+    preemptions: int = 0
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to feed before the next token can be sampled (1 for a decoding sequence)."""
+        return len(self) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def stats(self) -> dict[str, Any]:
+        ttft = None if self.first_token_at is None else self.first_token_at - self.created
+        end = self.finished_at or time.monotonic()
+        decode = None if self.first_token_at is None else end - self.first_token_at
+        return {"prompt_tokens": len(self.prompt), "generated_tokens": len(self.output), "ttft_s": ttft,
+                "decode_s": decode, "preemptions": self.preemptions}

@@ -1,0 +1,100 @@
+"""generate and chat through a booted llmos: kernel -> inference service -> cpu driver -> back."""
+
+import pytest
+
+from conftest import FAST_CONFIG, Booted
+from model.tiny_gguf import write_tiny_gguf
+from syscalls import errors
+
+MODEL_SERVICES = '[services]\nenabled = ["storage", "tokenizer", "cpu", "inference"]\n'
+
+
+@pytest.fixture(scope="module")
+def tiny_llmos(tmp_path_factory):
+    import tempfile
+    from pathlib import Path
+    home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+    model = write_tiny_gguf(home / "tiny.gguf")
+    (home / "config.toml").write_text(
+        FAST_CONFIG + f'\n[driver]\nmodel = "{model}"\nkv_blocks = 128\n' + MODEL_SERVICES)
+    system = Booted(home).boot()
+    system.model = model
+    yield system
+    system.shutdown()
+
+
+def local_greedy(model, prompt: str, max_tokens: int) -> dict:
+    """The same request through the engine in this process, for comparison."""
+    from drivers.model import Tokenizer
+    from services.inference import Engine, LocalDriver
+    engine = Engine(LocalDriver.from_gguf(model, num_blocks=128, fp16_single_token=True),
+                    Tokenizer.from_gguf(model))
+    engine.add(prompt, {"temperature": 0.0}, max_tokens=max_tokens)
+    return next(iter(engine.run().values()))
+
+
+def test_generate_streams_what_the_engine_computes(tiny_llmos):
+    with tiny_llmos.connect() as c:
+        stream = c.generate("hello world", max_tokens=12, temperature=0.0)
+        chunks = list(stream)
+        assert len(chunks) >= 2                                  # streamed, not one blob
+        text = "".join(ch.text for ch in chunks)
+        tokens = [t for ch in chunks for t in ch.tokens]
+        end = stream.result
+        assert end.finish in ("length", "stop") and end.generated_tokens == len(tokens)
+        assert end.prompt_tokens > 0 and end.ttft_s >= 0
+        me = c.ps(pid=c.getpid())[0]
+        assert me["tokens_in"] == end.prompt_tokens and me["tokens_out"] == end.generated_tokens
+    want = local_greedy(tiny_llmos.model, "hello world", 12)
+    assert tokens == want["tokens"] and text == want["text"]
+
+
+def test_chat_and_the_text_of_a_whole_answer(tiny_llmos):
+    with tiny_llmos.connect() as c:
+        reply = c.chat([{"role": "user", "content": "Hi!"}], max_tokens=8, temperature=0.0)
+        assert isinstance(reply.text, str) and reply.result.finish in ("length", "stop")
+        same = c.chat([{"role": "user", "content": "Hi!"}], max_tokens=8, temperature=0.0)
+        assert same.text == reply.text                           # greedy is deterministic
+        a = c.generate("abc", max_tokens=10, temperature=1.0, seed=7).text
+        b = c.generate("abc", max_tokens=10, temperature=1.0, seed=7).text
+        assert a == b                                           # same seed, same output
+
+
+def test_bad_requests_get_specific_errors(tiny_llmos):
+    with tiny_llmos.connect() as c:
+        with pytest.raises(errors.EINVAL, match="'top_p' must be <= 1"):
+            list(c.generate("x", top_p=1.5))
+        with pytest.raises(errors.EINVAL, match="'temperature' must be >= 0"):
+            list(c.generate("x", temperature=-1.0))
+        with pytest.raises(errors.EINVAL, match="context window is 256 tokens"):
+            list(c.generate("word " * 400))
+        with pytest.raises(errors.ENOENT, match="is not loaded"):
+            list(c.generate("x", model="nonesuch"))
+        with pytest.raises(errors.EINVAL, match="messages"):
+            list(c.chat([{"role": "user"}]))
+        after = c.generate("still fine", max_tokens=2, temperature=0.0)
+        list(after)                                             # nothing above disturbed it
+        assert 1 <= after.result.generated_tokens <= 2
+
+
+def test_a_cancelled_generation_leaves_the_service_serving(tiny_llmos):
+    with tiny_llmos.connect() as c:
+        stream = c.generate("count with me", max_tokens=200, temperature=0.0)
+        first = next(iter(stream))
+        assert first.tokens
+        stream.close()                                          # cancel mid-way
+        out = c.generate("count with me", max_tokens=3, temperature=0.0)
+        assert len([t for ch in out for t in ch.tokens]) == 3 and out.result.finish == "length"
+
+
+def test_the_real_model_answers(home):
+    """SmolLM2-135M-Instruct from the wheel, through everything."""
+    (home / "config.toml").write_text(FAST_CONFIG + MODEL_SERVICES)
+    system = Booted(home).boot(timeout=300)
+    try:
+        with system.connect() as c:
+            reply = c.chat([{"role": "user", "content": "What is the capital of France?"}],
+                           max_tokens=24, temperature=0.0)
+            assert "Paris" in reply.text, reply.text
+    finally:
+        system.shutdown()
