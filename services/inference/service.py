@@ -45,7 +45,7 @@ class Inference(Service):
         from drivers.model import Tokenizer, read_metadata
         from services.inference.engine import Engine
         from services.models import Registry
-        info = await self.runtime.call(DRIVER, "info", {})      # waits while the driver loads
+        info = await self._driver_info()
         cache = Registry(self.paths).cache_dir
         metadata = await asyncio.to_thread(read_metadata, info["model"], cache)
         self.tokenizer = Tokenizer(metadata)
@@ -55,6 +55,18 @@ class Inference(Service):
         self.wake = asyncio.Event()
         self.background: set[asyncio.Task] = set()
         self.loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _driver_info(self) -> dict:
+        """The driver's info, waiting while it loads its model (saying so, so that the supervisor's
+        start deadline is pushed back as long as the wait is real)."""
+        call = asyncio.ensure_future(self.runtime.call(DRIVER, "info", {}))
+        waited = 0
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=2.0)
+            if done:
+                return call.result()
+            waited += 2
+            self.progress(what=f"waiting for the {DRIVER} driver", seconds=waited)
 
     async def stop(self) -> None:
         if hasattr(self, "loop_task"):
