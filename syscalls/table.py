@@ -41,6 +41,7 @@ _GENERATION = (
     Arg("stop", "[str]", None, max_len=64, doc="strings that end the generation (not shown)"),
     Arg("stop_ids", "[int]", None, max_len=64, doc="token ids that end it, besides end-of-text"),
     Arg("logprobs", "int", 0, min=0, max=20, doc="top-n logprobs per token"),
+    Arg("ignore_eos", "bool", False, doc="go on past end-of-text (benchmarks)"),
 )
 _topic = Arg("topic", "str", max_len=256)
 _model = Arg("model", "str", None, max_len=64, doc="a model's name (see models); null: the default")

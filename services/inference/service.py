@@ -124,7 +124,8 @@ class Inference(Service):
         sampling = {k: args[k] for k in SAMPLING if args.get(k) is not None}
         try:
             seq_id = self.engine.add(prompt, sampling, max_tokens=args["max_tokens"],
-                                     stop=args.get("stop") or (), stop_ids=args.get("stop_ids") or ())
+                                     stop=args.get("stop") or (), stop_ids=args.get("stop_ids") or (),
+                                     ignore_eos=bool(args.get("ignore_eos")))
         except RequestError as e:
             raise errors.EINVAL(f"{call}: {e}") from None
         queue: asyncio.Queue = asyncio.Queue()

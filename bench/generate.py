@@ -1,0 +1,110 @@
+"""generate through syscalls versus the engine in-process, in one run: python bench/generate.py
+
+For N in --concurrency (default 1 8 32), N programs (each its own llmos connection) ask at once
+for exactly --tokens greedy tokens (end-of-text ignored) of a chat answer to "What is the capital
+of France?". Prints, for the kernel path and for the in-process engine (bench/engine.py's run, same
+model, same KV size, same token budget) measured in the same command: aggregate decode tok/s (all
+tokens over the wall time), per-stream decode tok/s (median), time to first token p50/p99, the
+driver's peak RSS, and the kernel/in-process ratios. The issue's floor: kernel path >= 0.95x.
+llama.cpp is compared only when llama-cpp-python is installed (never a dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import syscalls  # noqa: E402
+from bench.engine import PROMPT, pct, run as run_engine, smollm_path  # noqa: E402
+
+KV_BLOCKS = 1024
+
+
+async def one(home: Path, tokens: int, start: asyncio.Event) -> dict:
+    conn = await syscalls.connect_async(home, name="bench")
+    await start.wait()
+    t0 = time.perf_counter()
+    stream = await conn.chat([{"role": "user", "content": PROMPT}], max_tokens=tokens,
+                             temperature=0.0, ignore_eos=True)
+    first = None
+    async for _ in stream:
+        if first is None:
+            first = time.perf_counter() - t0
+    await conn.close()
+    return {"ttft": first, **stream.result}
+
+
+async def kernel_run(home: Path, n: int, tokens: int) -> dict:
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(one(home, tokens, start)) for _ in range(n)]
+    await asyncio.sleep(0.5)                 # every program connected before the clock starts
+    t0 = time.perf_counter()
+    start.set()
+    results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    generated = sum(r["generated_tokens"] for r in results)
+    return {"aggregate_tok_s": generated / wall,
+            "stream_tok_s": statistics.median((r["generated_tokens"] - 1) / r["decode_s"]
+                                              for r in results),
+            "ttft_p50_ms": pct([r["ttft"] for r in results], 50) * 1000,
+            "ttft_p99_ms": pct([r["ttft"] for r in results], 99) * 1000}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--budget", type=int, default=256)
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="llmos-bench-", dir="/tmp"))
+    (home / "config.toml").write_text(f"[driver]\nkv_blocks = {KV_BLOCKS}\n")
+    env = dict(os.environ, LLMOS_HOME=str(home), PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "userland.llmos", "boot"], env=env, check=True)
+    try:
+        from drivers.model.tokenizer import Tokenizer
+        from services.inference import LocalDriver
+        model = smollm_path()
+        cache = home / "data" / "models" / "cache"
+        driver = LocalDriver.from_gguf(model, cache, num_blocks=KV_BLOCKS, fp16_single_token=True)
+        tokenizer = Tokenizer.from_gguf(model)
+        with syscalls.connect(home) as c:
+            cpu_pid = next(s["pid"] for s in c.services() if s["name"] == "cpu")
+        print(f"{'N':>3} {'path':<10} {'agg tok/s':>10} {'stream tok/s':>13} {'TTFT p50 ms':>12} "
+              f"{'TTFT p99 ms':>12}")
+        for n in args.concurrency:
+            k = asyncio.run(kernel_run(home, n, args.tokens))
+            e = run_engine(driver, tokenizer, n, args.tokens, args.budget)
+            for name, r in (("kernel", k), ("in-proc", e)):
+                print(f"{n:>3} {name:<10} {r['aggregate_tok_s']:>10.1f} {r['stream_tok_s']:>13.1f} "
+                      f"{r['ttft_p50_ms']:>12.0f} {r['ttft_p99_ms']:>12.0f}")
+            print(f"{n:>3} {'ratio':<10} {k['aggregate_tok_s'] / e['aggregate_tok_s']:>10.2f} "
+                  f"{k['stream_tok_s'] / e['stream_tok_s']:>13.2f}   (kernel / in-process; floor 0.95)")
+        print(f"cpu driver peak RSS: {rss_mb(cpu_pid):.0f} MiB")
+        try:
+            import llama_cpp  # noqa: F401
+            print("llama-cpp-python is installed, but its comparison is not written yet")
+        except ImportError:
+            print("llama.cpp: not compared (pip install llama-cpp-python to add it)")
+    finally:
+        subprocess.run([sys.executable, "-m", "userland.llmos", "shutdown"], env=env)
+
+
+if __name__ == "__main__":
+    main()
