@@ -98,3 +98,27 @@ def test_the_real_model_answers(home):
             assert "Paris" in reply.text, reply.text
     finally:
         system.shutdown()
+
+
+def test_a_generation_survives_a_crash_of_the_driver(tiny_llmos):
+    """kill -9 of the cpu driver mid-generation: the request is recomputed on the new driver and
+    its tokens are exactly those of an uninterrupted run."""
+    import os
+    import signal
+
+    from conftest import wait_until
+    prompt, n = "the crash test", 60
+    with tiny_llmos.connect() as c:
+        want = [t for ch in c.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
+                                       repetition_penalty=3.0) for t in ch.tokens]
+        old = tiny_llmos.service("cpu")
+        stream = c.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
+                            repetition_penalty=3.0)
+        got = []
+        for chunk in stream:
+            got += chunk.tokens
+            if len(got) == 5:
+                os.kill(old["pid"], signal.SIGKILL)
+        assert got == want
+        assert stream.result.finish == "length" and stream.result.preemptions >= 1
+        wait_until(lambda: tiny_llmos.service("cpu")["pid"] != old["pid"], 10, "a new driver")

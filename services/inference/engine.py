@@ -156,6 +156,12 @@ class Engine:
                     events.append(self._append(seq, pick))
         return events
 
+    def device_lost(self) -> None:
+        """The driver lost its KV cache and samplers (it restarted): recompute whatever was running.
+        Greedy output is unchanged by this; a seeded sampler starts its random stream again."""
+        self.scheduler.evict_all()
+        self._release = []          # the new driver knows none of them
+
     def fail(self, batch: Batch, message: str) -> list[dict]:
         return [self._finish(seq, "error", {"seq_id": seq.seq_id, "text": "", "tokens": []}, error=message)
                 for seq, _ in batch.steps if not seq.finished]

@@ -125,12 +125,18 @@ class Scheduler:
             if victim is seq:
                 return 0
 
-    def _preempt(self, seq: Sequence, batch: Batch) -> None:
+    def _preempt(self, seq: Sequence, batch: Batch | None) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.seq_id)
-        batch.steps = [(s, n) for s, n in batch.steps if s is not seq]
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.preemptions += 1
         self.waiting.append(seq)
-        batch.preempted.append(seq)
+        if batch is not None:
+            batch.steps = [(s, n) for s, n in batch.steps if s is not seq]
+            batch.preempted.append(seq)
+
+    def evict_all(self) -> None:
+        """The KV cache is gone (the driver restarted): every running sequence is recomputed."""
+        for seq in list(self.running):
+            self._preempt(seq, None)

@@ -5,8 +5,10 @@ kernel: ``Runtime.call("cpu", "step", ...)``), postprocess, and hand each reques
 call that made it, which streams them to its program. A call that is cancelled (the program gave
 up, or died) cancels its request, whose blocks are freed at the next step.
 
-The driver holds the KV cache: if it dies, the requests of the step in flight end with an error
-(the kernel restarts the driver; new requests wait for it).
+The driver holds the KV cache. If it dies, the kernel restarts it and the step that was in
+flight fails; the engine then recomputes every running request from its tokens so far, on the new
+driver (the next step waits in the kernel until the driver is back). A request is failed only if
+the driver keeps failing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from services.runtime import Service
 from syscalls import errors
 
 DRIVER = "cpu"
+DRIVER_RETRIES = 3          # consecutive failed steps before the batch's requests are failed
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
 
 
@@ -79,7 +82,7 @@ class Inference(Service):
 
     # -- the step loop -------------------------------------------------------------------------
     async def _run(self) -> None:
-        engine = self.engine
+        engine, failures = self.engine, 0
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -91,9 +94,15 @@ class Inference(Service):
                 try:
                     sampled = await self.runtime.call(DRIVER, "step", {"batch": msgs})
                 except errors.LLMOSError as e:
-                    self.log.error("driver_step_failed", error=str(e))
-                    self._deliver(engine.fail(batch, f"the {DRIVER} driver failed: {e.message}"))
+                    failures += 1
+                    self.log.warning("driver_step_failed", error=str(e), failures=failures)
+                    if failures > DRIVER_RETRIES:
+                        self._deliver(engine.fail(batch, f"the {DRIVER} driver failed: {e.message}"))
+                        failures = 0
+                    else:
+                        engine.device_lost()     # most likely it restarted: recompute on the new one
                     continue
+                failures = 0
                 self._deliver(engine.postprocess(batch, sampled))
 
     def _deliver(self, events: list[dict]) -> None:
