@@ -157,7 +157,22 @@ class TokenizerService(Service):
 
     # -- the registry ---------------------------------------------------------------------------
     async def op_models(self, args: dict, caller: dict) -> list[dict]:
-        return await asyncio.to_thread(self._models)
+        rows = await asyncio.to_thread(self._models)
+        loaded = await self._driver_info()
+        for row in rows:
+            here = loaded is not None and str(Path(row["path"])) == str(loaded.get("model"))
+            row["device"] = loaded["device"] if here else None
+            row["memory"] = {k: loaded.get(k) for k in ("rss", "kv_bytes", "num_blocks",
+                                                        "block_size", "threads")} if here else None
+        return rows
+
+    async def _driver_info(self) -> dict | None:
+        """What the CPU driver says of the model it runs; None if there is no driver, or it is
+        still loading (models must answer at once)."""
+        try:
+            return await asyncio.wait_for(self.runtime.call("cpu", "info", {}), 2.0)
+        except (errors.LLMOSError, asyncio.TimeoutError):
+            return None
 
     def _models(self) -> list[dict]:
         from drivers.model import ModelError, describe

@@ -122,3 +122,14 @@ def test_a_generation_survives_a_crash_of_the_driver(tiny_llmos):
         assert got == want
         assert stream.result.finish == "length" and stream.result.preemptions >= 1
         wait_until(lambda: tiny_llmos.service("cpu")["pid"] != old["pid"], 10, "a new driver")
+
+
+def test_models_show_the_device_and_memory_of_the_loaded_model(tiny_llmos):
+    with tiny_llmos.connect(privileged=True) as c:
+        c.model_add(str(tiny_llmos.model), "tiny")
+        rows = {m["name"]: m for m in c.models()}
+    loaded = rows["tiny"]
+    assert loaded["device"] == "cpu" and loaded["architecture"] == "llama"
+    assert loaded["memory"]["num_blocks"] == 128 and loaded["memory"]["kv_bytes"] > 0
+    assert loaded["memory"]["rss"] > 0
+    assert rows["smollm2-135m-instruct"]["device"] is None       # known, not loaded
