@@ -159,7 +159,7 @@ def test_tokens_and_chat_template_of_the_default_model(llmos):
                           "parameters": info["parameters"], "quantization": "Q4_1",
                           "context_length": 8192, "file_size": info["file_size"],
                           "path": str(models.default_path()), "added": None, "default": True,
-                          "error": None}
+                          "error": None, "device": None, "memory": None}
 
 
 def test_models_added_used_and_removed(llmos, files):
