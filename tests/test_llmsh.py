@@ -80,6 +80,8 @@ def test_parse_lists_and_conditionals():
     ("a &&", "a command must follow &&"),
     ("a ||\n", "a command must follow ||"),
     ("echo a \\\n", "the line ends with \\"),
+    ("echo a |", "a command must follow |"),
+    ("echo a |\n", "a command must follow |"),
 ])
 def test_parse_incomplete_input_asks_for_more(text, message):
     with pytest.raises(Incomplete) as e:
@@ -91,11 +93,14 @@ def test_parse_incomplete_input_asks_for_more(text, message):
     ("; a", "unexpected ';'", 0),
     ("a ;; b", "unexpected ';'", 3),
     ("&& a", "unexpected '&&'", 0),
-    ("a | b", "pipes (|) are not supported yet", 2),
-    ("a > f", "redirection (>) is not supported yet", 2),
-    ("a >> f", "redirection (>>) is not supported yet", 2),
-    ("a < f", "redirection (<) is not supported yet", 2),
-    ("a &", "background jobs (&) are not supported yet", 2),
+    ("| b", "unexpected '|'", 0),
+    ("a | | b", "unexpected '|'", 4),
+    ("a > ; b", "> needs a key after it", 4),
+    ("a >> | b", ">> needs a key after it", 5),
+    ("a <", "< needs a file after it", 3),
+    ("> k", "unexpected end of input", 3),
+    ("& a", "unexpected '&'", 0),
+    ("a & & b", "unexpected '&'", 4),
 ])
 def test_parse_errors_name_the_fault(text, message, pos):
     with pytest.raises(ParseError) as e:
@@ -116,9 +121,9 @@ def test_operators_status_and_exit_need_no_kernel(home):
     assert sh(home, "false; exit").returncode == 1
     r = sh(home, "exit 300")
     assert r.returncode == 2 and errors(r) == ["llmsh: exit: STATUS must be between 0 and 255, not 300"]
-    r = sh(home, "echo a | b")
+    r = sh(home, "echo a |")
     assert (r.returncode, r.stdout) == (2, "")
-    assert errors(r) == ["llmsh: syntax error: pipes (|) are not supported yet"]
+    assert errors(r) == ["llmsh: syntax error: a command must follow |"]
 
 
 def test_help_lists_and_explains_every_command(home):
@@ -135,7 +140,7 @@ def test_help_lists_and_explains_every_command(home):
         text = out.getvalue().splitlines()
         assert text[0].startswith(f"usage: {name}") and text[1] == "" and text[2], (name, text)
     r = sh(home, "help kill")
-    assert "kill [-SIGNAL | -s SIGNAL] PID..." in r.stdout and "STOP" in r.stdout
+    assert "kill [-SIGNAL | -s SIGNAL] (PID | %JOB)..." in r.stdout and "STOP" in r.stdout
     r = sh(home, "help nope")
     assert r.returncode == 1 and errors(r) == ["llmsh: help: no command named 'nope' (help lists them)"]
 
@@ -250,7 +255,7 @@ def test_kill_errors_say_what_was_wrong(llmos):
         "llmsh: kill: no process with pid 99999",
         f"llmsh: kill: unknown signal 'FOO' ({known})",
         f"llmsh: kill: unknown signal '3' ({known})",
-        "llmsh: kill: missing PID (usage: kill [-SIGNAL | -s SIGNAL] PID...  |  kill -l)",
+        "llmsh: kill: missing PID (usage: kill [-SIGNAL | -s SIGNAL] (PID | %JOB)...  |  kill -l)",
         "llmsh: kill: 'abc' is not a PID",
         "llmsh: kill: pid 1 is the kernel; use shutdown to stop llmos",
         "llmsh: kill: '0' is not a PID (PIDs start at 1)"]
@@ -272,13 +277,13 @@ def test_storage_commands(llmos):
         assert [k["key"] for k in c.list()] == ["obj"]
         c.ns_create("team", mode="rw")
     r = sh(llmos.home, "put --ns team k v && get --ns team k; put --if-version 0 obj x; echo s=$?; "
-                       "put k; echo s=$?; put k v w; echo s=$?; rm nope obj; echo s=$?; ls")
+                       "put; echo s=$?; put k v w; echo s=$?; rm nope obj; echo s=$?; ls")
     assert r.stdout.splitlines()[0] == "v"
     assert statuses(r) == [1, 2, 2, 1]
-    usage = "(usage: put [--ns NS] [--if-version V] KEY VALUE)"
+    usage = "(usage: put [--ns NS] [--if-version V] KEY [VALUE])"
     assert errors(r) == [
         "llmsh: put: key 'obj' is at version 1, not 0 as if_version asked",
-        f"llmsh: put: missing VALUE {usage}",
+        f"llmsh: put: missing KEY {usage}",
         f"llmsh: put: unexpected argument 'w' (quote a value that has spaces) {usage}",
         f"llmsh: rm: no key 'nope' in namespace 'user:{uid}'"]
     with llmos.connect() as c:         # rm went on past the missing key

@@ -47,7 +47,7 @@ class ShellExit(Exception):
 
 @dataclass
 class Streams:
-    """Where a command reads and writes. Pipes and redirections (issue 5) will build other ones."""
+    """Where a command reads and writes: the shell's own, or those a pipe or redirection built."""
 
     stdin: TextIO
     stdout: TextIO

@@ -6,6 +6,7 @@ rules a command follows).
 
 from __future__ import annotations
 
+import collections
 import getopt
 import json
 import os
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 from syscalls import errors
 from syscalls.table import SIGNALS
 
-from .builtin import (COMMANDS, ShellExit, Streams, Usage, command, duration, error_text,
-                      int_arg, operands, options, pid_arg, seconds_arg, show, signal_name, size,
-                      table)
+from .builtin import (COMMANDS, Failure, ShellExit, Streams, Usage, command, duration,
+                      error_text, int_arg, operands, options, pid_arg, seconds_arg, show,
+                      signal_name, size, table)
+from .jobs import run_program
 
 if TYPE_CHECKING:
     from .shell import Shell
@@ -80,12 +82,13 @@ def cmd_ps(sh: Shell, io: Streams, args: list[str]) -> int:
     return status
 
 
-@command("[-SIGNAL | -s SIGNAL] PID...  |  kill -l")
+@command("[-SIGNAL | -s SIGNAL] (PID | %JOB)...  |  kill -l")
 def cmd_kill(sh: Shell, io: Streams, args: list[str]) -> int:
     """Send a signal (TERM unless named) to processes; kill -l lists the signals.
 
     TERM, INT and HUP ask a program to end, KILL ends it, STOP and CONT suspend and resume it.
     A signal is named with or without SIG, in any case, or by number: kill -9 PID.
+    %N signals the programs that background job N started with run.
     """
     sig = "TERM"
     if args[:1] == ["-l"]:
@@ -105,8 +108,11 @@ def cmd_kill(sh: Shell, io: Streams, args: list[str]) -> int:
     if not args:
         raise Usage("missing PID")
     status = 0
-    for pid in [pid_arg(a) for a in args]:
+    for pid in [a if a.startswith("%") else pid_arg(a) for a in args]:
         try:
+            if isinstance(pid, str):        # a job: its programs, by OS signal
+                sh.jobs.find(pid).signal(signal.Signals["SIG" + sig])
+                continue
             sh.call("kill", pid=pid, signal=sig)
         except errors.LLMOSError as e:
             io.error("kill", error_text(e))
@@ -140,21 +146,64 @@ def cmd_spawn(sh: Shell, io: Streams, args: list[str]) -> None:
     print(pid, file=io.stdout)
 
 
-@command("[--timeout S] PID...")
+@command("[--daemon [--restart POLICY] [--name NAME]] [--] PROGRAM [ARG...]")
+def cmd_run(sh: Shell, io: Streams, args: list[str]) -> int | None:
+    """Run a program in the foreground, with the shell's stdin, stdout and stderr; take its status.
+
+    It runs as a child of llmsh with LLMOS_HOME set, so a program that connects becomes an llmos
+    process; it works in pipes (cat k | run python3 f.py | put k2). A status of 127 means not
+    found; 128 + N, killed by signal N. --daemon instead has the kernel start it detached, as
+    spawn --daemon does, and prints its PID (also $!): its output goes to
+    $LLMOS_HOME/logs/proc-PID.log, and --restart never|on-failure|always says when the kernel
+    starts it again.
+    """
+    opts, argv = options(args, "", ("daemon", "restart=", "name="))
+    if not argv:
+        raise Usage("missing PROGRAM")
+    if "--daemon" not in opts:
+        if "--restart" in opts or "--name" in opts:
+            raise Usage("--restart and --name go with --daemon")
+        return run_program(sh, io, argv)
+    restart = opts.get("--restart", "never")
+    if restart not in ("never", "on-failure", "always"):
+        raise Failure(f"--restart must be never, on-failure or always, not {restart!r}", 2)
+    if "/" in argv[0]:
+        argv = [os.path.abspath(argv[0]), *argv[1:]]
+    kw: dict[str, Any] = {"daemon": True, "restart": restart, "name": opts.get("--name")}
+    try:
+        kw["cwd"] = os.getcwd()
+    except OSError:
+        pass
+    pid = sh.call("spawn", argv=argv, **kw)
+    sh.last_spawned = pid
+    print(pid, file=io.stdout)
+    return 0
+
+
+@command("[--timeout S] (PID | %JOB)...")
 def cmd_wait(sh: Shell, io: Streams, args: list[str]) -> int:
-    """Wait until processes end, print how each ended, and take the status of the last one.
+    """Wait until processes or jobs end, print how each process ended, take the last status.
 
     A program that exited gives its exit status; one killed by a signal gives 128 + the signal's
-    number (143 for TERM), as in sh. Waiting for a child of this shell reaps it. --timeout S
-    gives up after S seconds (status 1); Ctrl-C stops waiting.
+    number (143 for TERM), as in sh. Waiting for a child of this shell reaps it. %N waits for
+    job N (as fg does, but quietly). --timeout S gives up on a process after S seconds
+    (status 1); Ctrl-C stops waiting.
     """
     opts, rest = options(args, "", ("timeout=",))
     if not rest:
         raise Usage("missing PID")
-    pids = [pid_arg(a) for a in rest]
+    targets = [a if a.startswith("%") else pid_arg(a) for a in rest]
     timeout = seconds_arg(opts["--timeout"]) if "--timeout" in opts else None
     status = 0
-    for pid in pids:
+    for pid in targets:
+        if isinstance(pid, str):
+            job = sh.jobs.find(pid)
+            status = job.wait()
+            if job.stopped:
+                print(sh.jobs.line(job), file=io.stdout)
+            else:
+                sh.jobs.jobs.pop(job.number, None)
+            continue
         r = sh.call("wait", blocking=True, pid=pid, timeout=timeout)
         if r["status"] is not None:
             status = r["status"]
@@ -206,14 +255,18 @@ def cmd_uname(sh: Shell, io: Streams, args: list[str]) -> None:
 
 
 # == storage ======================================================================================
-@command("[--ns NS] [--if-version V] KEY VALUE")
+@command("[--ns NS] [--if-version V] KEY [VALUE]")
 def cmd_put(sh: Shell, io: Streams, args: list[str]) -> None:
     """Store VALUE, a string, under KEY (in your own namespace unless --ns NS).
 
+    Without VALUE, stores what it reads from stdin, less its final newline (cat k | put k2).
     --if-version V stores only if the key is at version V; 0 means only if it does not exist.
     """
     opts, rest = options(args, "", ("ns=", "if-version="))
-    key, value = operands(rest, "KEY", "VALUE")
+    if len(rest) == 1:
+        key, value = rest[0], io.stdin.read().removesuffix("\n")
+    else:
+        key, value = operands(rest, "KEY", "VALUE")
     kw = {}
     if "--if-version" in opts:
         kw["if_version"] = int_arg(opts["--if-version"], "--if-version", 0)
@@ -226,6 +279,24 @@ def cmd_get(sh: Shell, io: Streams, args: list[str]) -> None:
     opts, rest = options(args, "", ("ns=",))
     (key,) = operands(rest, "KEY")
     print(show(sh.call("get", key=key, ns=opts.get("--ns"))["value"]), file=io.stdout)
+
+
+@command("[--ns NS] [KEY...]")
+def cmd_cat(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Print the values of keys, one after another (as get does); without KEY, copy stdin."""
+    opts, rest = options(args, "", ("ns=",))
+    if not rest:
+        while chunk := io.stdin.read(65536):
+            io.stdout.write(chunk)
+        return 0
+    status = 0
+    for key in rest:
+        try:
+            print(show(sh.call("get", key=key, ns=opts.get("--ns"))["value"]), file=io.stdout)
+        except errors.LLMOSError as e:
+            io.error("cat", error_text(e))
+            status = 1
+    return status
 
 
 @command("[-l] [--ns NS] [PREFIX]")
@@ -413,11 +484,85 @@ def cmd_unsub(sh: Shell, io: Streams, args: list[str]) -> int:
     return status
 
 
+# == jobs =========================================================================================
+@command()
+def cmd_jobs(sh: Shell, io: Streams, args: list[str]) -> None:
+    """List the background jobs: [N], + for the current one, Running, Stopped, Done or Exit STATUS.
+
+    A job is a command list ended by &; those that ended are listed once, then forgotten.
+    """
+    operands(args)
+    for job in list(sh.jobs.jobs.values()):
+        print(sh.jobs.line(job), file=io.stdout)
+    sh.jobs.reap()
+
+
+@command("[%N]")
+def cmd_fg(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Bring job N (the current one unless named) to the foreground and wait for it; take its status.
+
+    Ctrl-C then interrupts the job (a second one kills its programs), not the shell; Ctrl-Z
+    stops its programs and gives the prompt back (bg or fg resumes them).
+    """
+    job = sh.jobs.find(operands(args, "%N")[0] if args else None)
+    status = job.wait(announce=lambda: print(job.text, file=io.stdout, flush=True))
+    if job.stopped:
+        print(sh.jobs.line(job), file=io.stdout)
+    else:
+        sh.jobs.jobs.pop(job.number, None)
+    return status
+
+
+@command("[%N]")
+def cmd_bg(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Resume job N (the current one unless named) in the background, if it is stopped.
+
+    A job stops on Ctrl-Z while it is in the foreground (fg), or on kill -STOP %N.
+    """
+    job = sh.jobs.find(operands(args, "%N")[0] if args else None)
+    job.resume()
+    print(sh.jobs.line(job), file=io.stdout)
+
+
+# == the system, continued =========================================================================
+@command("[-n N]")
+def cmd_dmesg(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Print the last N lines (20 unless -n) of the kernel's log, one readable line per event."""
+    opts, rest = options(args, "n:")
+    operands(rest)
+    n = int_arg(opts["-n"], "-n", 1) if "-n" in opts else 20
+    path = sh.paths.log_file("kernel")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = collections.deque(f, maxlen=n)
+    except OSError as e:
+        raise Failure(f"{path}: {e.strerror}") from None
+    from kernel.logs import render_lines  # structlog only when needed
+    for line in render_lines(lines):
+        print(line, file=io.stdout)
+
+
+@command()
+def cmd_shutdown(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Stop llmos (every program and service, then the kernel); the shell then exits with 0."""
+    operands(args)
+    try:
+        sh.call("shutdown")
+    except (errors.ECONNREFUSED, errors.ESHUTDOWN):
+        pass                    # it went before it could answer
+    sh.disconnect()
+    raise ShellExit(0)
+
+
 # == the shell itself =============================================================================
 SYNTAX = """\
 Words are separated by spaces; quote one that has spaces or ;&|<> ('as is', "with $? inside").
   a; b      run a, then b            a && b    run b if a succeeded (status 0)
   # ...     a comment                a || b    run b if a failed
+  a | b     b reads a's output; the status is b's
+  a &       run a in the background as a job (jobs, fg, bg, wait %N, kill %N)
+  a > KEY   store a's output under the storage KEY (a >> KEY adds it as a new line)
+  a < FILE  a reads the local FILE as its input
   $?  the status of the last command   $!  the PID of the last spawn   $$  this shell's PID
 """
 
@@ -467,3 +612,7 @@ def cmd_true(sh: Shell, io: Streams, args: list[str]) -> int:
 def cmd_false(sh: Shell, io: Streams, args: list[str]) -> int:
     """Do nothing, unsuccessfully (status 1)."""
     return 1
+
+
+# The model commands (gen, chat) live in their own module; importing it registers them.
+from . import model  # noqa: E402,F401

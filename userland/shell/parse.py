@@ -1,32 +1,26 @@
-"""The llmsh command language: words, quotes, ``;``, ``&&``, ``||``, ``$?``, ``#`` comments.
+"""The llmsh command language: words, quotes, ``;``, ``&``, ``&&``, ``||``, ``|``, redirections,
+``$?``, ``#`` comments.
 
-    script    := and_or ((';' | NEWLINE) and_or)* [';']
-    and_or    := pipeline (('&&' | '||') NEWLINE* pipeline)*
-    pipeline  := command                  -- later: command ('|' command)*
-    command   := WORD+                    -- later: words and redirections
+    script    := and_or ((';' | '&' | NEWLINE) and_or)* [';' | '&']
+    and_or    := pipeline (('&&' | '||') NEWLINE* pipeline)*      -- '&' after it: a background job
+    pipeline  := command ('|' NEWLINE* command)*
+    command   := (WORD | redirect)+ with at least one WORD
+    redirect  := ('>' | '>>' | '<') WORD
 
 Words are quoted as in sh: '...' is literal, "..." keeps $?, $! and $$ live and lets \\ escape
 " \\ $ and a newline, a bare \\ escapes the next character. Expansion happens when a command runs,
 not here, so a word keeps its parameters as ``Param`` parts.
 
-The tokenizer already knows ``|``, ``&``, ``>``, ``>>`` and ``<`` as operators (quote them to use
-them as text); the parser refuses them for now. Pipes and redirections (issue 5) fill in
-``Pipeline`` and ``Command`` here and the executor, nothing else.
+``|``, ``&``, ``>``, ``>>`` and ``<`` are operators wherever they appear; quote them to use them
+as text. What ``>`` and ``<`` name (a storage key, a local file) is the executor's business.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 OPERATORS = ("&&", "||", ">>", ";", "|", "&", ">", "<")     # longest first
 PARAMS = "?!$"              # $? last status, $! last spawned pid, $$ the shell's own pid
-NOT_YET = {
-    "|": "pipes (|) are not supported yet",
-    "&": "background jobs (&) are not supported yet",
-    ">": "redirection (>) is not supported yet",
-    ">>": "redirection (>>) is not supported yet",
-    "<": "redirection (<) is not supported yet",
-}
 
 
 class ParseError(Exception):
@@ -53,19 +47,28 @@ class Word:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    op: str             # ">" (to a key), ">>" (append to a key), "<" (from a local file)
+    target: Word
+
+
+@dataclass(frozen=True)
 class Command:
     words: tuple[Word, ...]
+    redirects: tuple[Redirect, ...] = ()
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    commands: tuple[Command, ...]       # exactly one until pipes exist
+    commands: tuple[Command, ...]
 
 
 @dataclass(frozen=True)
 class AndOr:
     first: Pipeline
     rest: tuple[tuple[str, Pipeline], ...]      # ("&&" | "||", pipeline)
+    background: bool = False                    # ended by '&'
+    text: str = ""                              # its source, as jobs shows it
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Token:
     kind: str           # "word", "op", "newline", "eof"
     value: object       # a Word, or the operator's text
     pos: int
+    end: int            # just after it
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -83,7 +87,7 @@ def tokenize(text: str) -> list[Token]:
         if c in " \t\r":
             i += 1
         elif c == "\n":
-            tokens.append(Token("newline", "\n", i))
+            tokens.append(Token("newline", "\n", i, i + 1))
             i += 1
         elif c == "#":                              # only at the start of a word: a#b is a word
             end = text.find("\n", i)
@@ -92,12 +96,12 @@ def tokenize(text: str) -> list[Token]:
             _continuation(text, i)
             i += 2
         elif op := _operator(text, i):
-            tokens.append(Token("op", op, i))
+            tokens.append(Token("op", op, i, i + len(op)))
             i += len(op)
         else:
             word, i = _word(text, i)
-            tokens.append(Token("word", word, word.pos))
-    tokens.append(Token("eof", "", n))
+            tokens.append(Token("word", word, word.pos, i))
+    tokens.append(Token("eof", "", n, n))
     return tokens
 
 
@@ -175,12 +179,12 @@ def _double_quoted(text: str, start: int, buf: list[str], param) -> int:
 # -- grammar --------------------------------------------------------------------------------------
 def parse(text: str) -> list[AndOr]:
     """The command lists in text, in order; raises ParseError, or Incomplete if text ends early."""
-    return _Parser(tokenize(text)).script()
+    return _Parser(tokenize(text), text).script()
 
 
 class _Parser:
-    def __init__(self, tokens: list[Token]):
-        self.tokens, self.i = tokens, 0
+    def __init__(self, tokens: list[Token], text: str):
+        self.tokens, self.i, self.text = tokens, 0, text
 
     @property
     def peek(self) -> Token:
@@ -200,13 +204,16 @@ class _Parser:
             if self.peek.kind == "eof":
                 return items
             items.append(self.and_or())
-            if self.peek.kind == "eof":
+            if self._is_op("&"):
+                items[-1] = replace(items[-1], background=True)
+            elif self.peek.kind == "eof":
                 return items
-            if self.peek.kind != "newline" and not self._is_op(";"):
+            elif self.peek.kind != "newline" and not self._is_op(";"):
                 raise self._unexpected()
             self.i += 1
 
     def and_or(self) -> AndOr:
+        start = self.peek.pos
         first, rest = self.pipeline(), []
         while self._is_op("&&", "||"):
             op = self.tokens[self.i].value
@@ -215,24 +222,37 @@ class _Parser:
             if self.peek.kind == "eof":
                 raise Incomplete(f"a command must follow {op}", self.peek.pos)
             rest.append((op, self.pipeline()))
-        return AndOr(first, tuple(rest))
+        return AndOr(first, tuple(rest), text=self.text[start:self.tokens[self.i - 1].end])
 
     def pipeline(self) -> Pipeline:
-        command = self.command()
-        if self._is_op("|"):
-            raise ParseError(NOT_YET["|"], self.peek.pos)
-        return Pipeline((command,))
+        commands = [self.command()]
+        while self._is_op("|"):
+            self.i += 1
+            self._skip_newlines()
+            if self.peek.kind == "eof":
+                raise Incomplete("a command must follow |", self.peek.pos)
+            commands.append(self.command())
+        return Pipeline(tuple(commands))
 
     def command(self) -> Command:
-        words = []
-        while self.peek.kind == "word":
-            words.append(self.peek.value)
-            self.i += 1
-        if self._is_op(*(op for op in NOT_YET if op != "|")):
-            raise ParseError(NOT_YET[self.peek.value], self.peek.pos)
+        words, redirects = [], []
+        while True:
+            if self.peek.kind == "word":
+                words.append(self.peek.value)
+                self.i += 1
+            elif self._is_op(">", ">>", "<"):
+                op = self.peek.value
+                self.i += 1
+                if self.peek.kind != "word":
+                    what = "a key" if op != "<" else "a file"
+                    raise ParseError(f"{op} needs {what} after it", self.peek.pos)
+                redirects.append(Redirect(op, self.peek.value))
+                self.i += 1
+            else:
+                break
         if not words:
             raise self._unexpected()
-        return Command(tuple(words))
+        return Command(tuple(words), tuple(redirects))
 
     def _unexpected(self) -> ParseError:
         t = self.peek

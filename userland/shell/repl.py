@@ -1,7 +1,8 @@
 """The interactive llmsh: a prompt with history ($LLMOS_HOME/llmsh_history) and Tab completion.
 
 Ctrl-C only ever cancels: the line being typed, or the command running (its call is withdrawn in
-the kernel). Ctrl-D at an empty prompt leaves. A line left open (a quote, a trailing && or \\)
+the kernel), or the job brought back by fg. Ctrl-D at an empty prompt leaves. Background jobs
+that ended are reported before the next prompt. A line left open (a quote, a trailing && or \\)
 continues at a "> " prompt.
 """
 
@@ -37,6 +38,8 @@ def repl(sh: Shell) -> int:
         print(f"llmsh: llmos is not running in {sh.paths.home} (start it with `llmos boot`)",
               file=sys.stderr)
     while True:
+        for done in sh.jobs.reap():         # jobs that ended while the last command ran
+            print(done, file=sys.stderr, flush=True)
         try:
             line = session.prompt("> " if reader.pending else _prompt(sh.status, colour))
         except KeyboardInterrupt:           # drop what was typed, prompt again
@@ -100,9 +103,11 @@ class Completions(Completer):
         cmd, position = before[0], len(before)
         if cmd == "kill" and current.startswith("-"):
             return (("-" + s, "signal") for s in SIGNALS)
+        if cmd in ("fg", "bg") or (cmd == "wait" and current.startswith("%")):
+            return ((f"%{j.number}", j.text) for j in self.sh.jobs.jobs.values())
         if cmd in ("kill", "wait", "ps") or (cmd == "send" and position == 1):
             return ((str(p["pid"]), p["name"]) for p in self._call("ps"))
-        if cmd in ("get", "rm") or (cmd == "put" and position == 1):
+        if cmd in ("get", "rm", "cat") or (cmd == "put" and position == 1):
             return ((i["key"], "key") for i in self._call("list", prefix=current, limit=200))
         if cmd == "services":
             if position == 1:

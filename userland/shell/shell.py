@@ -5,6 +5,10 @@ one line on stderr per fault, ``llmsh: CMD: message``. A Python exception that i
 error is a bug in llmsh: it is logged with its traceback to LLMOS_HOME/logs/llmsh.log and reported
 in one line; it never ends the shell.
 
+A pipeline, or a command list ended by &, runs in threads (``jobs``); each thread gets a shell
+of its own from ``fork``, with its own connection. ``> KEY`` and ``>> KEY`` send a command's
+output to storage, ``< FILE`` gives it a local file as stdin.
+
 The connection is opened on first use and dropped when the kernel it spoke to is gone, so the
 shell outlives a reboot of llmos. Calls go out as cancellable streams: Ctrl-C during ``wait`` or
 ``recv`` withdraws the call in the kernel too, so it cannot later swallow a message.
@@ -12,6 +16,8 @@ shell outlives a reboot of llmos. Calls go out as cancellable streams: Ctrl-C du
 
 from __future__ import annotations
 
+import io as _io
+import os
 import sys
 from typing import Any, Iterable
 
@@ -21,6 +27,7 @@ from syscalls.paths import Paths
 
 from .builtin import Failure, ShellExit, Streams, Usage, error_text
 from .commands import COMMANDS
+from .jobs import Job, JobTable
 from .parse import AndOr, Command, Incomplete, Param, ParseError, Pipeline, Word, parse
 
 CALL_TIMEOUT = 30.0      # seconds for a call that should answer at once (not wait, recv)
@@ -36,6 +43,16 @@ class Shell:
         self._kernel: int | None = None             # OS pid of the kernel _conn speaks to
         self._log = None
         self._warned_unprivileged = False
+        self.jobs = JobTable()
+        self.job: Job | None = None                 # the job this shell runs commands for
+
+    def fork(self, job: Job, io: Streams) -> "Shell":
+        """A shell for one thread of a job: its own connection (opened on first use), same jobs."""
+        child = Shell(self.paths, io)
+        child.status, child.last_spawned = self.status, self.last_spawned
+        child.jobs, child.job, child._log = self.jobs, job, self._log
+        child._warned_unprivileged = True
+        return child
 
     # -- the connection ---------------------------------------------------------------------------
     @property
@@ -84,6 +101,10 @@ class Shell:
             conn.timeout = saved
         return stream.result
 
+    def disconnect(self) -> None:
+        """Forget the connection without an exit call (llmos is going away)."""
+        self._drop()
+
     def close(self, status: int) -> None:
         """Leave llmos with exit(status), if it is still there."""
         if self._conn is not None:
@@ -101,19 +122,90 @@ class Shell:
         return self.status
 
     def run_and_or(self, item: AndOr) -> int:
+        if item.background:
+            return self.start_job(item)
         self.run_pipeline(item.first)
         for op, pipeline in item.rest:
             if (self.status == 0) == (op == "&&"):
                 self.run_pipeline(pipeline)
         return self.status
 
+    def start_job(self, item: AndOr) -> int:
+        """Run a command list in the background (stdin /dev/null) and print its job number."""
+        job = self.jobs.add(item.text)
+        stdin = open(os.devnull, encoding="utf-8")
+        child = self.fork(job, Streams(stdin, self.io.stdout, self.io.stderr))
+
+        def body():
+            try:
+                job.status = child.run_and_or(AndOr(item.first, item.rest))
+            except KeyboardInterrupt:
+                job.status = 130
+            except ShellExit as e:
+                job.status = e.status
+            except BaseException:
+                job.status = 1
+            finally:
+                stdin.close()
+                _quietly(child.close, job.status or 0)
+
+        job.start(body)
+        print(f"[{job.number}]", file=self.io.stderr, flush=True)
+        self.status = 0
+        return 0
+
     def run_pipeline(self, pipeline: Pipeline) -> int:
-        (command,) = pipeline.commands
-        self.status = self.run_command(command, self.io)
+        if len(pipeline.commands) == 1:
+            self.status = self.run_command(pipeline.commands[0], self.io)
+            return self.status
+        job = self.job or Job(0, "", background=False)
+        statuses: list[int] = [1] * len(pipeline.commands)
+        stdin = self.io.stdin
+        stages = []
+        for i, command in enumerate(pipeline.commands):
+            last = i == len(pipeline.commands) - 1
+            if last:
+                stdout, next_stdin = self.io.stdout, None
+            else:
+                r, w = os.pipe()
+                stdout = open(w, "w", encoding="utf-8", errors="replace")
+                next_stdin = open(r, encoding="utf-8", errors="replace")
+            stages.append(job.start(self._stage(job, command, Streams(stdin, stdout, self.io.stderr),
+                                                statuses, i, close_in=i > 0, close_out=not last)))
+            stdin = next_stdin
+        if job is self.job:         # a pipeline inside a job: that job's wait is the one to use
+            for ended in stages:
+                ended.wait()
+        else:
+            job.wait()
+            if job.interrupts:
+                raise KeyboardInterrupt
+        self.status = statuses[-1]
         return self.status
+
+    def _stage(self, job: Job, command: Command, io: Streams, statuses: list[int], i: int,
+               close_in: bool, close_out: bool):
+        child = self.fork(job, io)
+
+        def body():
+            try:
+                statuses[i] = child.run_command(command, io)
+            except KeyboardInterrupt:
+                statuses[i] = 130
+            except BrokenPipeError:
+                statuses[i] = 141
+            except ShellExit as e:
+                statuses[i] = e.status
+            finally:
+                for stream, close in ((io.stdout, close_out), (io.stdin, close_in)):
+                    if close:
+                        _quietly(stream.close)
+                _quietly(child.close, 0)
+        return body
 
     def run_command(self, command: Command, io: Streams) -> int:
         name = self._word_text(command.words[0])       # until it is expanded
+        opened: list = []
         try:
             argv = []
             for word in command.words:
@@ -123,8 +215,12 @@ class Shell:
             if cmd is None:
                 io.error(name, "command not found (try help)")
                 return 127
+            io, to_key = self._redirect(command, io, opened)
             status = cmd.run(self, io, argv[1:])
-            return 0 if status is None else status
+            status = 0 if status is None else status
+            if to_key is not None:
+                self._store_output(*to_key, io.stdout.getvalue())
+            return status
         except Usage as e:
             io.error(name, f"{e} (usage: {COMMANDS[name].synopsis})")
             return 2
@@ -141,6 +237,39 @@ class Shell:
             io.error(name, f"internal error: {type(e).__name__}: {e} "
                            f"(traceback in {self.paths.log_file('llmsh')})")
             return 1
+        finally:
+            for f in opened:
+                f.close()
+
+    def _redirect(self, command: Command, io: Streams, opened: list):
+        """The streams after command's redirections, and (op, key) where > or >> sends stdout."""
+        to_key = None
+        for r in command.redirects:
+            target = self.expand(r.target)
+            if r.op == "<":
+                try:
+                    f = open(target, encoding="utf-8", errors="replace")
+                except OSError as e:
+                    raise Failure(f"{target}: {e.strerror}") from None
+                opened.append(f)
+                io = Streams(f, io.stdout, io.stderr)
+            else:
+                to_key = (r.op, target)
+                io = Streams(io.stdin, _io.StringIO(), io.stderr)
+        return io, to_key
+
+    def _store_output(self, op: str, key: str, text: str) -> None:
+        """> KEY stores the output as a string, without its final newline; >> adds a line to it."""
+        text = text.removesuffix("\n")
+        if op == ">>":
+            try:
+                old = self.call("get", key=key)["value"]
+            except errors.ENOENT:
+                old = ""
+            if not isinstance(old, str):
+                raise Failure(f"{key}: holds a {type(old).__name__}, not a string; >> appends only to strings")
+            text = old + "\n" + text if old else text
+        self.call("put", key=key, value=text)
 
     def expand(self, word: Word) -> str:
         return "".join(p if isinstance(p, str) else self._param(p) for p in word.parts)
@@ -187,6 +316,13 @@ class Shell:
             from kernel import logs
             self._log = logs.setup("llmsh", self.paths.log_file("llmsh"))
         return self._log
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except (Exception, KeyboardInterrupt):
+        pass
 
 
 class LineReader:

@@ -1,0 +1,248 @@
+"""What llmsh runs besides a single builtin: local programs (``run``), pipelines, background jobs.
+
+A program started by ``run`` is an OS child of llmsh with LLMOS_HOME set, so it can connect and
+become an llmos process; the kernel's spawn would give it no stdio. A pipeline runs each command
+in a thread of its own, joined by OS pipes, each thread with its own connection (one connection
+is not for several threads). A job is such a set of threads and the programs they started;
+interrupting it sends SIGINT to its programs and KeyboardInterrupt into its threads, whose
+blocking calls are then withdrawn in the kernel like a foreground Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io as _io
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TextIO
+
+from .builtin import Failure, Streams
+
+if TYPE_CHECKING:
+    from .shell import Shell
+
+ROOT = str(Path(__file__).resolve().parents[2])        # so a program can import syscalls
+JOIN_SLICE = 0.1
+
+
+class Job:
+    """Threads running one command list, and the programs they started."""
+
+    def __init__(self, number: int, text: str, background: bool):
+        self.number, self.text, self.background = number, text, background
+        self.threads: list[threading.Thread] = []
+        self.ended: list[threading.Event] = []     # not Thread.join: a signal during it can mark
+                                                    # a live thread stopped (CPython 3.11)
+        self.procs: list[subprocess.Popen] = []
+        self.status: int | None = None
+        self.stopped = False
+        self.interrupts = 0
+        self.lock = threading.Lock()
+        self.pending: list[int] = []        # signals sent while it had no program running
+
+    @property
+    def done(self) -> bool:
+        return all(e.is_set() for e in self.ended)
+
+    @property
+    def state(self) -> str:
+        if self.done:
+            return "Done" if self.status == 0 else f"Exit {self.status}"
+        return "Stopped" if self.stopped else "Running"
+
+    def start(self, body: Callable[[], None]) -> threading.Event:
+        ended = threading.Event()
+
+        def run():
+            try:
+                body()
+            finally:
+                ended.set()
+        t = threading.Thread(target=run, daemon=True, name=f"llmsh-job-{self.number}")
+        self.threads.append(t)
+        self.ended.append(ended)
+        t.start()
+        return ended
+
+    def adopt(self, proc: subprocess.Popen) -> None:
+        """A program this job started; it gets the signals sent before it existed."""
+        with self.lock:
+            self.procs.append(proc)
+            pending, self.pending = self.pending, []
+        for sig in pending:
+            self.signal(sig)
+
+    def signal(self, sig: int) -> None:
+        """Send sig to the job's programs; kept for its next program if none is running now (kill
+        %1 may come before the job's thread has started anything)."""
+        with self.lock:
+            live = [p for p in self.procs if p.poll() is None]
+            if not live and not self.done:
+                self.pending.append(sig)
+        if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGCONT):
+            self.stopped = sig != signal.SIGCONT and not self.done
+        for p in live:
+            try:
+                group = os.getpgid(p.pid)
+                if group != os.getpgrp():
+                    os.killpg(group, sig)           # a background program and what it started
+                else:
+                    p.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def interrupt(self) -> None:
+        """Ctrl-C for this job: SIGINT to its programs, KeyboardInterrupt into its threads; later
+        ones kill its programs."""
+        self.interrupts += 1
+        self.signal(signal.SIGINT if self.interrupts == 1 else signal.SIGKILL)
+        for t in self.threads:
+            if t.is_alive() and t.ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident),
+                                                           ctypes.py_object(KeyboardInterrupt))
+
+    def resume(self) -> None:
+        self.stopped = False
+        self.signal(signal.SIGCONT)
+
+    def wait(self, announce: Callable[[], None] | None = None) -> int:
+        """Wait in the foreground: Ctrl-C interrupts the job, not the shell; Ctrl-Z stops a
+        numbered job's programs and gives the prompt back (status 148, the job stays)."""
+        if self.stopped:
+            self.resume()
+        previous = None
+        if self.number and threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTSTP, _suspend)
+        try:
+            if announce is not None:        # only now: a Ctrl-Z right after it finds the handler
+                announce()
+            while not self.done:
+                try:
+                    for e in self.ended:
+                        e.wait(JOIN_SLICE)
+                except KeyboardInterrupt:
+                    self.interrupt()
+        except _Suspended:
+            self.signal(signal.SIGSTOP)
+            return 128 + signal.SIGTSTP
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTSTP, previous)
+        return 130 if self.status is None else self.status
+
+
+class _Suspended(Exception):
+    pass
+
+
+def _suspend(signum, frame):
+    raise _Suspended
+
+
+class JobTable:
+    """The shell's background jobs, numbered from 1; %N names one, the newest is the current."""
+
+    def __init__(self):
+        self.jobs: dict[int, Job] = {}
+
+    def add(self, text: str) -> Job:
+        job = Job(max(self.jobs, default=0) + 1, text, background=True)
+        self.jobs[job.number] = job
+        return job
+
+    def current(self) -> Job | None:
+        return self.jobs[max(self.jobs)] if self.jobs else None
+
+    def find(self, spec: str | None) -> Job:
+        if spec is None:
+            job = self.current()
+            if job is None:
+                raise Failure("no current job")
+            return job
+        text = spec.removeprefix("%")
+        if not text.isdigit() or int(text) not in self.jobs:
+            raise Failure(f"{spec}: no such job", 1 if text.isdigit() else 2)
+        return self.jobs[int(text)]
+
+    def line(self, job: Job) -> str:
+        mark = "+" if job is self.current() else " "
+        return f"[{job.number}]{mark} {job.state:<9} {job.text}"
+
+    def reap(self) -> list[str]:
+        """Lines for the jobs that have ended since last asked, which are then forgotten."""
+        lines = [self.line(j) for j in self.jobs.values() if j.done]
+        for number in [n for n, j in self.jobs.items() if j.done]:
+            del self.jobs[number]
+        return lines
+
+
+# -- running a local program ------------------------------------------------------------------------
+def _fd(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError, _io.UnsupportedOperation):
+        return None
+
+
+def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
+    """Run argv as an OS child with io as its stdio; its exit status (128 + N if killed by N)."""
+    for s in (io.stdout, io.stderr):
+        s.flush()
+    fds = [_fd(io.stdin), _fd(io.stdout), _fd(io.stderr)]
+    env = dict(os.environ, LLMOS_HOME=str(sh.paths.home))
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    job = sh.job
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if fds[0] is None else fds[0],
+                                stdout=subprocess.PIPE if fds[1] is None else fds[1],
+                                stderr=subprocess.PIPE if fds[2] is None else fds[2],
+                                env=env, text=True, errors="replace",
+                                process_group=0 if job is not None and job.background else None)
+    except FileNotFoundError:
+        raise Failure(f"{argv[0]}: command not found", 127) from None
+    except PermissionError:
+        raise Failure(f"{argv[0]}: permission denied", 126) from None
+    except OSError as e:
+        raise Failure(f"{argv[0]}: {e.strerror}", 126) from None
+    if job is not None:
+        job.adopt(proc)
+    pumps = []
+    if fds[0] is None:
+        pumps.append(_pump(io.stdin, proc.stdin, close=True))
+    if fds[1] is None:
+        pumps.append(_pump(proc.stdout, io.stdout))
+    if fds[2] is None:
+        pumps.append(_pump(proc.stderr, io.stderr))
+    try:
+        proc.wait()
+    except KeyboardInterrupt:       # the terminal sent it SIGINT too, unless it is in a job
+        if job is not None:
+            job.signal(signal.SIGINT)
+        proc.wait()
+        raise
+    finally:
+        for t in pumps:
+            t.join()
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def _pump(src: TextIO, dst: TextIO, close: bool = False) -> threading.Thread:
+    def copy():
+        try:
+            while chunk := src.read(65536) if close else src.readline():
+                dst.write(chunk)
+                dst.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+        finally:
+            if close:
+                try:
+                    dst.close()
+                except OSError:
+                    pass
+    t = threading.Thread(target=copy, daemon=True)
+    t.start()
+    return t
