@@ -9,10 +9,16 @@ from test_llmsh import errors, llmsh, sh, statuses
 def test_gen_streams_the_answer_and_reports_counts(tiny_llmos):  # noqa: F811
     with tiny_llmos.connect() as c:
         want = c.generate("hello world", max_tokens=8, temperature=0.0).text
-    r = sh(tiny_llmos.home, "gen --max-tokens 8 --temperature 0 --stats 'hello world'; echo s=$?")
-    assert r.stdout.splitlines()[0] == want.rstrip("\n")
+        chat = c.chat([{"role": "user", "content": "hello world"}], max_tokens=8,
+                      temperature=0.0).text
+    r = sh(tiny_llmos.home, "gen --raw --max-tokens 8 --temperature 0 --stats 'hello world'; "
+                            "echo s=$?")
+    assert r.stdout.rsplit("s=", 1)[0].rstrip("\n") == want.rstrip("\n")
     assert statuses(r) == [0]
     assert "prompt tokens" in r.stderr and "tok/s" in r.stderr
+    r = sh(tiny_llmos.home, "gen --max-tokens 8 --temperature 0 'hello world'; echo s=$?")
+    assert r.stdout.rsplit("s=", 1)[0].rstrip("\n") == chat.rstrip("\n")
+    assert statuses(r) == [0]
 
 
 def test_gen_reads_the_prompt_from_stdin_and_names_bad_options(tiny_llmos):  # noqa: F811

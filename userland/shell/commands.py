@@ -375,7 +375,8 @@ def cmd_models(sh: Shell, io: Streams, args: list[str]) -> None:
     """List the models llmos knows; a * after its name marks the default (used when a call names none).
 
     Columns: name, architecture, parameters, quantization, context length in tokens, file
-    size, and the file (or why it cannot be read).
+    size, the device a driver runs it on and that driver's memory (- when not loaded), and the
+    file (or why it cannot be read).
     """
     operands(args)
     show_models(io.stdout, sh.call("models"))
@@ -387,10 +388,12 @@ def show_models(out, models: list[dict]) -> None:
              _count(m["parameters"]), m["quantization"] or "-",
              "-" if m["context_length"] is None else str(m["context_length"]),
              "-" if m["file_size"] is None else size(m["file_size"]),
+             m.get("device") or "-",
+             size(m["memory"]["rss"]) if m.get("memory") and m["memory"].get("rss") else "-",
              m["path"] + (f" ({m['error']})" if m["error"] else "")]
             for m in models]
-    table(out, ["NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "PATH"], rows,
-          right={"PARAMS", "CONTEXT", "SIZE"})
+    table(out, ["NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "DEVICE", "MEM", "PATH"],
+          rows, right={"PARAMS", "CONTEXT", "SIZE", "MEM"})
 
 
 @command("add PATH [--name NAME]  |  model rm NAME...")

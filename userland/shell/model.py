@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from .shell import Shell
 
 GEN_OPTIONS = ("model=", "max-tokens=", "temperature=", "top-p=", "top-k=", "seed=", "stop=",
-               "stats")
+               "stats", "raw")
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int,
             "min_p": float, "repetition_penalty": float}
 
@@ -57,12 +57,14 @@ def _stream(sh: Shell, io: Streams, call: str, stats: bool, **args: Any) -> str:
 
 
 @command("[--model M] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] "
-         "[--stop STR]... [--stats] [PROMPT]")
+         "[--stop STR]... [--raw] [--stats] [PROMPT]")
 def cmd_gen(sh: Shell, io: Streams, args: list[str]) -> None:
-    """Generate text from PROMPT (or from standard input), printed as it is produced.
+    """Answer PROMPT (or standard input), printed as it is produced.
 
-    Ctrl-C stops the generation. --stats prints the counts (tokens, time to first token, tok/s)
-    on standard error. Example: gen --max-tokens 64 "Write a haiku about kernels."
+    The prompt goes through the model's chat template as one user message, as `ollama run` does;
+    --raw sends it to the model as it is (plain completion). Ctrl-C stops the generation. --stats
+    prints the counts (tokens, time to first token, tok/s) on standard error.
+    Example: gen --max-tokens 64 "Write a haiku about kernels."
     """
     try:
         import getopt
@@ -74,8 +76,12 @@ def cmd_gen(sh: Shell, io: Streams, args: list[str]) -> None:
     prompt = " ".join(rest) if rest else io.stdin.read()
     if not prompt.strip():
         raise Usage("missing PROMPT (give it as an argument or on standard input)")
-    _stream(sh, io, "generate", "--stats" in opts, prompt=prompt, stop=stop or None,
-            **_sampling(opts))
+    if "--raw" in opts:
+        _stream(sh, io, "generate", "--stats" in opts, prompt=prompt, stop=stop or None,
+                **_sampling(opts))
+    else:
+        _stream(sh, io, "chat", "--stats" in opts, messages=[{"role": "user", "content": prompt}],
+                stop=stop or None, **_sampling(opts))
 
 
 @command("[--model M] [--system TEXT] [MESSAGE]")
