@@ -381,27 +381,28 @@ def load_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     return ModelFile(path, config, metadata, weights, summary, False, entry)
 
 
+def _cached_info(path: Path, cache_dir: str | os.PathLike | None) -> dict | None:
+    """The cache entry's info (config, summary, metadata) for this file, if there is a valid one."""
+    if cache_dir is None or not path.is_file():
+        return None
+    try:
+        info = json.loads((Path(cache_dir) / cache_key(path) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if info.get("format") == CACHE_FORMAT else None
+
+
 def read_metadata(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """All metadata key/values (no weights): from the cache entry if there is one, else from the file."""
     path = Path(path)
-    if cache_dir is not None and path.is_file():
-        try:
-            info = json.loads((Path(cache_dir) / cache_key(path) / "metadata.json").read_text())
-            if info.get("format") == CACHE_FORMAT:
-                return info["metadata"]
-        except (OSError, ValueError):
-            pass
-    return _header(path)[0]
+    info = _cached_info(path, cache_dir)
+    return info["metadata"] if info else _header(path)[0]
 
 
 def describe(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """name, architecture, parameters, quantization, tensor_types, context_length, file_size, path."""
     path = Path(path)
-    if cache_dir is not None and path.is_file():
-        try:
-            info = json.loads((Path(cache_dir) / cache_key(path) / "metadata.json").read_text())
-            if info.get("format") == CACHE_FORMAT:
-                return info["summary"]
-        except (OSError, ValueError):
-            pass
+    info = _cached_info(path, cache_dir)
+    if info:
+        return info["summary"]
     return _summary(path, *_header(path))
