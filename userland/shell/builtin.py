@@ -95,6 +95,19 @@ def command(args: str = ""):
     return register
 
 
+def for_each(io: "Streams", cmd: str, items, fn) -> int:
+    """Apply fn to each item; an llmos error on one is reported in one line and the rest go on.
+    Status 1 if any failed, as rm or kill with several operands do."""
+    status = 0
+    for item in items:
+        try:
+            fn(item)
+        except errors.LLMOSError as e:
+            io.error(cmd, error_text(e))
+            status = 1
+    return status
+
+
 # -- reading arguments ----------------------------------------------------------------------------
 def options(args: list[str], short: str = "", long: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
     """Options first, then operands (POSIX getopt: the first operand or -- ends the options)."""

@@ -19,7 +19,7 @@ from syscalls import errors
 from syscalls.table import SIGNALS
 
 from .builtin import (COMMANDS, Failure, ShellExit, Streams, Usage, command, duration,
-                      error_text, int_arg, operands, options, pid_arg, seconds_arg, show,
+                      error_text, for_each, int_arg, operands, options, pid_arg, seconds_arg, show,
                       signal_name, size, table)
 from .jobs import run_program
 
@@ -235,14 +235,7 @@ def cmd_services(sh: Shell, io: Streams, args: list[str]) -> int:
         raise Usage(f"unknown subcommand {args[0]!r}")
     if len(args) < 2:
         raise Usage("missing NAME")
-    status = 0
-    for name in args[1:]:
-        try:
-            sh.call("service_restart", name=name)
-        except errors.LLMOSError as e:
-            io.error("services", error_text(e))
-            status = 1
-    return status
+    return for_each(io, "services", args[1:], lambda name: sh.call("service_restart", name=name))
 
 
 @command()
@@ -323,14 +316,7 @@ def cmd_rm(sh: Shell, io: Streams, args: list[str]) -> int:
     opts, rest = options(args, "", ("ns=",))
     if not rest:
         raise Usage("missing KEY")
-    status = 0
-    for key in rest:
-        try:
-            sh.call("delete", key=key, ns=opts.get("--ns"))
-        except errors.LLMOSError as e:
-            io.error("rm", error_text(e))
-            status = 1
-    return status
+    return for_each(io, "rm", rest, lambda key: sh.call("delete", key=key, ns=opts.get("--ns")))
 
 
 # == tokens and models ============================================================================
@@ -421,14 +407,7 @@ def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
         raise Usage(f"unknown subcommand {sub!r}")
     if not rest:
         raise Usage("missing NAME")
-    status = 0
-    for name in rest:
-        try:
-            sh.call("model_remove", name=name)
-        except errors.LLMOSError as e:
-            io.error("model", error_text(e))
-            status = 1
-    return status
+    return for_each(io, "model", rest, lambda name: sh.call("model_remove", name=name))
 
 
 # == messages =====================================================================================
@@ -477,14 +456,7 @@ def cmd_unsub(sh: Shell, io: Streams, args: list[str]) -> int:
     """Undo sub TOPIC."""
     if not args:
         raise Usage("missing TOPIC")
-    status = 0
-    for topic in args:
-        try:
-            sh.call("unsubscribe", topic=topic)
-        except errors.LLMOSError as e:
-            io.error("unsub", error_text(e))
-            status = 1
-    return status
+    return for_each(io, "unsub", args, lambda topic: sh.call("unsubscribe", topic=topic))
 
 
 # == jobs =========================================================================================
@@ -618,4 +590,4 @@ def cmd_false(sh: Shell, io: Streams, args: list[str]) -> int:
 
 
 # The model commands (gen, chat) live in their own module; importing it registers them.
-from . import model  # noqa: E402,F401
+from . import model as _model_commands  # noqa: E402,F401
