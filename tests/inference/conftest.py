@@ -4,24 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.model.tiny_gguf import write_tiny_gguf
-
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("tiny-inference") / "tiny.gguf", context=256)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_path):
-    from drivers.model.llama import Llama
-    return Llama.from_gguf(tiny_path)
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_path):
-    from drivers.model.tokenizer import Tokenizer
-    return Tokenizer.from_gguf(tiny_path)
+# the model library's session fixtures: one tiny GGUF, its model and tokenizer
+from tests.model.conftest import tiny_model, tiny_path, tiny_tokenizer  # noqa: F401
 
 
 @pytest.fixture
