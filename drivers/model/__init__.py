@@ -10,7 +10,8 @@ A driver's loop, in short:
     pool = model.new_kv_pool(num_blocks, block_size=16)
     logits = model.step(pool, [Chunk(tokens, start, block_table), ...])   # one row per chunk
     picks = sample(logits, [SequenceSampler(params), ...], histories)     # Sample(token, logprob, top)
-The tokenizer service needs only Tokenizer and StreamDecoder, which never import torch.
+The tokenizer service needs only Tokenizer and StreamDecoder, and the inference service only those and
+SamplingParams (drivers.model.params): none of them imports torch.
 """
 
 # Names resolve on first use (PEP 562), so importing drivers.model.tokenizer alone never loads torch.
@@ -19,7 +20,8 @@ _EXPORTS = {
                            "UnsupportedArchitectureError", "UnsupportedQuantError", "describe", "load_gguf",
                            "read_metadata"),
     "drivers.model.llama": ("Chunk", "KVPool", "Llama"),
-    "drivers.model.sampling": ("Sample", "SamplingParams", "SamplingParamsError", "SequenceSampler", "sample"),
+    "drivers.model.params": ("SamplingParams", "SamplingParamsError"),
+    "drivers.model.sampling": ("Sample", "SequenceSampler", "sample"),
     "drivers.model.tokenizer": ("ChatTemplateError", "StreamDecoder", "Tokenizer", "UnsupportedTokenizerError"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

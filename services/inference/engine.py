@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from drivers.model.sampling import SamplingParams, SamplingParamsError
+from drivers.model.params import SamplingParams, SamplingParamsError
 from drivers.model.tokenizer import StreamDecoder, Tokenizer
 from services.inference.blocks import BlockAllocator
 from services.inference.driver import Driver, Sampled, SeqStep
