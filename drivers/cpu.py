@@ -1,77 +1,44 @@
 """The CPU driver: a service process that owns the CPU's copy of a model and its KV cache.
 
-It loads one model (``[driver] model``: a registered name or an absolute path; the default model
-otherwise), allocates the KV pool, and executes batched forward-and-sample steps for the inference
-service. Requests carry token ids, positions, block tables and sampling parameters; answers carry
-sampled token ids and logprobs: tensors and logits never leave this process (see
-services/inference/driver.py for the message shapes).
-
-A step runs in a worker thread (torch releases the GIL), so the event loop keeps answering the
-kernel's pings during a long prefill; steps are serialised, as the KV pool is one.
+Everything a driver does is drivers/driver.py's ModelDriver; this names the device (torch's "cpu",
+with ``[driver] threads`` threads and, for single-stream decode, ``fp16_single_token``) and reads
+what the kernel says of it: the processor's name and the machine's memory.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-from pathlib import Path
 from typing import Any
 
-from kernel.config import Config
-from services.models import Registry
-from services.runtime import Service, main
-from syscalls import errors
+from drivers.driver import ModelDriver
+from services.runtime import main
 
 
-class CPUDriver(Service):
+class CPUDriver(ModelDriver):
     name = "cpu"
 
-    async def start(self) -> None:
-        cfg = Config.load(self.paths.home / "config.toml").driver
-        import torch
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        registry = Registry(self.paths)
-        spec = cfg.model or None
-        path = Path(spec) if spec and os.path.isabs(spec) else registry.resolve(spec)
-        from services.inference.driver import LocalDriver
+    def torch_device(self) -> str:
+        return "cpu"
 
-        def progress(done: int, total: int, what: str) -> None:
-            # called from the loading thread: hand the event to the loop's thread
-            self.runtime.loop.call_soon_threadsafe(
-                lambda: self.progress(what="loading model", done=done, total=total, detail=what))
+    def device_info(self) -> dict[str, Any]:
+        return cpu_info()
 
-        self.driver = await asyncio.to_thread(
-            LocalDriver.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
-            block_size=cfg.block_size, progress=progress,
-            fp16_single_token=cfg.fp16_single_token)
-        self.lock = asyncio.Lock()
-        self.steps = 0
-        self.log.info("model_loaded", path=str(path), **self.driver.info())
 
-    def op_info(self, args: dict, caller: dict) -> dict:
-        import resource
-        info = self.driver.info()
-        info.update(device="cpu", threads=__import__("torch").get_num_threads(),
-                    rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    kv_bytes=self.driver.pool.data.numel() * self.driver.pool.data.element_size(),
-                    steps=self.steps)
-        return info
-
-    async def op_step(self, args: dict, caller: dict) -> list[dict[str, Any]]:
-        batch = args.get("batch")
-        if not isinstance(batch, list):
-            raise errors.EINVAL("step: 'batch' must be a list of sequence steps")
-        async with self.lock:
-            try:
-                out = await asyncio.to_thread(self.driver.step, batch)
-            except (ValueError, KeyError, TypeError) as e:
-                raise errors.EINVAL(f"step: {e}") from None
-            self.steps += 1
-            return out
-
-    def op_release(self, args: dict, caller: dict) -> None:
-        self.driver.release([int(i) for i in args.get("seq_ids", [])])
+def cpu_info() -> dict[str, Any]:
+    """The processor's name and the machine's memory (total, and in use by anything), from /proc."""
+    name = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    mem = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            mem[key] = int(value.split()[0]) * 1024
+    total = mem["MemTotal"]
+    return {"device_name": name or "cpu", "memory_total": total,
+            "memory_used": total - mem.get("MemAvailable", mem.get("MemFree", 0))}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import uvloop
 from .config import Config
 from .kernel import Kernel
 from .logs import setup
+from drivers.devices import DRIVERS_ENV, place_drivers
 from syscalls.paths import Paths
 
 EXIT_ALREADY_RUNNING = 3
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     log = setup("kernel", paths.log_file("kernel"), echo=args.echo)
     try:
         cfg = Config.load(paths.home / "config.toml")
+        os.environ[DRIVERS_ENV] = ",".join(place_drivers(cfg))     # services inherit the choice
     except (ValueError, OSError) as e:
         log.error("bad_config", error=str(e))
         print(f"llmos: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
-    [driver]       model, kv_blocks, block_size, threads, fp16_single_token (the device drivers)
+    [driver]       device, model, kv_blocks, block_size, threads, fp16_single_token (drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
@@ -58,6 +58,7 @@ class StorageConfig:
 
 @dataclass
 class DriverConfig:
+    device: str = "auto"            # auto | cpu | cuda: where the driver runs (drivers/devices.py)
     model: str = ""                 # a registered model name or an absolute path; "": the default
     kv_blocks: int = 1024           # KV cache blocks of block_size tokens each
     block_size: int = 16

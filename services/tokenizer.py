@@ -16,6 +16,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from drivers.devices import model_driver
 from services import models
 from services.runtime import Service, main
 from syscalls import errors, wire
@@ -163,14 +164,15 @@ class TokenizerService(Service):
             here = loaded is not None and str(Path(row["path"])) == str(loaded.get("model"))
             row["device"] = loaded["device"] if here else None
             row["memory"] = {k: loaded.get(k) for k in ("rss", "kv_bytes", "num_blocks",
-                                                        "block_size", "threads")} if here else None
+                                                        "block_size", "threads", "device_name",
+                                                        "memory_total", "memory_used")} if here else None
         return rows
 
     async def _driver_info(self) -> dict | None:
-        """What the CPU driver says of the model it runs; None if there is no driver, or it is
+        """What the model's driver says of the model it runs; None if there is no driver, or it is
         still loading (models must answer at once)."""
         try:
-            return await asyncio.wait_for(self.runtime.call("cpu", "info", {}), 2.0)
+            return await asyncio.wait_for(self.runtime.call(model_driver(), "info", {}), 2.0)
         except (errors.LLMOSError, asyncio.TimeoutError):
             return None
 

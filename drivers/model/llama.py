@@ -44,14 +44,15 @@ class KVPool:
     Position p of a sequence lives in block block_table[p // block_size], row p % block_size.
     """
 
-    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16):
+    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16,
+                 device: str | torch.device = "cpu"):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.config = config
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.data = torch.zeros((config.n_layers, 2, num_blocks, block_size, config.n_kv_heads, config.head_dim),
-                                dtype=torch.float32)
+                                dtype=torch.float32, device=device)
         # per-layer views: one row per (block, slot) for writing single tokens, one row per block for
         # gathering a sequence's blocks (whole-block copies are ~1.6x faster than row by row)
         rows = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
@@ -65,8 +66,9 @@ class KVPool:
         return config.n_layers * 2 * block_size * config.n_kv_heads * config.head_dim * 4   # fp32
 
     @classmethod
-    def for_memory(cls, config: LlamaConfig, max_bytes: int, block_size: int = 16) -> "KVPool":
-        return cls(config, max(1, max_bytes // cls.block_bytes(config, block_size)), block_size)
+    def for_memory(cls, config: LlamaConfig, max_bytes: int, block_size: int = 16,
+                   device: str | torch.device = "cpu") -> "KVPool":
+        return cls(config, max(1, max_bytes // cls.block_bytes(config, block_size)), block_size, device)
 
 
 class _Matrix:
@@ -77,15 +79,19 @@ class _Matrix:
     1.3x slower). The fp32 weight is used as loaded, so cached weights stay shared and memory-mapped.
     With fp16_single_token an fp16 copy serves one-row inputs (single-stream decode): the AVX2 fp16 GEMV is
     ~2x faster again; fp16 with several rows is far slower, so batches stay fp32.
+    On any other device (a GPU) these tricks do not apply: plain F.linear, fp32, no fp16 copy.
     """
-    __slots__ = ("w", "h")
+    __slots__ = ("w", "h", "cpu")
 
     def __init__(self, w: torch.Tensor, fp16_single_token: bool):
         self.w = w
-        self.h = w.half() if fp16_single_token else None
+        self.cpu = w.device.type == "cpu"
+        self.h = w.half() if fp16_single_token and self.cpu else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] -> [rows, out]; the result may be a transposed (non-contiguous) view."""
+        if not self.cpu:
+            return F.linear(x, self.w)
         if x.shape[0] == 1:
             if self.h is not None:
                 return F.linear(x.half(), self.h).float()
@@ -129,7 +135,10 @@ class _Plan:
 
 
 class Llama:
-    """Llama weights plus the forward pass: fp32 weights, activations and K/V.
+    """Llama weights plus the forward pass: fp32 weights, activations and K/V, all on `device`.
+
+    Weights are moved to the device once (on the CPU they stay the loaded, memory-mapped tensors); every
+    tensor a step makes is made there, and only token ids and block tables cross from the host.
 
     fp16_single_token=True adds fp16 copies of the matrices (+50% weight memory) used only when a step
     computes one row, i.e. one decoding sequence: ~2x single-stream speed on AVX2 CPUs at a KL divergence
@@ -137,8 +146,10 @@ class Llama:
     """
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], max_positions: int | None = None,
-                 fp16_single_token: bool = False):
+                 fp16_single_token: bool = False, device: str | torch.device = "cpu"):
         c = self.config = config
+        self.device = torch.device(device)
+        weights = {name: w.to(self.device) for name, w in weights.items()}
         self.group = c.n_heads // c.n_kv_heads
         if c.n_heads % c.n_kv_heads:
             raise ValueError(f"{c.n_heads} query heads cannot share {c.n_kv_heads} kv heads evenly")
@@ -149,24 +160,24 @@ class Llama:
         self.max_positions = max_positions or c.context_length
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         if c.has_rope_freqs:
-            inv_freq = inv_freq / weights["rope_freqs.weight"].double()
+            inv_freq = inv_freq / weights["rope_freqs.weight"].double().cpu()
         self.inv_freq = inv_freq
         angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64) / c.rope_scale, inv_freq)
-        self.rope_table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+        self.rope_table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(self.device)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                   progress: Progress | None = None, max_positions: int | None = None,
-                  fp16_single_token: bool = False) -> "Llama":
-        return cls.from_model_file(load_gguf(path, cache_dir, progress), max_positions, fp16_single_token)
+                  fp16_single_token: bool = False, device: str | torch.device = "cpu") -> "Llama":
+        return cls.from_model_file(load_gguf(path, cache_dir, progress), max_positions, fp16_single_token, device)
 
     @classmethod
     def from_model_file(cls, mf: ModelFile, max_positions: int | None = None,
-                        fp16_single_token: bool = False) -> "Llama":
-        return cls(mf.config, mf.weights, max_positions, fp16_single_token)
+                        fp16_single_token: bool = False, device: str | torch.device = "cpu") -> "Llama":
+        return cls(mf.config, mf.weights, max_positions, fp16_single_token, device)
 
     def new_kv_pool(self, num_blocks: int, block_size: int = 16) -> KVPool:
-        return KVPool(self.config, num_blocks, block_size)
+        return KVPool(self.config, num_blocks, block_size, self.device)
 
     # ------------------------------------------------------------------------------------------ paged step
 
@@ -184,7 +195,7 @@ class Llama:
         q_dim, kv_dim = H * D, KVH * D
         rope = plan.rope.unsqueeze(1)
         x = F.embedding(plan.tokens, self.embed)
-        attn = torch.empty((T, q_dim), dtype=x.dtype)
+        attn = torch.empty((T, q_dim), dtype=x.dtype, device=x.device)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (c.hidden,), layer.attn_norm, c.rms_eps)
             qkv = layer.wqkv(h).contiguous()
@@ -219,7 +230,7 @@ class Llama:
             gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
             x = x + layer.w_down(F.silu(gate) * up)
         if plan.logit_rows.numel() == 0:
-            return torch.empty((0, c.vocab_size))
+            return torch.empty((0, c.vocab_size), device=self.device)
         return self.output(F.rms_norm(x[plan.logit_rows], (c.hidden,), self.norm, c.rms_eps)).contiguous()
 
     def _plan(self, pool: KVPool, chunks: Sequence[Chunk]) -> _Plan:
@@ -228,7 +239,9 @@ class Llama:
             raise ValueError("a step needs at least one chunk")
         if pool.config != self.config:
             raise ValueError("this KV pool was made for a different model")
-        bs, vocab = pool.block_size, self.config.vocab_size
+        if pool.data.device != self.device:
+            raise ValueError(f"this KV pool is on {pool.data.device}, the model on {self.device}")
+        bs, vocab, dev = pool.block_size, self.config.vocab_size, self.device
         for i, ch in enumerate(chunks):
             n = len(ch.tokens)
             if n == 0:
@@ -267,10 +280,10 @@ class Llama:
             decode_keys = max(lengths)
             nblocks = (decode_keys + bs - 1) // bs
             tables = [list(chunks[i].block_table[:(n + bs - 1) // bs]) for i, n in zip(decode, lengths)]
-            decode_blocks = torch.tensor([t + [0] * (nblocks - len(t)) for t in tables])
+            decode_blocks = torch.tensor([t + [0] * (nblocks - len(t)) for t in tables], device=dev)
             if min(lengths) != decode_keys:     # a mask costs SDPA time; equal lengths need none
-                keys = torch.arange(decode_keys)
-                decode_mask = (keys < torch.tensor(lengths).unsqueeze(1)).view(len(decode), 1, 1, -1)
+                keys = torch.arange(decode_keys, device=dev)
+                decode_mask = (keys < torch.tensor(lengths, device=dev).unsqueeze(1)).view(len(decode), 1, 1, -1)
 
         prefills = []
         for i in prompt:
@@ -278,9 +291,10 @@ class Llama:
             n, total = len(ch.tokens), ch.start + len(ch.tokens)
             blocks, keys = None, total
             if ch.start > 0:
-                blocks = torch.tensor(list(ch.block_table[:(total + bs - 1) // bs]))
+                blocks = torch.tensor(list(ch.block_table[:(total + bs - 1) // bs]), device=dev)
                 keys = blocks.numel() * bs       # slots past `total` are masked by causality
-            causal = torch.arange(keys).unsqueeze(0) <= (ch.start + torch.arange(n)).unsqueeze(1)
+            causal = (torch.arange(keys, device=dev).unsqueeze(0)
+                      <= (ch.start + torch.arange(n, device=dev)).unsqueeze(1))
             prefills.append(_Prefill(slice(first_row[i], first_row[i] + n), ch.start, blocks,
                                      causal.repeat(self.group, 1).view(1, 1, self.group * n, keys)))
 
@@ -291,10 +305,11 @@ class Llama:
                 rows.append(first_row[i] + n - 1)
             elif ch.logits == "all":
                 rows.extend(range(first_row[i], first_row[i] + n))
-        return _Plan(tokens=torch.tensor(tokens), rope=self.rope_table[torch.tensor(positions)],
-                     slots=torch.tensor(slots), n_decode=len(decode), decode_blocks=decode_blocks,
-                     decode_keys=decode_keys,
-                     decode_mask=decode_mask, prefills=prefills, logit_rows=torch.tensor(rows, dtype=torch.long))
+        return _Plan(tokens=torch.tensor(tokens, device=dev),
+                     rope=self.rope_table[torch.tensor(positions, device=dev)],
+                     slots=torch.tensor(slots, device=dev), n_decode=len(decode), decode_blocks=decode_blocks,
+                     decode_keys=decode_keys, decode_mask=decode_mask, prefills=prefills,
+                     logit_rows=torch.tensor(rows, dtype=torch.long, device=dev))
 
     # ------------------------------------------------------------------------------------------ reference
 
@@ -304,7 +319,7 @@ class Llama:
         c = self.config
         n, H, KVH, D = len(tokens), c.n_heads, c.n_kv_heads, c.head_dim
         angles = torch.outer(torch.arange(n, dtype=torch.float64) / c.rope_scale, self.inv_freq)
-        cos, sin = angles.cos().float(), angles.sin().float()
+        cos, sin = angles.cos().float().to(self.device), angles.sin().float().to(self.device)
 
         def rope(t):                           # t [n, heads, D]; pairs (2i, 2i+1) rotate by angle i
             even, odd = t[..., 0::2], t[..., 1::2]
@@ -314,8 +329,8 @@ class Llama:
         def rms(t, w):
             return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + c.rms_eps) * w
 
-        causal = torch.full((n, n), float("-inf")).triu(1)
-        x = self.embed[torch.tensor(list(tokens))]
+        causal = torch.full((n, n), float("-inf"), device=self.device).triu(1)
+        x = self.embed[torch.tensor(list(tokens), device=self.device)]
         for layer in self.layers:
             wq, wk, wv = layer.wqkv.w.split((H * D, KVH * D, KVH * D))
             h = rms(x, layer.attn_norm)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
+from drivers.devices import model_driver
 from services.runtime import Service
 from syscalls import errors
 
-DRIVER = "cpu"
+DRIVER = model_driver()     # "cpu", or "cuda0" when [driver] device put the model on a GPU
 DRIVER_RETRIES = 3          # consecutive failed steps before the batch's requests are failed
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
 

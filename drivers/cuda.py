@@ -1,0 +1,42 @@
+"""The CUDA driver: a service process that owns one GPU's copy of a model and its KV cache.
+
+One runs per GPU torch sees, named cuda0, cuda1, ... by the kernel (drivers/devices.py decides when);
+the name says which GPU, in torch's numbering (so CUDA_VISIBLE_DEVICES applies). Everything else is
+drivers/driver.py's ModelDriver: the weights and the KV pool are moved to ``cuda:N`` when the model
+loads, each step's token ids and block tables are copied there, and only the sampled tokens come
+back (sampling runs on the host, over the few logit rows a step returns).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from drivers.devices import cuda_index
+from drivers.driver import ModelDriver
+from services.runtime import main
+
+
+class CUDADriver(ModelDriver):
+    name = "cuda0"          # main() gives each process the name the kernel started it under
+
+    def torch_device(self) -> str:
+        return f"cuda:{cuda_index(self.name)}"
+
+    def device_info(self) -> dict[str, Any]:
+        import torch
+        i = cuda_index(self.name)
+        free, total = torch.cuda.mem_get_info(i)
+        return {"device_name": torch.cuda.get_device_name(i), "memory_total": total,
+                "memory_used": total - free, "memory_allocated": torch.cuda.memory_allocated(i)}
+
+
+def serve(cls: type[CUDADriver]) -> None:
+    """Run cls as the service the kernel named in LLMOS_SERVICE (cuda0, cuda1, ...)."""
+    name = os.environ.get("LLMOS_SERVICE", cls.name)
+    cuda_index(name)                    # a name that says no GPU is a mistake: fail before starting
+    main(type(cls.__name__, (cls,), {"name": name}))
+
+
+if __name__ == "__main__":
+    serve(CUDADriver)

@@ -1,0 +1,85 @@
+"""What every driver service does, whatever its device: own one copy of a model and its KV cache.
+
+At start a driver loads one model (``[driver] model``: a registered name or an absolute path; the
+default model otherwise) onto its device, allocates the KV pool there, and then executes batched
+forward-and-sample steps for the inference service. Requests carry token ids, positions, block
+tables and sampling parameters; answers carry sampled token ids and logprobs: tensors and logits
+never leave this process (see services/inference/driver.py for the message shapes).
+
+A step runs in a worker thread (torch releases the GIL), so the event loop keeps answering the
+kernel's pings during a long prefill; steps are serialised, as the KV pool is one.
+
+A subclass names its torch device (``torch_device``) and says what it knows of it
+(``device_info``: device_name, memory_total, memory_used); drivers/cpu.py and drivers/cuda.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from kernel.config import Config
+from services.models import Registry
+from services.runtime import Service
+from syscalls import errors
+
+
+class ModelDriver(Service):
+    def torch_device(self) -> str:
+        """The torch device this driver owns: "cpu", "cuda:0", ..."""
+        raise NotImplementedError
+
+    def device_info(self) -> dict[str, Any]:
+        """device_name, memory_total and memory_used (bytes, the whole device's), and any more."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        cfg = Config.load(self.paths.home / "config.toml").driver
+        import torch
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        registry = Registry(self.paths)
+        spec = cfg.model or None
+        path = Path(spec) if spec and os.path.isabs(spec) else registry.resolve(spec)
+        from services.inference.driver import LocalDriver
+
+        def progress(done: int, total: int, what: str) -> None:
+            # called from the loading thread: hand the event to the loop's thread
+            self.runtime.loop.call_soon_threadsafe(
+                lambda: self.progress(what="loading model", done=done, total=total, detail=what))
+
+        self.driver = await asyncio.to_thread(
+            LocalDriver.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
+            block_size=cfg.block_size, progress=progress,
+            fp16_single_token=cfg.fp16_single_token, device=self.torch_device())
+        self.lock = asyncio.Lock()
+        self.steps = 0
+        self.log.info("model_loaded", path=str(path), device=self.torch_device(), **self.driver.info())
+
+    def op_info(self, args: dict, caller: dict) -> dict:
+        import torch
+        pool = self.driver.pool.data
+        info = self.driver.info()
+        info.update(device=self.torch_device(), threads=torch.get_num_threads(),
+                    rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    kv_bytes=pool.numel() * pool.element_size(), steps=self.steps,
+                    **self.device_info())
+        return info
+
+    async def op_step(self, args: dict, caller: dict) -> list[dict[str, Any]]:
+        batch = args.get("batch")
+        if not isinstance(batch, list):
+            raise errors.EINVAL("step: 'batch' must be a list of sequence steps")
+        async with self.lock:
+            try:
+                out = await asyncio.to_thread(self.driver.step, batch)
+            except (ValueError, KeyError, TypeError) as e:
+                raise errors.EINVAL(f"step: {e}") from None
+            self.steps += 1
+            return out
+
+    def op_release(self, args: dict, caller: dict) -> None:
+        self.driver.release([int(i) for i in args.get("seq_ids", [])])
