@@ -5,6 +5,8 @@
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
+    [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum (model work;
+                   see kernel/sched.py)
     [driver]       device, model, kv_blocks, block_size, threads, fp16_single_token (drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
@@ -57,6 +59,23 @@ class StorageConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    max_running: int = 32           # requests in one batch step
+    token_budget: int = 256         # tokens fed in one step (prompt chunks fill what decoders leave)
+    max_queue: int = 1024           # requests waiting beyond the batch; more is EAGAIN
+    band: int = 5                   # nice levels: requests less urgent than the most urgent by more sit out
+    aging_s: float = 2.0            # a waiting request gains one level of urgency per this many seconds
+    quantum: float = 16.0           # tokens a running request is ahead before a fairer one swaps in
+
+    def check(self) -> None:
+        for name in ("max_running", "token_budget", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config: scheduler.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.band <= 39 or self.aging_s <= 0 or self.quantum < 0:
+            raise ValueError("config: scheduler.band must be in 0..39, aging_s > 0 and quantum >= 0")
+
+
+@dataclass
 class DriverConfig:
     device: str = "auto"            # auto | cpu | cuda: where the driver runs (drivers/devices.py)
     model: str = ""                 # a registered model name or an absolute path; "": the default
@@ -82,6 +101,7 @@ class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     driver: DriverConfig = field(default_factory=DriverConfig)
     services: list[str] = field(default_factory=lambda: ["storage", "tokenizer", "cpu",
                                                          "inference"])
@@ -97,12 +117,13 @@ class Config:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config: {path} is not valid TOML: {e}") from None
-        sections = ("kernel", "supervisor", "storage", "driver", "services", "daemons")
+        sections = ("kernel", "supervisor", "storage", "scheduler", "driver", "services", "daemons")
         for name in raw:
             if name not in sections or not isinstance(raw[name], list if name == "daemons" else dict):
                 raise ValueError(f"config: unknown section [{name}] (known: {', '.join(sections)})")
-        for section in sections[:4]:
+        for section in sections[:5]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
+        cfg.scheduler.check()
         services = raw.get("services", {})
         for key in services:
             if key not in ("enabled", "modules"):

@@ -42,10 +42,13 @@ from .channel import FULL, SENT, Channel
 from .config import Config
 from syscalls.paths import Paths
 from .launcher import ENDING_SIGNALS, Launcher
+from .sched import MODEL_LIMITS
 from .proctable import BLOCKED, KERNEL_PID, RESTARTING, RUNNING, STOPPED, Process, ProcessTable
 from .supervisor import FAILED, READY, STOPPED as SVC_STOPPED, Service, Supervisor
 
 HWM = 10_000
+SCHEDULER = "inference"                 # the service that runs the kernel's model scheduling policy
+GENERATING = ("generate", "chat")       # calls whose chunks carry generated tokens
 
 
 @dataclass(eq=False)
@@ -61,6 +64,7 @@ class Forwarded:
     queued_at: float
     attempts: int = 1
     chunks: int = 0
+    tokens: int = 0                     # generated tokens streamed so far (generate, chat)
     service: Service | None = None      # the service handling it
     origin: Service | None = None       # the service that made it, for a service-to-service call
 
@@ -353,6 +357,38 @@ class Kernel:
             self.supervisor.progress(svc, data)
         elif kind == "ready":
             self.supervisor.ready(svc)
+        elif kind == "sched" and svc.name == SCHEDULER and isinstance(data, dict):
+            self._model_work(data.get("procs"))
+
+    def _model_work(self, procs: Any) -> None:
+        """The inference scheduler's report: each process's model work now (absent: none)."""
+        if not isinstance(procs, list):
+            return
+        seen = set()
+        for entry in procs:
+            if isinstance(entry, dict) and type(entry.get("pid")) is int:
+                proc = self.table.get(entry["pid"])
+                if proc is not None:
+                    proc.model = {k: entry.get(k) for k in ("state", "kv_blocks", "sequences", "contexts")}
+                    seen.add(proc.pid)
+        for proc in self.table:
+            if proc.model and proc.pid not in seen:
+                proc.model = {}
+
+    def _sched_changed(self, proc: Process) -> None:
+        """The scheduler's inputs for a process changed: tell the inference service now."""
+        svc = self.supervisor.services.get(SCHEDULER)
+        if svc is None or svc.state != READY or not svc.ident:
+            return          # it learns them with the process's next request
+        args = {"pid": proc.pid, "priority": proc.priority, "stopped": proc.state == STOPPED,
+                "limits": self._model_limits(proc)}
+        self.services_ch.send([svc.ident, wire.service_call(
+            next(self._kids), "sched_update", args, {"pid": KERNEL_PID, "uid": self.uid,
+                                                     "privileged": True, "txid": ""})])
+
+    @staticmethod
+    def _model_limits(proc: Process) -> dict:
+        return {r: v for r, v in proc.limits.items() if r in MODEL_LIMITS}
 
     def _service_reply(self, svc: Service, msg: list) -> None:
         kind, kid = msg[1], msg[2]
@@ -361,7 +397,13 @@ class Kernel:
             return                          # the caller cancelled, or died, meanwhile
         if kind == wire.CHUNK:
             call.chunks += 1
-            return self._answer(call, wire.chunk(call.cid, msg[3]))
+            value = msg[3]
+            if call.spec.name in GENERATING and isinstance(value, dict):
+                tokens = value.get("tokens")
+                n = len(tokens) if isinstance(tokens, list) else 0
+                call.tokens += n
+                call.proc.tokens_out += n          # accounted as it happens, for ps and top
+            return self._answer(call, wire.chunk(call.cid, value))
         del svc.in_flight[kid]
         call.waiting_map.pop(call.cid, None)
         if kind == wire.ERR:
@@ -371,9 +413,9 @@ class Kernel:
             if isinstance(value, dict):
                 if call.spec.name in ("put", "delete"):
                     call.proc.bytes_stored += int(value.get("delta") or 0)
-                elif kind == wire.END:          # a generation's counts
+                elif kind == wire.END:          # a generation's counts: the chunks had most
                     call.proc.tokens_in += int(value.get("prompt_tokens") or 0)
-                    call.proc.tokens_out += int(value.get("generated_tokens") or 0)
+                    call.proc.tokens_out += max(0, int(value.get("generated_tokens") or 0) - call.tokens)
             frame = (wire.ok if kind == wire.OK else wire.end)(call.cid, value)
         self._answer(call, frame)
 
@@ -418,6 +460,9 @@ class Kernel:
             svc.in_flight[call.kid] = call
             caller = {"pid": call.proc.pid, "uid": call.proc.uid, "privileged": call.proc.privileged,
                       "txid": call.txid}
+            if svc.name == SCHEDULER:      # the scheduler's inputs, as of this call
+                caller.update(priority=call.proc.priority, stopped=call.proc.state == STOPPED,
+                              limits=self._model_limits(call.proc))
             if call.origin is not None:
                 caller["service"] = call.origin.name
             limit = call.proc.limits.get("storage_bytes")
@@ -467,6 +512,8 @@ class Kernel:
             self._dispatch(svc, call)
 
     def service_down(self, svc: Service) -> None:
+        if svc.name == SCHEDULER:
+            self._model_work([])            # its requests are gone with it
         outgoing, svc.outgoing = svc.outgoing, {}      # its own calls to others: nobody to answer
         for call in outgoing.values():
             self._drop_forwarded(call)
@@ -491,6 +538,7 @@ class Kernel:
                 self._dispatch(svc, call)
 
     async def _housekeeping(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
@@ -501,6 +549,16 @@ class Kernel:
                     self._fail(call, "ETIMEDOUT", f"{call.spec.name}: service '{svc.name}' did not "
                                                   f"come back within {deadline:.0f}s ({svc.state})")
             self._sweeps = [h for h in self._sweeps if not h.cancelled() and h.when() > self.loop.time()]
+            self._rates(now - last)
+            last = now
+
+    def _rates(self, dt: float) -> None:
+        """Each process's generated tokens per second, smoothed (half of it is the last second)."""
+        for proc in self.table:
+            if proc.tokens_out != proc.rate_mark or proc.tok_s:
+                rate = (proc.tokens_out - proc.rate_mark) / max(dt, 1e-3)
+                proc.tok_s = round(0.5 * proc.tok_s + 0.5 * rate, 1) if rate or proc.tok_s >= 0.1 else 0.0
+                proc.rate_mark = proc.tokens_out
 
     # == syscalls: processes =====================================================================
     def sys_hello(self, proc: Process, a: dict) -> dict:
@@ -589,8 +647,10 @@ class Kernel:
                                    f"(OS pid {target.os_pid})") from None
         if sig == "STOP":
             target.state = STOPPED
+            self._sched_changed(target)     # its model work is suspended too
         elif sig == "CONT":
             target.state = BLOCKED if target.blocked else RUNNING
+            self._sched_changed(target)
         elif target.os_pid is None:     # nothing to deliver it to: the kernel ends the process
             self.end_process(target, None, sig)
         return None
@@ -638,6 +698,7 @@ class Kernel:
             raise errors.EPERM(f"nice: making pid {proc.pid} more urgent ({proc.priority} -> {new}) "
                                f"needs privilege")
         proc.priority = new
+        self._sched_changed(proc)
         return new
 
     def sys_setpriority(self, proc: Process, a: dict) -> None:
@@ -646,6 +707,7 @@ class Kernel:
             raise errors.EPERM(f"setpriority: making pid {target.pid} more urgent "
                                f"({target.priority} -> {a['priority']}) needs privilege")
         target.priority = a["priority"]
+        self._sched_changed(target)
 
     def sys_getpriority(self, proc: Process, a: dict) -> int:
         target = proc if a["pid"] is None else self.table.get(a["pid"])
@@ -671,6 +733,8 @@ class Kernel:
             target.limits.pop(resource, None)
         else:
             target.limits[resource] = new
+        if resource in MODEL_LIMITS:
+            self._sched_changed(target)
 
     # == syscalls: messages ======================================================================
     def sys_send(self, proc: Process, a: dict) -> None:

@@ -4,6 +4,8 @@ A process is a program known to the kernel: one connection from a program, or a 
 spawned (the connection it later opens binds to the same entry). PID 1 is the kernel itself; it
 adopts orphans and reaps them. The table owns the parent/child links and the life cycle
 (RUNNING/BLOCKED/STOPPED -> ZOMBIE -> gone); it never touches sockets or OS processes itself.
+A RUNNING process with model work is shown as RUNNING (in the batch), READY (waiting for it) or
+SUSPENDED (taken out of it), from what the inference scheduler reports.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from typing import Any
 
 RUNNING, BLOCKED, STOPPED, ZOMBIE = "RUNNING", "BLOCKED", "STOPPED", "ZOMBIE"
 RESTARTING = "RESTARTING"      # a daemon between two runs, waiting out its backoff
+READY, SUSPENDED = "READY", "SUSPENDED"     # its model work waits for the batch / was taken out of it
+# the inference scheduler's name for a process's model work -> the state ps shows
+MODEL_STATES = {"running": RUNNING, "ready": READY, "suspended": SUSPENDED, "throttled": SUSPENDED,
+                "stopped": STOPPED}
 KERNEL_PID = 1
 
 
@@ -49,6 +55,10 @@ class Process:
     bytes_stored: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    tok_s: float = 0.0                    # generated tokens per second, smoothed over a few seconds
+    rate_mark: int = 0                    # tokens_out when tok_s was last computed
+    model: dict = field(default_factory=dict)   # its model work, as the inference service last said:
+                                          # {state: running|ready|suspended|..., kv_blocks, sequences, contexts}
     dropped: int = 0                      # published messages lost to a full mailbox
     # messages
     mailbox: deque = field(default_factory=deque)
@@ -67,12 +77,22 @@ class Process:
     def alive(self) -> bool:
         return self.state != ZOMBIE
 
+    @property
+    def shown_state(self) -> str:
+        """The state ps shows: the process's own, refined by its model work while it has some."""
+        if self.state != RUNNING:
+            return self.state
+        return MODEL_STATES.get(self.model.get("state"), RUNNING)
+
     def info(self) -> dict:
+        model = self.model
         return {
             "pid": self.pid, "ppid": self.ppid, "uid": self.uid, "name": self.name,
-            "argv": self.argv, "state": self.state, "priority": self.priority,
+            "argv": self.argv, "state": self.shown_state, "priority": self.priority,
             "started": self.started, "syscalls": self.syscalls, "bytes_stored": self.bytes_stored,
-            "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+            "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "tok_s": self.tok_s,
+            "kv_blocks": model.get("kv_blocks", 0), "sequences": model.get("sequences", 0),
+            "contexts": model.get("contexts", 0),
             "privileged": self.privileged, "daemon": self.daemon, "os_pid": self.os_pid,
             "restart": self.restart, "restarts": self.restarts,
             "mailbox": len(self.mailbox), "dropped": self.dropped,

@@ -44,6 +44,7 @@ class Service:
     """Base class: subclasses set ``name`` and define ``op_*`` methods; ``main()`` runs one."""
 
     name = "service"
+    internal: tuple[str, ...] = ()     # ops for the kernel and other services only: no syscall names them
 
     def __init__(self, paths: Paths, log):
         self.paths = paths

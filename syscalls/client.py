@@ -14,6 +14,7 @@ Streaming calls return a ``Stream``: iterate it for the chunks; ``.result`` hold
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import os
@@ -81,8 +82,23 @@ class Stream:
         self.result: Any = None
         self.done = False
         self._seen: list[Any] = []
+        self._chunks: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
+        """The chunks not read yet: `next(stream)` and later loops go on from where reading stopped."""
+        if self._chunks is None:
+            self._chunks = self._read()
+        return self._chunks
+
+    def __next__(self) -> Any:
+        return next(iter(self))
+
+    @property
+    def chunks(self) -> list[Any]:
+        """The chunks read so far."""
+        return list(self._seen)
+
+    def _read(self) -> Iterator[Any]:
         try:
             while not self.done:
                 msg = self._conn._next(self._cid, self.name)
@@ -125,6 +141,7 @@ class Connection:
         self._sock = _socket(self._ctx, self.paths)
         self._kernel = self.paths.kernel_pid()
         self._closed = False
+        self._open: dict[int, collections.deque] = {}   # calls awaiting replies -> replies kept for them
         self.info = self.hello(**_hello_args(name, privileged))
         self.pid: int = self.info["pid"]
 
@@ -148,10 +165,21 @@ class Connection:
             raise errors.EINVAL(f"{name}: the connection is closed")
         cid = next(self._ids)
         self._sock.send(wire.call(cid, name, args))
+        self._open[cid] = collections.deque()
         return cid
 
     def _next(self, cid: int, name: str) -> list:
-        """The next message for call cid; others (probes, late replies to cancelled calls) go."""
+        """The next message for call cid. Messages for other open calls (a stream being read while
+        another call is made) are kept for them; probes and late replies to cancelled calls go."""
+        msg = self._take(cid, name)
+        if msg[1] != wire.CHUNK:
+            self._open.pop(cid, None)
+        return msg
+
+    def _take(self, cid: int, name: str) -> list:
+        kept = self._open.get(cid)
+        if kept:
+            return kept.popleft()
         waited = 0.0
         while True:
             if not self._sock.poll(POLL_SLICE_MS):
@@ -163,12 +191,18 @@ class Connection:
                     raise errors.ETIMEDOUT(f"{name}: no reply within {self.timeout}s")
                 continue
             msg = wire.decode(self._sock.recv())
-            if msg[2] == cid and msg[1] in (wire.OK, wire.ERR, wire.CHUNK, wire.END):
-                return msg
+            if msg[1] in (wire.OK, wire.ERR, wire.CHUNK, wire.END):
+                if msg[2] == cid:
+                    return msg
+                other = self._open.get(msg[2])
+                if other is not None:
+                    other.append(msg)
+                    continue
             if msg[2] == 0 and msg[1] == wire.ERR:      # the kernel could not read what we sent
                 raise _error(msg)
 
     def _cancel(self, cid: int) -> None:
+        self._open.pop(cid, None)
         if not self._closed:
             try:
                 self._sock.send(wire.cancel(cid), zmq.NOBLOCK)

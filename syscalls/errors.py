@@ -19,6 +19,7 @@ CODES: dict[str, str] = {
     "ECONFLICT": "version does not match (compare-and-set failed)",
     "EAGAIN": "resource temporarily unavailable (queue full, too many calls in flight)",
     "EDQUOT": "quota exceeded",
+    "EBADF": "no such context handle (never opened, closed, or another process's)",
     "E2BIG": "argument or message too large",
     "EIO": "input/output error inside a service",
     "ESRVDOWN": "service is down (failed, or gone while handling a call that cannot be retried)",
@@ -56,6 +57,7 @@ EEXIST = _make("EEXIST")
 ECONFLICT = _make("ECONFLICT")
 EAGAIN = _make("EAGAIN", BlockingIOError)
 EDQUOT = _make("EDQUOT")
+EBADF = _make("EBADF")
 E2BIG = _make("E2BIG", ValueError)
 EIO = _make("EIO", OSError)
 ESRVDOWN = _make("ESRVDOWN", ConnectionError)

@@ -60,9 +60,15 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall("ps", "kernel", (
         Arg("pid", "int", None, min=1, doc="only this process"),
     ), result="[{pid, ppid, uid, name, argv, state, priority, started, syscalls, bytes_stored, "
-              "tokens_in, tokens_out, privileged, daemon, os_pid, restart, restarts, mailbox, "
-              "dropped, exit_status, exit_signal}]", errors=("ESRCH",), idempotent=True,
-        doc="The process table, the kernel itself (pid 1) first."),
+              "tokens_in, tokens_out, tok_s, kv_blocks, sequences, contexts, privileged, daemon, os_pid, "
+              "restart, restarts, mailbox, dropped, exit_status, exit_signal}]", errors=("ESRCH",),
+        idempotent=True,
+        doc="The process table, the kernel itself (pid 1) first. state is RUNNING (a sequence of "
+            "it is in the model's batch, or it has no model work), READY (its requests wait for a "
+            "batch slot or their fair turn), SUSPENDED (kept out by much more urgent work, or "
+            "throttled by tokens_per_minute), BLOCKED (in wait or recv), STOPPED (kill -STOP), ZOMBIE or RESTARTING. "
+            "tok_s is generated tokens per second over the last few seconds; kv_blocks and "
+            "sequences are what it holds in the inference scheduler now."),
     Syscall("spawn", "kernel", (
         Arg("argv", "[str]", max_len=MAX_ARGV, doc="program and arguments; argv[0] is looked up in PATH"),
         Arg("env", "{str:str}", None, doc="variables added to the kernel's environment"),
@@ -147,10 +153,22 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="Generate text from a prompt, streamed as it is produced. finish is stop (a stop "
                 "string, stop id or end of text), length (max_tokens or the context window), "
                 "cancelled or error. Sampling defaults follow llama.cpp's."),
-    Syscall("chat", "inference", (Arg("messages", "[message]", max_len=4096), *_GENERATION),
-            result="as generate", errors=("EINVAL", "ENOENT", "EIO"), stream=True,
-            doc="generate, from chat messages ({role, content}) rendered with the model's chat "
-                "template."),
+    Syscall("chat", "inference", (
+        Arg("messages", "[message]", max_len=4096), *_GENERATION,
+    ), result="as generate", errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"),
+        stream=True,
+        doc="generate, from chat messages ({role, content}) rendered with the model's chat "
+            "template."),
+    Syscall("runqueue", "inference", (
+        Arg("pid", "int", None, min=1, doc="only this process's requests"),
+    ), result="{max_running, max_queue, running, ready, suspended, blocks_total, blocks_used, "
+              "blocks_cached, requests: [{pid, request, state, priority, position, kv_blocks, "
+              "prompt_tokens, generated, waited_s}]}", idempotent=True,
+        doc="The model scheduler's view: every request, in the order it would be scheduled. "
+            "state is running (in the batch), ready (waiting for a batch slot or its fair turn), "
+            "suspended (kept out by much more urgent work), stopped (its process got kill -STOP) "
+            "or throttled (tokens_per_minute); position is its place among those ready or "
+            "suspended, 1 first."),
     # -- storage --------------------------------------------------------------------------------
     Syscall("put", "storage", (
         _key, Arg("value", "any"),

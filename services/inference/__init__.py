@@ -9,8 +9,9 @@ The inference service process wraps `Engine`; a driver process wraps `LocalDrive
 
 from services.inference.blocks import BlockAllocator, OutOfBlocks
 from services.inference.driver import Driver, LocalDriver, Sampled, SeqStep
-from services.inference.engine import Engine, RequestError
-from services.inference.scheduler import Batch, FirstComeFirstServed, Policy, Scheduler
+from services.inference.engine import Engine, QueueFull, QuotaExceeded, RequestError
+from kernel.sched import Policy
+from services.inference.scheduler import Batch, Scheduler
 from services.inference.sequence import FINISH_REASONS, Sequence, Status
 
 __all__ = [
@@ -19,9 +20,10 @@ __all__ = [
            "BlockAllocator",
            "Driver",
            "Engine",
-           "FirstComeFirstServed",
            "LocalDriver",
            "OutOfBlocks",
+           "QueueFull",
+           "QuotaExceeded",
            "Policy",
            "RequestError",
            "Sampled",

@@ -26,7 +26,8 @@ from drivers.model.params import SamplingParams, SamplingParamsError
 from drivers.model.tokenizer import StreamDecoder, Tokenizer
 from services.inference.blocks import BlockAllocator
 from services.inference.driver import Driver, Sampled, SeqStep
-from services.inference.scheduler import Batch, Policy, Scheduler
+from kernel.sched import Policy
+from services.inference.scheduler import Batch, Scheduler
 from services.inference.sequence import Sequence, Status
 
 
@@ -34,9 +35,17 @@ class RequestError(ValueError):
     """A request the engine refuses (bad parameter, prompt too long); the message says which and why."""
 
 
+class QueueFull(RequestError):
+    """The run queue is at its bound: try again later (EAGAIN)."""
+
+
+class QuotaExceeded(RequestError):
+    """The request would take its process past one of its limits (EDQUOT)."""
+
+
 class Engine:
     def __init__(self, driver: Driver, tokenizer: Tokenizer, *, max_running: int = 32, token_budget: int = 256,
-                 policy: Policy | None = None):
+                 max_queue: int = 1024, policy: Policy | None = None):
         info = driver.info()
         self.driver = driver
         self.tokenizer = tokenizer
@@ -44,6 +53,8 @@ class Engine:
         self.vocab_size = int(info["vocab_size"])
         self.blocks = BlockAllocator(int(info["num_blocks"]), int(info["block_size"]))
         self.scheduler = Scheduler(self.blocks, max_running, token_budget, policy)
+        self.policy = self.scheduler.policy
+        self.max_queue = max_queue
         self._seqs: dict[int, Sequence] = {}
         self._decoders: dict[int, StreamDecoder] = {}
         self._ids = itertools.count(1)
@@ -54,8 +65,10 @@ class Engine:
 
     def add(self, prompt: str | Seq[int], sampling: SamplingParams | dict | None = None, *, max_tokens: int = 256,
             stop: Iterable[str] = (), stop_ids: Iterable[int] = (), ignore_eos: bool = False,
-            seq_id: int | None = None, priority: int = 0) -> int:
-        """Queue a request; return its seq_id. Raises RequestError for anything the engine cannot run."""
+            seq_id: int | None = None, pid: int = 0) -> int:
+        """Queue a request of process pid; return its seq_id. Raises RequestError (or QueueFull,
+        QuotaExceeded) for anything the engine cannot run. The process's priority and limits are
+        the policy's (``engine.policy.update(pid, ...)`` first)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise RequestError("the prompt is empty")
@@ -81,6 +94,7 @@ class Engine:
             raise RequestError(f"stop_ids must be integers in 0..{self.vocab_size - 1}")
         if not ignore_eos:
             stop_ids |= set(self.tokenizer.eog_ids)
+        self._admit(pid, len(ids))
         if seq_id is None:
             seq_id = next(self._ids)
             while seq_id in self._seqs:
@@ -88,11 +102,37 @@ class Engine:
         elif seq_id in self._seqs:
             raise RequestError(f"seq_id {seq_id} is already in use")
         seq = Sequence(seq_id, ids, params.to_dict(), min(max_tokens, self.context_length - len(ids)),
-                       frozenset(stop_ids), arrival=next(self._arrivals), priority=priority)
+                       frozenset(stop_ids), arrival=next(self._arrivals), pid=pid)
         self._seqs[seq_id] = seq
         self._decoders[seq_id] = StreamDecoder(self.tokenizer, stop)
         self.scheduler.add(seq)
         return seq_id
+
+    def _admit(self, pid: int, prompt_len: int) -> None:
+        """The run queue's bound and the process's limits, checked before a request is queued."""
+        queued = len(self.scheduler.waiting)
+        if queued >= self.max_queue:
+            raise QueueFull(f"the run queue is full: {queued} requests wait (max_queue {self.max_queue}); "
+                            f"try again later")
+        proc = self.policy.procs.get(pid)
+        limits = proc.limits if proc else {}
+        if "sequences" in limits:
+            mine = sum(1 for s in self.scheduler.seqs if s.pid == pid)
+            if mine >= limits["sequences"]:
+                raise QuotaExceeded(f"pid {pid} has {mine} requests running or queued; its sequences "
+                                    f"limit is {limits['sequences']}")
+        if "kv_blocks" in limits:
+            need = self.blocks.blocks_for(prompt_len + 1)
+            if need > limits["kv_blocks"]:
+                raise QuotaExceeded(f"the prompt needs {need} KV blocks of {self.blocks.block_size} tokens; "
+                                    f"pid {pid}'s kv_blocks limit is {limits['kv_blocks']}")
+        if "tokens_per_minute" in limits:
+            now = time.monotonic()
+            wait = proc.throttle_left(now)
+            if wait > 0:
+                raise QuotaExceeded(f"pid {pid} generated {proc.tokens_last_minute(now)} tokens in the last "
+                                    f"minute; its tokens_per_minute limit is {limits['tokens_per_minute']} "
+                                    f"(try again in {wait:.0f} s)")
 
     def cancel(self, seq_id: int) -> dict | None:
         """Finish a request now and free its blocks; return its last event (None if it is unknown)."""
@@ -107,6 +147,19 @@ class Engine:
     def usage(self) -> dict[str, int]:
         return {**self.blocks.usage(), "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting)}
+
+    def by_process(self) -> dict[int, dict]:
+        """Each process's model work: {pid: {state, kv_blocks, sequences}}; state is the most
+        active of its requests' (running > ready > suspended)."""
+        rank = {"running": 0, "ready": 1, "suspended": 2, "throttled": 2, "stopped": 3}
+        out: dict[int, dict] = {}
+        for r in self.scheduler.describe():
+            p = out.setdefault(r["pid"], {"state": r["state"], "kv_blocks": 0, "sequences": 0})
+            p["kv_blocks"] += r["kv_blocks"]
+            p["sequences"] += 1
+            if rank[r["state"]] < rank[p["state"]]:
+                p["state"] = r["state"]
+        return out
 
     # ------------------------------------------------------------------------------------------ the step
 
@@ -132,6 +185,9 @@ class Engine:
                                error=f"the KV cache ({self.blocks.num_blocks} blocks of {self.blocks.block_size}"
                                      f" tokens) cannot hold {len(seq)} tokens")
                   for seq in batch.starved]
+        for seq, why in batch.over_quota:
+            events.append(self._finish(seq, "error", {"seq_id": seq.seq_id, "text": self._decoders[seq.seq_id].flush(),
+                                                      "tokens": [], "error_code": "EDQUOT"}, error=why))
         msgs: list[SeqStep] = []
         for seq, n in batch.steps:
             start = seq.num_computed
@@ -182,8 +238,10 @@ class Engine:
 
     def _append(self, seq: Sequence, pick: Sampled) -> dict:
         token = int(pick["token"])
+        now = time.monotonic()
         if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
+            seq.first_token_at = now
+        self.policy.charge(seq.pid, 1, now)
         seq.output.append(token)
         decoder = self._decoders[seq.seq_id]
         event: dict[str, Any] = {"seq_id": seq.seq_id, "text": "", "tokens": [token]}

@@ -1,46 +1,44 @@
-"""Who runs this step, and with how many tokens: continuous batching with chunked prefill and preemption.
+"""Who runs this step, and with how many tokens: continuous batching under the kernel's policy.
 
-Each step has a token budget. Decoding sequences (one pending token) are served first, so a long prompt
-never stalls them; prefilling sequences get what is left of the budget, a chunk at a time; waiting
-sequences are admitted while there is budget, a free running slot and free blocks. When a running
-sequence needs a block and none is free, the policy picks a victim among the running (by default the
-newest): its blocks are freed and it goes back to waiting, to be recomputed from its tokens later.
+Every live request is in one of three states:
+    RUNNING    in the batch, holding KV blocks;
+    SUSPENDED  out of the batch (preempted by a more urgent request, or held: its process is
+               stopped or throttled), still holding its KV blocks;
+    WAITING    holding no blocks: new, or preempted and dropped, to be recomputed from its tokens.
+Each step the policy (kernel/sched.py) orders the requests and picks the batch. Suspending is
+free: the blocks stay where they are, and a suspended request resumes at the next step it is
+picked. Blocks are taken back only when memory is short, in this order: from held requests, then
+from suspended ones, least urgent first, then from running requests less urgent than the one that
+needs them. A dropped request is recomputed later: on this machine prefill runs many times faster
+per token than decoding, and the CPU has no cheaper "host memory" to move blocks to, so dropping
+is the cheap choice whenever keeping is impossible (a CUDA driver could swap to host instead).
 
-The policy is the hook for the kernel's priority scheduler (issue 4): any object with `next_waiting`
-and `victim` will do.
+Each step has a token budget. Decoding requests (one pending token) are always served, so a long
+prompt never stalls them; prefilling requests get what is left, a chunk at a time.
 
-Never: talk to the driver, or change a sequence's tokens (the engine does both).
+A process's kv_blocks limit is enforced here: a request may not grow its process past the limit.
+It waits for its process's other requests (the least urgent of them may be dropped for it), and
+fails with the limit named if it alone cannot fit.
+
+Never: talk to the driver, or change a request's tokens (the engine does both).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from kernel.sched import Policy
 from services.inference.blocks import BlockAllocator
 from services.inference.sequence import Sequence, Status
-
-
-class Policy(Protocol):
-    def next_waiting(self, waiting: list[Sequence]) -> Sequence: ...
-    def victim(self, running: list[Sequence]) -> Sequence: ...
-
-
-class FirstComeFirstServed:
-    """Admit the oldest request first; preempt the newest. Preempted requests keep their place."""
-
-    def next_waiting(self, waiting: list[Sequence]) -> Sequence:
-        return min(waiting, key=lambda s: s.arrival)
-
-    def victim(self, running: list[Sequence]) -> Sequence:
-        return max(running, key=lambda s: s.arrival)
 
 
 @dataclass
 class Batch:
     steps: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, tokens it feeds this step)
-    preempted: list[Sequence] = field(default_factory=list)
-    starved: list[Sequence] = field(default_factory=list)   # alone, it still cannot fit in the KV pool
+    preempted: list[Sequence] = field(default_factory=list)   # dropped their blocks this step
+    starved: list[Sequence] = field(default_factory=list)     # alone, it still cannot fit in the KV pool
+    over_quota: list[tuple[Sequence, str]] = field(default_factory=list)   # cannot fit in its kv_blocks
 
     def __bool__(self) -> bool:
         return bool(self.steps)
@@ -48,95 +46,204 @@ class Batch:
 
 class Scheduler:
     def __init__(self, blocks: BlockAllocator, max_running: int = 32, token_budget: int = 256,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, clock=time.monotonic):
         if max_running < 1 or token_budget < 1:
             raise ValueError(f"need max_running >= 1 and token_budget >= 1, got {max_running}, {token_budget}")
         self.blocks = blocks
         self.max_running = max_running
         self.token_budget = token_budget
-        self.policy = policy or FirstComeFirstServed()
-        self.waiting: list[Sequence] = []
-        self.running: list[Sequence] = []
+        self.policy = policy or Policy()
+        self.clock = clock
+        self.seqs: list[Sequence] = []      # every live request, in arrival order
+
+    # ------------------------------------------------------------------------------------------ requests
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
-        self.waiting.append(seq)
+        seq.last_served = self.clock()
+        self.policy.joined(seq.pid)
+        self.seqs.append(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """A finished or cancelled sequence leaves at once; its blocks are free for the next step."""
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+        """A finished or cancelled request leaves at once; its blocks are free for the next step."""
+        if seq in self.seqs:
+            self.seqs.remove(seq)
         self.blocks.free(seq.seq_id)
+        if not any(s.pid == seq.pid for s in self.seqs) and not self.keep_pid(seq.pid):
+            self.policy.forget(seq.pid)
+
+    def keep_pid(self, pid: int) -> bool:
+        """Whether the policy must remember a process with no request (the engine overrides this
+        while the process holds contexts)."""
+        return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.seqs)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.status is Status.RUNNING]
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        """Not in the batch: waiting for blocks or a slot, or suspended."""
+        return [s for s in self.seqs if s.status is not Status.RUNNING]
+
+    def held_blocks(self, pid: int) -> int:
+        return sum(len(self.blocks.table(s.seq_id)) for s in self.seqs if s.pid == pid)
+
+    def order(self, now: float | None = None) -> list[Sequence]:
+        """Every live request, most deserving first."""
+        now = self.clock() if now is None else now
+        key = self.policy.key
+        return sorted(self.seqs, key=lambda s: key(s.pid, s.last_served, s.arrival,
+                                                   s.status is Status.RUNNING, now))
 
     # ------------------------------------------------------------------------------------------ one step
 
     def schedule(self) -> Batch:
-        batch, budget = Batch(), self.token_budget
-        # decoders first (one token each), then the chunks of prompts already being prefilled
-        for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.arrival)):
-            if budget == 0:
-                break
-            if seq not in self.running:          # preempted a moment ago to make room for an older one
+        now = self.clock()
+        batch, policy = Batch(), self.policy
+        chosen: list[Sequence] = []
+        top = None
+        for s in self.order(now):
+            s.hold = policy.hold(s.pid, now)
+            if s.hold:
                 continue
-            n = self._make_room(seq, min(seq.pending, budget), batch)
-            if n:
-                self.blocks.grow(seq.seq_id, seq.num_computed + n)
-                batch.steps.append((seq, n))
-                budget -= n
-        if batch.preempted:              # memory is short: admitting now would only thrash
-            return batch
-        while self.waiting and budget and len(self.running) < self.max_running:
-            seq = self.policy.next_waiting(self.waiting)
-            n = min(seq.pending, budget)
-            if not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
-                if not self.running and not self.blocks.can_grow(seq.seq_id, seq.num_computed + 1):
-                    self.waiting.remove(seq)     # the whole pool cannot hold it
-                    batch.starved.append(seq)
-                    continue
-                break                            # wait for blocks; admitting never preempts
-            self.waiting.remove(seq)
-            self.running.append(seq)
-            seq.status = Status.RUNNING
-            self.blocks.grow(seq.seq_id, seq.num_computed + n)
-            batch.steps.append((seq, n))
-            budget -= n
+            e = policy.effective(s.pid, s.last_served, now)
+            if top is None:
+                top = e
+            s.benched = e > top + policy.band
+            if not s.benched and len(chosen) < self.max_running:
+                chosen.append(s)
+        picked = set(chosen)
+        for s in self.seqs:
+            if s.status is Status.RUNNING and s not in picked:
+                self._suspend(s)
+
+        decoders = sum(1 for s in chosen if s.pending == 1)
+        prefill_budget = max(0, self.token_budget - decoders)
+        for s in chosen:
+            if s not in picked:                  # dropped a moment ago for a more urgent request
+                continue
+            want = 1 if s.pending == 1 else min(s.pending, prefill_budget)
+            if want == 0:
+                continue
+            n = self._fit(s, want, chosen, picked, batch)
+            if n == 0:
+                if s.status is Status.RUNNING:
+                    self._suspend(s)
+                continue
+            self.blocks.grow(s.seq_id, s.num_computed + n)
+            if s.status is not Status.RUNNING:
+                s.status = Status.RUNNING
+            s.last_served = now
+            batch.steps.append((s, n))
+            if s.pending > 1:
+                prefill_budget -= n
+        batch.steps.sort(key=lambda x: x[0].pending > 1)     # decoders first, for the driver's sake
         return batch
 
-    def _make_room(self, seq: Sequence, n: int, batch: Batch) -> int:
-        """How many of seq's n tokens fit, preempting newer sequences if needed; 0 if seq was preempted."""
-        while True:
-            fits = min(n, (len(self.blocks.table(seq.seq_id)) + self.blocks.num_free) * self.blocks.block_size
-                       - seq.num_computed)
-            if fits == n or (fits > 0 and seq.pending > 1):   # a prompt chunk may shrink instead
-                return fits
-            others = [s for s in self.running if s is not seq]
-            if not others:
-                self.running.remove(seq)
-                self.blocks.free(seq.seq_id)
-                batch.starved.append(seq)
-                return 0
-            victim = self.policy.victim(others + [seq])
-            self._preempt(victim, batch)
-            if victim is seq:
-                return 0
+    def _fit(self, s: Sequence, want: int, chosen: list[Sequence], picked: set, batch: Batch) -> int:
+        """How many of s's `want` tokens can get KV blocks now (0: none), making room if it may."""
+        blocks, size = self.blocks, self.blocks.block_size
+        have = len(blocks.table(s.seq_id))
+        prefill = s.pending > 1
 
-    def _preempt(self, seq: Sequence, batch: Batch | None) -> None:
-        self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
-        seq.num_computed = 0
-        seq.status = Status.WAITING
-        seq.preemptions += 1
-        self.waiting.append(seq)
+        def room(extra_blocks: int) -> int:
+            return min(want, (have + extra_blocks) * size - s.num_computed)
+
+        # the process's own limit first
+        limit = self.policy.procs[s.pid].limits.get("kv_blocks") if s.pid in self.policy.procs else None
+        if limit is not None:
+            while (n := room(limit - self.held_blocks(s.pid))) < (want if not prefill else 1):
+                if blocks.blocks_for(s.num_computed + 1) > limit:
+                    batch.over_quota.append((s, self._quota_message(s, limit)))
+                    picked.discard(s)
+                    return 0
+                sibling = self._victim([x for x in self.seqs if x.pid == s.pid and x is not s
+                                        and blocks.table(x.seq_id)], s, chosen)
+                if sibling is None:
+                    return 0                     # a more urgent sibling holds them; wait for it
+                self._drop(sibling, batch, picked)
+            want = n
+        # then the pool
+        while (n := room(blocks.num_free)) < (want if not prefill else 1):
+            holders = [x for x in self.seqs if x is not s and blocks.table(x.seq_id)]
+            if not holders:                      # the whole pool cannot hold it
+                batch.starved.append(s)
+                picked.discard(s)
+                return 0
+            victim = self._victim(holders, s, chosen)
+            if victim is None:
+                return 0                         # everyone holding blocks is more urgent: wait
+            self._drop(victim, batch, picked)
+        return max(0, n)
+
+    def _victim(self, holders: list[Sequence], s: Sequence, chosen: list[Sequence]) -> Sequence | None:
+        """Whose blocks go: held requests first, then suspended, then running ones chosen after s;
+        the least urgent of the first group that has any. None if only more urgent ones hold blocks."""
+        rank = {x: i for i, x in enumerate(chosen)}
+        mine = rank.get(s, len(chosen))
+        held = [x for x in holders if x.hold]
+        suspended = [x for x in holders if not x.hold and x not in rank]
+        later = [x for x in holders if rank.get(x, -1) > mine]
+        for group in (held, suspended, later):
+            if group:
+                order = self.order()
+                return max(group, key=order.index)
+        return None
+
+    def _suspend(self, s: Sequence) -> None:
+        s.status = Status.SUSPENDED
+        s.preemptions += 1
+
+    def _drop(self, s: Sequence, batch: Batch | None, picked: set | None = None) -> None:
+        """Take a request's blocks back: it will be recomputed from its tokens."""
+        if s.status is Status.RUNNING:
+            s.preemptions += 1
+        self.blocks.free(s.seq_id)
+        s.num_computed = 0
+        s.status = Status.WAITING
+        if picked is not None:
+            picked.discard(s)
         if batch is not None:
-            batch.steps = [(s, n) for s, n in batch.steps if s is not seq]
-            batch.preempted.append(seq)
+            batch.steps = [(x, n) for x, n in batch.steps if x is not s]
+            batch.preempted.append(s)
 
     def evict_all(self) -> None:
-        """The KV cache is gone (the driver restarted): every running sequence is recomputed."""
-        for seq in list(self.running):
-            self._preempt(seq, None)
+        """The KV cache is gone (the driver restarted): every request with blocks is recomputed."""
+        for s in self.seqs:
+            if self.blocks.table(s.seq_id) or s.status is not Status.WAITING:
+                self._drop(s, None)
+
+    # ------------------------------------------------------------------------------------------ reports
+
+    def _quota_message(self, s: Sequence, limit: int) -> str:
+        need = self.blocks.blocks_for(s.num_computed + 1)
+        return (f"pid {s.pid} reached its kv_blocks limit: this request needs {need} blocks of "
+                f"{self.blocks.block_size} tokens ({s.num_computed + 1} tokens) and the limit is {limit}")
+
+    def describe(self) -> list[dict]:
+        """Every request in scheduling order, as the runqueue syscall shows it."""
+        now, position, out = self.clock(), 0, []
+        for s in self.order(now):
+            hold = self.policy.hold(s.pid, now)
+            if hold:
+                state = hold
+            elif s.status is Status.RUNNING:
+                state = "running"
+            elif s.benched:
+                state = "suspended"
+            else:
+                state = "ready"
+            pos = None
+            if state in ("ready", "suspended"):
+                position += 1
+                pos = position
+            p = self.policy.procs.get(s.pid)
+            out.append({"pid": s.pid, "request": s.seq_id, "state": state,
+                        "priority": p.priority if p else 0, "position": pos,
+                        "kv_blocks": len(self.blocks.table(s.seq_id)), "prompt_tokens": len(s.prompt),
+                        "generated": len(s.output), "waited_s": round(now - s.last_served, 3)})
+        return out

@@ -15,8 +15,9 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"        # not admitted, or preempted: nothing of it is in the KV cache
-    RUNNING = "running"        # has blocks; prefilling (num_computed < len - 1) or decoding
+    WAITING = "waiting"        # not admitted, or preempted and dropped: nothing of it is in the KV cache
+    RUNNING = "running"        # in the batch, with blocks; prefilling (num_computed < len - 1) or decoding
+    SUSPENDED = "suspended"    # out of the batch, keeping its blocks
     FINISHED = "finished"
 
 
@@ -27,15 +28,18 @@ class Sequence:
     params: dict[str, Any]            # validated SamplingParams, as the plain dict the driver receives
     max_tokens: int                   # already capped by the context window
     stop_ids: frozenset[int] = frozenset()
-    arrival: int = 0                  # admission order; the default policy preempts the newest
-    priority: int = 0                 # unused by the default policy; for the kernel's scheduler (issue 4)
+    arrival: int = 0                  # arrival order: the last tie-breaker of the policy
+    pid: int = 0                      # the process it is for: priorities and limits are per process
     output: list[int] = field(default_factory=list)
     num_computed: int = 0             # tokens whose K/V are in the cache; reset to 0 by preemption
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
     stop_reason: str | int | None = None   # the stop string or stop id that ended it
-    preemptions: int = 0
+    preemptions: int = 0              # times it left the batch before finishing
+    hold: str | None = None           # why the policy holds it out: "stopped", "throttled"
+    benched: bool = False             # out of the batch because much more urgent work runs
+    last_served: float = 0.0          # when it last got a step (aging counts from here)
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None

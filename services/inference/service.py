@@ -14,14 +14,20 @@ the driver keeps failing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any, Callable
 
+from kernel.config import Config
+from kernel.sched import Policy
 from drivers.devices import model_driver
 from services.runtime import Service
-from syscalls import errors
+from syscalls import errors, wire
 
 DRIVER = model_driver()     # "cpu", or "cuda0" when [driver] device put the model on a GPU
 DRIVER_RETRIES = 3          # consecutive failed steps before the batch's requests are failed
+REPORT_S = 0.2             # the kernel hears of changes in model work at most this often while busy
+HELD_RECHECK_S = 0.5        # how often held work (a throttled process) is looked at again
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
 
 
@@ -44,6 +50,7 @@ class _DriverProxy:
 
 class Inference(Service):
     name = "inference"
+    internal = ("sched_update",)
 
     async def start(self) -> None:
         from drivers.model import Tokenizer, read_metadata
@@ -54,7 +61,12 @@ class Inference(Service):
         metadata = await asyncio.to_thread(read_metadata, info["model"], cache)
         self.tokenizer = Tokenizer(metadata)
         self.model_path = info["model"]
-        self.engine = Engine(_DriverProxy(self, info), self.tokenizer)
+        cfg = Config.load(self.paths.home / "config.toml").scheduler
+        self.engine = Engine(_DriverProxy(self, info), self.tokenizer, max_running=cfg.max_running,
+                             token_budget=cfg.token_budget, max_queue=cfg.max_queue,
+                             policy=Policy(cfg.band, cfg.aging_s, cfg.quantum))
+        self.reported: dict = {}
+        self.reported_at = 0.0
         self.queues: dict[int, asyncio.Queue] = {}
         self.wake = asyncio.Event()
         self.background: set[asyncio.Task] = set()
@@ -85,13 +97,15 @@ class Inference(Service):
     async def _run(self) -> None:
         engine, failures = self.engine, 0
         while True:
-            await self.wake.wait()
+            # Held work (a throttled process) becomes runnable with time alone: look again soon.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), HELD_RECHECK_S if engine.has_work() else None)
             self.wake.clear()
             while engine.has_work():
                 batch, msgs, events = engine.schedule()
                 self._deliver(events)
                 if not msgs:
-                    break                   # nothing can run now; a new request or a cancel wakes us
+                    break           # nothing may run now; a request, a cancel, a CONT or time wakes us
                 try:
                     sampled = await self.runtime.call(DRIVER, "step", {"batch": msgs})
                 except errors.LLMOSError as e:
@@ -105,6 +119,20 @@ class Inference(Service):
                     continue
                 failures = 0
                 self._deliver(engine.postprocess(batch, sampled))
+                self._report()
+            self._report(force=True)
+
+    def _report(self, force: bool = False) -> None:
+        """Tell the kernel each process's model work (state, KV blocks, requests) when it changes:
+        at most every REPORT_S while steps run, at once when the loop goes quiet."""
+        now = time.monotonic()
+        if not force and now - self.reported_at < REPORT_S:
+            return
+        current = self.engine.by_process()
+        if current != self.reported:
+            self.reported, self.reported_at = current, now
+            self.runtime.send(wire.event("sched", {"procs": [{"pid": pid, **work}
+                                                             for pid, work in current.items()]}))
 
     def _deliver(self, events: list[dict]) -> None:
         for ev in events:
@@ -114,7 +142,7 @@ class Inference(Service):
 
     # -- the ops -------------------------------------------------------------------------------
     async def op_generate(self, args: dict, caller: dict, emit: Callable[[Any], None]) -> dict:
-        return await self._stream(args["prompt"], args, emit, "generate")
+        return await self._stream(args["prompt"], args, emit, "generate", caller)
 
     async def op_chat(self, args: dict, caller: dict, emit: Callable[[Any], None]) -> dict:
         from drivers.model import ChatTemplateError
@@ -122,22 +150,52 @@ class Inference(Service):
             prompt = self.tokenizer.apply_chat_template(args["messages"], add_generation_prompt=True)
         except (ChatTemplateError, TypeError, KeyError, ValueError) as e:
             raise errors.EINVAL(f"chat: argument 'messages': {e}") from None
-        return await self._stream(prompt, args, emit, "chat")
+        return await self._stream(prompt, args, emit, "chat", caller)
 
-    async def _stream(self, prompt: str, args: dict, emit: Callable[[Any], None], call: str) -> dict:
-        from services.inference.engine import RequestError
+    def op_runqueue(self, args: dict, caller: dict) -> dict:
+        engine, pid = self.engine, args.get("pid")
+        usage = engine.usage()
+        requests = engine.scheduler.describe()
+        counts = {state: sum(1 for r in requests if r["state"] == state) for state in
+                  ("running", "ready", "suspended", "stopped", "throttled")}
+        return {"max_running": engine.scheduler.max_running, "max_queue": engine.max_queue, **counts,
+                "blocks_total": usage["blocks_total"], "blocks_used": usage["blocks_used"],
+                "blocks_cached": 0,
+                "requests": [r for r in requests if pid is None or r["pid"] == pid]}
+
+    def op_sched_update(self, args: dict, caller: dict) -> None:
+        """From the kernel: a process's priority, limits or stopped state changed."""
+        pid = int(args["pid"])
+        if pid in self.engine.policy.procs:
+            self.engine.policy.update(pid, priority=args.get("priority"), stopped=args.get("stopped"),
+                                      limits=args.get("limits"))
+            self.wake.set()
+
+    async def _stream(self, prompt: str, args: dict, emit: Callable[[Any], None], call: str,
+                      caller: dict) -> dict:
+        from services.inference.engine import QueueFull, QuotaExceeded, RequestError
         model = args.get("model")
         if model is not None and model not in (self.model_path, "smollm2-135m-instruct") \
                 and not str(self.model_path).endswith(f"/{model}"):
             raise errors.ENOENT(f"{call}: model {model!r} is not loaded (the {DRIVER} driver runs "
                                 f"{self.model_path})")
         sampling = {k: args[k] for k in SAMPLING if args.get(k) is not None}
+        pid = int(caller.get("pid") or 0)
+        self.engine.policy.update(pid, priority=caller.get("priority", 0),
+                                  stopped=caller.get("stopped", False), limits=caller.get("limits") or {})
         try:
             seq_id = self.engine.add(prompt, sampling, max_tokens=args["max_tokens"],
                                      stop=args.get("stop") or (), stop_ids=args.get("stop_ids") or (),
-                                     ignore_eos=bool(args.get("ignore_eos")))
+                                     ignore_eos=bool(args.get("ignore_eos")), pid=pid)
+        except QueueFull as e:
+            raise errors.EAGAIN(f"{call}: {e}") from None
+        except QuotaExceeded as e:
+            raise errors.EDQUOT(f"{call}: {e}") from None
         except RequestError as e:
             raise errors.EINVAL(f"{call}: {e}") from None
+        finally:
+            if not any(x.pid == pid for x in self.engine.scheduler.seqs):
+                self.engine.policy.forget(pid)
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[seq_id] = queue
         self.wake.set()
@@ -151,9 +209,9 @@ class Inference(Service):
                     emit(piece)
                 if "finish" in ev:
                     if ev["finish"] == "error":
-                        raise errors.EIO(f"{call}: {ev['error']}")
+                        raise errors.from_wire(ev.get("error_code", "EIO"), f"{call}: {ev['error']}")
                     return {k: v for k, v in ev.items() if k not in ("seq_id", "text", "tokens",
-                                                                     "logprobs")}
+                                                                     "logprobs", "error_code")}
         except asyncio.CancelledError:
             self.engine.cancel(seq_id)
             self.wake.set()
