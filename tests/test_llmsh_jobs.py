@@ -126,6 +126,17 @@ def test_background_jobs_in_a_script(llmos):
     assert "[1]+ Running   run sleep 30" in r.stdout          # bg says what it resumed
 
 
+def test_dollar_bang_is_the_last_background_job(llmos):
+    r = sh(llmos.home, "echo none=$!; run sleep 30 & echo last=$!; jobs; kill $!; wait $!; "
+                       "echo s=$?; run sh -c 'exit 6' & echo last=$!; wait $!; echo s=$?; "
+                       "spawn sleep 60; echo pid=$!")
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["none=", "last=%1", "[1]+ Running   run sleep 30"]
+    assert lines[3:6] == ["s=143", "last=%1", "s=6"]                 # kill $! and wait $! reach it
+    assert lines[7] == f"pid={lines[6]}"                                 # spawn sets it too
+    assert r.stderr.splitlines() == ["[1]", "[1]"]
+
+
 def test_dmesg_and_shutdown(llmos):
     r = sh(llmos.home, "dmesg -n 4; echo s=$?; dmesg -n 0; echo s=$?; dmesg -n 4 | cat > kmsg")
     lines = r.stdout.splitlines()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from syscalls import errors
 from syscalls.table import SIGNALS
+from userland import programs
 
 from .builtin import (COMMANDS, Failure, ShellExit, Streams, Usage, command, duration,
                       error_text, for_each, int_arg, operands, options, pid_arg, seconds_arg, show,
@@ -124,10 +125,11 @@ def cmd_kill(sh: Shell, io: Streams, args: list[str]) -> int:
 def cmd_spawn(sh: Shell, io: Streams, args: list[str]) -> None:
     """Start a program under llmos and print its PID (also kept in $!).
 
-    PROGRAM is a path, or a name looked up in the kernel's PATH; it runs in the shell's current
-    directory. It is a child of this shell unless --daemon, which parents it to pid 1 so it
-    outlives the shell. --priority sets its nice value (-20..19). Its output goes to
-    $LLMOS_HOME/logs/proc-PID.log.
+    PROGRAM is an llmos program (summarize, batch, echo-daemon: see run), a path, or a name
+    looked up in the kernel's PATH; it runs in the shell's current directory. It is a child of
+    this shell unless --daemon, which parents it to pid 1 so it outlives the shell. --priority
+    sets its nice value (-20..19); by default it has the shell's priority and limits. Its output
+    goes to $LLMOS_HOME/logs/proc-PID.log.
     """
     opts, argv = options(args, "", ("daemon", "name=", "priority="))
     if not argv:
@@ -135,6 +137,14 @@ def cmd_spawn(sh: Shell, io: Streams, args: list[str]) -> None:
     kw: dict[str, Any] = {"daemon": "--daemon" in opts, "name": opts.get("--name")}
     if "--priority" in opts:
         kw["priority"] = int_arg(opts["--priority"], "--priority", -20, 19)
+    _spawn(sh, io, argv, kw)
+
+
+def _spawn(sh: Shell, io: Streams, argv: list[str], kw: dict[str, Any]) -> None:
+    """spawn argv (an llmos program by its name) in the shell's directory; print its PID, keep it in $!."""
+    if argv[0] in programs.names():
+        kw["name"] = kw.get("name") or argv[0]
+        argv = programs.command(argv)
     try:
         kw["cwd"] = os.getcwd()
     except OSError:
@@ -150,9 +160,13 @@ def cmd_spawn(sh: Shell, io: Streams, args: list[str]) -> None:
 def cmd_run(sh: Shell, io: Streams, args: list[str]) -> int | None:
     """Run a program in the foreground, with the shell's stdin, stdout and stderr; take its status.
 
-    It runs as a child of llmsh with LLMOS_HOME set, so a program that connects becomes an llmos
-    process; it works in pipes (cat k | run python3 f.py | put k2). A status of 127 means not
-    found; 128 + N, killed by signal N. --daemon instead has the kernel start it detached, as
+    PROGRAM is one of llmos's own programs, found first (summarize: stdin to a summary; batch:
+    a resumable bulk job over storage keys; echo-daemon; `run NAME --help` says more), or a
+    program on the PATH, or a path. It runs as a child of llmsh with LLMOS_HOME set, so a
+    program that connects becomes an llmos process, with the priority and limits set in the
+    shell (nice, ulimit) once it connects; it works in pipes
+    (cat notes | run summarize | put notes/summary). A status of 127 means not found; 128 + N,
+    killed by signal N. --daemon instead has the kernel start it detached, as
     spawn --daemon does, and prints its PID (also $!): its output goes to
     $LLMOS_HOME/logs/proc-PID.log, and --restart never|on-failure|always says when the kernel
     starts it again.
@@ -163,20 +177,11 @@ def cmd_run(sh: Shell, io: Streams, args: list[str]) -> int | None:
     if "--daemon" not in opts:
         if "--restart" in opts or "--name" in opts:
             raise Usage("--restart and --name go with --daemon")
-        return run_program(sh, io, argv)
+        return run_program(sh, io, programs.command(argv))
     restart = opts.get("--restart", "never")
     if restart not in ("never", "on-failure", "always"):
         raise Failure(f"--restart must be never, on-failure or always, not {restart!r}", 2)
-    if "/" in argv[0]:
-        argv = [os.path.abspath(argv[0]), *argv[1:]]
-    kw: dict[str, Any] = {"daemon": True, "restart": restart, "name": opts.get("--name")}
-    try:
-        kw["cwd"] = os.getcwd()
-    except OSError:
-        pass
-    pid = sh.call("spawn", argv=argv, **kw)
-    sh.last_spawned = pid
-    print(pid, file=io.stdout)
+    _spawn(sh, io, argv, {"daemon": True, "restart": restart, "name": opts.get("--name")})
     return 0
 
 
@@ -538,7 +543,8 @@ Words are separated by spaces; quote one that has spaces or ;&|<> ('as is', "wit
   a &       run a in the background as a job (jobs, fg, bg, wait %N, kill %N)
   a > KEY   store a's output under the storage KEY (a >> KEY adds it as a new line)
   a < FILE  a reads the local FILE as its input
-  $?  the status of the last command   $!  the PID of the last spawn   $$  this shell's PID
+  $?  the status of the last command   $$  this shell's PID
+  $!  the last background job (%N), or the PID of the last spawn or run --daemon
 """
 
 
@@ -589,5 +595,7 @@ def cmd_false(sh: Shell, io: Streams, args: list[str]) -> int:
     return 1
 
 
-# The model commands (gen, chat) live in their own module; importing it registers them.
+# The model commands (gen, chat) and priorities and limits (nice, renice, ulimit) live in
+# modules of their own; importing them registers them.
 from . import model as _model_commands  # noqa: E402,F401
+from . import priorities as _priority_commands  # noqa: E402,F401

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from .builtin import Failure, Streams
+from .inherit import Inheritance
 
 if TYPE_CHECKING:
     from .shell import Shell
@@ -209,6 +210,7 @@ def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
         raise Failure(f"{argv[0]}: {e.strerror}", 126) from None
     if job is not None:
         job.adopt(proc)
+    heir = Inheritance.start(sh, proc.pid)
     pumps = []
     if fds[0] is None:
         pumps.append(_pump(io.stdin, proc.stdin, close=True))
@@ -226,6 +228,8 @@ def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
     finally:
         for t in pumps:
             t.join()
+        if heir is not None:
+            heir.stop()
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 

@@ -19,7 +19,8 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.styles import Style
 
 from syscalls.paths import Paths
-from syscalls.table import SIGNALS
+from syscalls.table import RESOURCES, SIGNALS
+from userland import programs
 
 from .commands import COMMANDS
 from .parse import ParseError
@@ -27,6 +28,7 @@ from .shell import LineReader, Shell
 
 STYLE = Style.from_dict({"status": "ansired bold", "prompt": "ansigreen bold"})
 COMPLETION_TIMEOUT = 2.0        # a Tab must never hang the prompt for long
+VALUED = {"--name", "--restart", "--priority"}      # run's and spawn's options that take a value
 
 
 def repl(sh: Shell) -> int:
@@ -78,7 +80,8 @@ def _history(paths: Paths) -> History:
 
 
 class Completions(Completer):
-    """Command names first; then, where a command takes them, PIDs, keys, signals, services."""
+    """Command names first; then, where a command takes them, PIDs, keys, signals, services,
+    models, resources and llmos programs."""
 
     def __init__(self, sh: Shell):
         self.sh = sh
@@ -101,11 +104,22 @@ class Completions(Completer):
         if not before or before[0] == "help":
             return ((c.name, c.summary) for c in COMMANDS.values())
         cmd, position = before[0], len(before)
+        if cmd == "nice":               # what follows nice [-n N] is a command of its own
+            rest = before[3:] if before[1:2] == ["-n"] else before[1:]
+            return self._candidates(rest, current)
         if cmd == "kill" and current.startswith("-"):
             return (("-" + s, "signal") for s in SIGNALS)
         if cmd in ("fg", "bg") or (cmd == "wait" and current.startswith("%")):
             return ((f"%{j.number}", j.text) for j in self.sh.jobs.jobs.values())
-        if cmd in ("kill", "wait", "ps") or (cmd == "send" and position == 1):
+        if before[-1] == "--model" or (cmd == "model" and before[1:2] == ["rm"]):
+            return ((m["name"], m["architecture"] or "model") for m in self._call("models"))
+        if cmd in ("run", "spawn"):     # a program's name first, after the options and their values
+            if not [w for i, w in enumerate(before[1:]) if w[:1] != "-" and before[i] not in VALUED]:
+                return ((name, "llmos program") for name in programs.names())
+        if cmd == "ulimit" and before[-1] != "-p":
+            named = any(w in RESOURCES for w in before)
+            return () if named else ((r, "resource") for r in RESOURCES)
+        if cmd in ("kill", "wait", "ps", "renice", "ulimit") or (cmd == "send" and position == 1):
             return ((str(p["pid"]), p["name"]) for p in self._call("ps"))
         if cmd in ("get", "rm", "cat") or (cmd == "put" and position == 1):
             return ((i["key"], "key") for i in self._call("list", prefix=current, limit=200))

@@ -38,11 +38,14 @@ class Shell:
         self.paths = paths
         self.io = streams or Streams(sys.stdin, sys.stdout, sys.stderr)
         self.status = 0
-        self.last_spawned: int | None = None        # $!
+        self.last_spawned: int | str | None = None  # $!: a spawned PID, or %N of the last & job
+        self.priority: int | None = None            # set by nice or renice $$, and the limits
+        self.limits: dict[str, int | None] = {}     # set by ulimit: forks and programs get them
         self._conn: syscalls.Connection | None = None
         self._kernel: int | None = None             # OS pid of the kernel _conn speaks to
         self._log = None
         self._warned_unprivileged = False
+        self.privileged: bool | None = None         # None: ask for privilege when connecting
         self.jobs = JobTable()
         self.job: Job | None = None                 # the job this shell runs commands for
 
@@ -50,8 +53,9 @@ class Shell:
         """A shell for one thread of a job: its own connection (opened on first use), same jobs."""
         child = Shell(self.paths, io)
         child.status, child.last_spawned = self.status, self.last_spawned
+        child.priority, child.limits = self.priority, dict(self.limits)
         child.jobs, child.job, child._log = self.jobs, job, self._log
-        child._warned_unprivileged = True
+        child._warned_unprivileged, child.privileged = True, self.privileged
         return child
 
     # -- the connection ---------------------------------------------------------------------------
@@ -70,13 +74,26 @@ class Shell:
 
     def _connect(self) -> syscalls.Connection:
         home = self.paths.home
+        ask = self.privileged
+        if ask is None:                 # a spawned llmsh has its spawner's privilege, or none
+            ask = "LLMOS_SPAWN_TOKEN" not in os.environ
         try:
-            return syscalls.connect(home, name="llmsh", privileged=True, timeout=CALL_TIMEOUT)
+            conn = syscalls.connect(home, name="llmsh", privileged=ask, timeout=CALL_TIMEOUT)
         except errors.EPERM as e:       # another user's llmos: go on without privilege, but say so
             if not self._warned_unprivileged:
                 self._warned_unprivileged = True
                 self.io.error("warning", f"running without privilege ({error_text(e)})")
-            return syscalls.connect(home, name="llmsh", timeout=CALL_TIMEOUT)
+            conn = syscalls.connect(home, name="llmsh", timeout=CALL_TIMEOUT)
+        self.privileged = conn.info["privileged"]   # forks ask for no more than this
+        try:        # a fresh process starts at priority 0, unlimited: give it what was set here
+            if self.priority is not None:
+                conn.call("setpriority", pid=conn.pid, priority=self.priority)
+            for resource, limit in self.limits.items():
+                conn.call("setrlimit", resource=resource, limit=limit)
+        except BaseException:
+            conn.close(1)
+            raise
+        return conn
 
     def _drop(self) -> None:
         conn, self._conn, self._kernel = self._conn, None, None
@@ -150,6 +167,7 @@ class Shell:
                 _quietly(child.close, job.status or 0)
 
         job.start(body)
+        self.last_spawned = f"%{job.number}"       # so that kill $! and wait $! reach it
         print(f"[{job.number}]", file=self.io.stderr, flush=True)
         self.status = 0
         return 0
