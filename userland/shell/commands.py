@@ -595,7 +595,8 @@ def cmd_false(sh: Shell, io: Streams, args: list[str]) -> int:
     return 1
 
 
-# The model commands (gen, chat) and priorities and limits (nice, renice, ulimit) live in
+# The model commands (gen, chat), priorities and limits (nice, renice, ulimit) and top live in
 # modules of their own; importing them registers them.
 from . import model as _model_commands  # noqa: E402,F401
 from . import priorities as _priority_commands  # noqa: E402,F401
+from . import top as _top_command  # noqa: E402,F401
