@@ -6,13 +6,19 @@ of France?". Prints, for the kernel path and for the in-process engine (bench/en
 model, same KV size, same token budget) measured in the same command: aggregate decode tok/s (all
 tokens over the wall time), per-stream decode tok/s (median), time to first token p50/p99, the
 driver's peak RSS, and the kernel/in-process ratios. The issue's floor: kernel path >= 0.95x.
-llama.cpp is compared only when llama-cpp-python is installed (never a dependency).
+
+When llama-cpp-python is installed (a measuring tool, never a dependency: `.venv/bin/pip install
+llama-cpp-python`, which builds llama.cpp in about 6 minutes), llama.cpp runs the same GGUF file
+on the same prompt ids, token count and thread count, in the same command (bench/llamacpp.py: its
+`Llama` for one stream, its batch API for N > 1), and the kernel/llama.cpp ratios are printed.
+The issue's floors: one stream >= 0.3x llama.cpp's, aggregate at N=32 >= 1.0x.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -26,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import syscalls  # noqa: E402
 from bench.engine import PROMPT, pct, run as run_engine, smollm_path  # noqa: E402
+from drivers.devices import is_driver  # noqa: E402
 
 KV_BLOCKS = 1024
 
@@ -78,6 +85,7 @@ def main() -> None:
     env = dict(os.environ, LLMOS_HOME=str(home), PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-m", "userland.llmos", "boot"], env=env, check=True)
     try:
+        import torch
         from drivers.model.tokenizer import Tokenizer
         from services.inference import LocalDriver
         model = smollm_path()
@@ -85,7 +93,9 @@ def main() -> None:
         driver = LocalDriver.from_gguf(model, cache, num_blocks=KV_BLOCKS, fp16_single_token=True)
         tokenizer = Tokenizer.from_gguf(model)
         with syscalls.connect(home) as c:
-            cpu_pid = next(s["pid"] for s in c.services() if s["name"] == "cpu")
+            driver_pid = next(s["pid"] for s in c.services() if is_driver(s["name"]))
+        llama = importlib.util.find_spec("llama_cpp") is not None
+        prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
         print(f"{'N':>3} {'path':<10} {'agg tok/s':>10} {'stream tok/s':>13} {'TTFT p50 ms':>12} "
               f"{'TTFT p99 ms':>12}")
         for n in args.concurrency:
@@ -96,12 +106,17 @@ def main() -> None:
                       f"{r['ttft_p50_ms']:>12.0f} {r['ttft_p99_ms']:>12.0f}")
             print(f"{n:>3} {'ratio':<10} {k['aggregate_tok_s'] / e['aggregate_tok_s']:>10.2f} "
                   f"{k['stream_tok_s'] / e['stream_tok_s']:>13.2f}   (kernel / in-process; floor 0.95)")
-        print(f"cpu driver peak RSS: {rss_mb(cpu_pid):.0f} MiB")
-        try:
-            import llama_cpp  # noqa: F401
-            print("llama-cpp-python is installed, but its comparison is not written yet")
-        except ImportError:
-            print("llama.cpp: not compared (pip install llama-cpp-python to add it)")
+            if llama:       # same file, prompt ids, token count and threads as the in-process engine
+                from bench.llamacpp import measure
+                c = measure(model, prompt, n, args.tokens, torch.get_num_threads())
+                print(f"{n:>3} {'llama.cpp':<10} {c['aggregate_tok_s']:>10.1f} {c['stream_tok_s']:>13.1f} "
+                      f"{c['ttft_p50_ms']:>12.0f} {c['ttft_p99_ms']:>12.0f}")
+                print(f"{n:>3} {'ratio':<10} {k['aggregate_tok_s'] / c['aggregate_tok_s']:>10.2f} "
+                      f"{k['stream_tok_s'] / c['stream_tok_s']:>13.2f}   (kernel / llama.cpp; floors: "
+                      f"stream 0.3 at N=1, aggregate 1.0 at N=32)", flush=True)
+        print(f"driver peak RSS: {rss_mb(driver_pid):.0f} MiB")
+        if not llama:
+            print("llama.cpp: not compared (.venv/bin/pip install llama-cpp-python to add it)")
     finally:
         subprocess.run([sys.executable, "-m", "userland.llmos", "shutdown"], env=env)
 
