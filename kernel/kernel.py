@@ -284,6 +284,8 @@ class Kernel:
         if not proc.alive:
             return
         self._abort_calls(proc)
+        if proc.model:                      # its contexts go with it
+            self._tell_scheduler("process_exit", {"pid": proc.pid})
         self.table.end(proc, status, signal)
         self.log.info("process_ended", pid=proc.pid, name=proc.name, status=status, signal=signal)
 
@@ -376,15 +378,18 @@ class Kernel:
                 proc.model = {}
 
     def _sched_changed(self, proc: Process) -> None:
-        """The scheduler's inputs for a process changed: tell the inference service now."""
+        """The scheduler's inputs for a process changed: tell the inference service now (if it is
+        not up, it learns them with the process's next request)."""
+        self._tell_scheduler("sched_update", {
+            "pid": proc.pid, "priority": proc.priority, "stopped": proc.state == STOPPED,
+            "limits": self._model_limits(proc)})
+
+    def _tell_scheduler(self, op: str, args: dict) -> None:
         svc = self.supervisor.services.get(SCHEDULER)
-        if svc is None or svc.state != READY or not svc.ident:
-            return          # it learns them with the process's next request
-        args = {"pid": proc.pid, "priority": proc.priority, "stopped": proc.state == STOPPED,
-                "limits": self._model_limits(proc)}
-        self.services_ch.send([svc.ident, wire.service_call(
-            next(self._kids), "sched_update", args, {"pid": KERNEL_PID, "uid": self.uid,
-                                                     "privileged": True, "txid": ""})])
+        if svc is not None and svc.state == READY and svc.ident:
+            self.services_ch.send([svc.ident, wire.service_call(
+                next(self._kids), op, args, {"pid": KERNEL_PID, "uid": self.uid, "privileged": True,
+                                             "txid": ""})])
 
     @staticmethod
     def _model_limits(proc: Process) -> dict:
@@ -439,8 +444,14 @@ class Kernel:
                 sid, "ENOENT", f"no service {target!r} to call {name!r} on (or no op, or args "
                                f"that are not a map)")])
             return
+        # A service working for a program may call on its behalf (as_pid): the callee then sees
+        # that program as the caller, with its user and its quotas.
+        on_behalf = msg[5].get("as_pid") if len(msg) > 5 and isinstance(msg[5], dict) else None
+        proc = self.table.get(on_behalf) if type(on_behalf) is int else None
+        if proc is None or not proc.alive:
+            proc = self.table.get(KERNEL_PID)
         kid = next(self._kids)
-        call = Forwarded(self.table.get(KERNEL_PID), sid, Syscall(op, target), args, kid,
+        call = Forwarded(proc, sid, Syscall(op, target), args, kid,
                          f"{self.boot_id}-{kid}", time.monotonic(), origin=origin)
         origin.outgoing[sid] = call
         self._dispatch(svc, call)

@@ -89,12 +89,16 @@ class Runtime:
     def send(self, frame: bytes) -> None:
         self.ch.send([frame])
 
-    async def call(self, service: str, op: str, args: dict) -> Any:
-        """Call another service's op through the kernel; raises the LLMOSError it answers."""
+    async def call(self, service: str, op: str, args: dict, as_pid: int | None = None) -> Any:
+        """Call another service's op through the kernel; raises the LLMOSError it answers.
+        With as_pid, the call is made for that process: the callee sees it as the caller (its
+        user's namespace, its quotas), as when a syscall does storage work for a program."""
         sid = next(self._ids)
         fut = self.loop.create_future()
         self.calls[sid] = fut
-        self.send(wire.call(sid, f"{service}.{op}", args))
+        name = f"{service}.{op}"
+        self.send(wire.call(sid, name, args) if as_pid is None else
+                  wire.service_call(sid, name, args, {"as_pid": as_pid}))
         try:
             msg = await fut
         except asyncio.CancelledError:

@@ -148,17 +148,20 @@ SYSCALLS: tuple[Syscall, ...] = (
     # -- the model ------------------------------------------------------------------------------
     Syscall("generate", "inference", (Arg("prompt", "str", max_len=MAX_PROMPT), *_GENERATION),
             result="CHUNKs {text, tokens[, logprobs]}, then END {finish, stop_reason, error, "
-                   "prompt_tokens, generated_tokens, ttft_s, decode_s, preemptions}",
-            errors=("EINVAL", "ENOENT", "EIO"), stream=True,
+                   "prompt_tokens, cached_tokens, generated_tokens, ttft_s, decode_s, preemptions}",
+            errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"), stream=True,
             doc="Generate text from a prompt, streamed as it is produced. finish is stop (a stop "
                 "string, stop id or end of text), length (max_tokens or the context window), "
                 "cancelled or error. Sampling defaults follow llama.cpp's."),
     Syscall("chat", "inference", (
         Arg("messages", "[message]", max_len=4096), *_GENERATION,
-    ), result="as generate", errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"),
-        stream=True,
+        Arg("ctx", "int", None, min=1, doc="a context (open_context): messages are the new turn, "
+                                           "appended to it with the reply"),
+    ), result="as generate, and cached_tokens: prompt tokens the context's cache spared",
+        errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT", "EBADF"), stream=True,
         doc="generate, from chat messages ({role, content}) rendered with the model's chat "
-            "template."),
+            "template. With ctx, the conversation so far is the context's, whose KV cache is "
+            "reused: only the new turn is computed; one turn at a time (EAGAIN)."),
     Syscall("runqueue", "inference", (
         Arg("pid", "int", None, min=1, doc="only this process's requests"),
     ), result="{max_running, max_queue, running, ready, suspended, blocks_total, blocks_used, "
@@ -169,6 +172,26 @@ SYSCALLS: tuple[Syscall, ...] = (
             "suspended (kept out by much more urgent work), stopped (its process got kill -STOP) "
             "or throttled (tokens_per_minute); position is its place among those ready or "
             "suspended, 1 first."),
+    # -- contexts -------------------------------------------------------------------------------
+    Syscall("open_context", "inference", (
+        Arg("system", "str", None, max_len=MAX_PROMPT, doc="the system prompt"),
+        Arg("model", "str", None, max_len=256, doc="null: the loaded model"),
+    ), result="int (a context handle)", errors=("ENOENT", "EINVAL", "EDQUOT"),
+        doc="Open a conversation kept by the kernel: chat(messages, ctx=handle) appends turns "
+            "and reuses its cached KV prefix. It belongs to the caller and is closed when the "
+            "caller exits; its cached blocks count against the caller's kv_blocks."),
+    Syscall("close_context", "inference", (Arg("ctx", "int", min=1),), errors=("EBADF",),
+            doc="Close a context and free its KV blocks."),
+    Syscall("save_context", "inference", (Arg("ctx", "int", min=1), _key, _ns),
+            result="{version, size}", errors=("EBADF", "EPERM", "EDQUOT", "E2BIG"),
+            doc="Write a context (its messages and tokens) to storage under key, in the caller's "
+                "namespace unless ns is given; load_context restores it, after a reboot too."),
+    Syscall("load_context", "inference", (_key, _ns), result="int (a new context handle)",
+            errors=("ENOENT", "EINVAL", "EPERM"),
+            doc="Open a context saved by save_context; its KV cache is rebuilt at its next turn."),
+    Syscall("contexts", "inference", (Arg("pid", "int", None, min=1),),
+            result="[{ctx, pid, model, messages, tokens, kv_blocks, last_used}]", idempotent=True,
+            doc="Open contexts (the caller's, or another process's; all with privilege)."),
     # -- storage --------------------------------------------------------------------------------
     Syscall("put", "storage", (
         _key, Arg("value", "any"),

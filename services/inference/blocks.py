@@ -1,8 +1,10 @@
 """The KV block allocator: fixed-size blocks of the driver's KV pool, a free list, one block table per
 sequence, and a reference count per block.
 
-Reference counts are there for prefix sharing (two sequences pointing at one full block); today every
-block has one owner. Block ids are the driver's pool rows, so a table can be sent to the driver as is.
+A table's owner is a sequence (its seq_id) or a context (a negative id). Reference counts let a
+context and the turn running on it share the context's prefix blocks: the turn writes only past the
+prefix, and a block goes back to the free list when its last owner lets go. Block ids are the
+driver's pool rows, so a table can be sent to the driver as is.
 
 Never: read or write K/V (the driver does), or decide who gets blocks (the scheduler does).
 """
@@ -64,12 +66,38 @@ class BlockAllocator:
             table.append(b)
         return table
 
+    def share(self, owner: int, blocks: list[int]) -> None:
+        """Give owner (which has no table) a table of blocks someone else holds too."""
+        if self._tables.get(owner):
+            raise ValueError(f"owner {owner} already has blocks")
+        for b in blocks:
+            self._refs[b] += 1
+        self._tables[owner] = list(blocks)
+
+    def move(self, src: int, dst: int) -> None:
+        """Hand src's table to dst (which lets go of its own first)."""
+        self.free(dst)
+        table = self._tables.pop(src, None)
+        if table:
+            self._tables[dst] = table
+
+    def trim(self, owner: int, keep: int) -> None:
+        """Let go of owner's blocks past the first `keep`."""
+        table = self._tables.get(owner)
+        if table and len(table) > keep:
+            for b in table[keep:]:
+                self._refs[b] -= 1
+                if self._refs[b] == 0:
+                    self._free.append(b)
+            del table[keep:]
+
+    def distinct(self, owners) -> int:
+        """Blocks held by any of these owners, each counted once."""
+        return len({b for o in owners for b in self._tables.get(o, ())})
+
     def free(self, seq_id: int) -> int:
         """Drop seq_id's table; blocks nobody else references go back to the free list. Returns how many."""
-        freed = 0
-        for b in self._tables.pop(seq_id, []):
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                self._free.append(b)
-                freed += 1
-        return freed
+        before = len(self._free)
+        self.trim(seq_id, 0)
+        self._tables.pop(seq_id, None)
+        return len(self._free) - before

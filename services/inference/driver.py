@@ -7,7 +7,10 @@ in, sampled token ids (with logprobs) come out. Tensors and logits never leave t
 
 One step's input, a list of SeqStep, one per scheduled sequence:
     {"seq_id": int, "tokens": [int], "start": int, "block_table": [int], "sample": bool,
-     "params": {...} | None}    # SamplingParams.to_dict(); sent with a sequence's start == 0 chunk
+     "params": {...} | None,    # SamplingParams.to_dict(); sent with the first step the driver
+                                # sees of a sequence (or again after a recompute from 0)
+     "history": [int]}          # only with a first step that starts past 0 (a context's cached
+                                # prefix): the tokens before start, for the repetition penalty
 Output, a list of Sampled, one per SeqStep with sample=True, in the same order:
     {"seq_id": int, "token": int, "logprob": float, "top": [[int, float], ...]}
 
@@ -17,7 +20,7 @@ Never: allocate blocks, schedule, or look at text.
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
 
 class SeqStep(TypedDict):
@@ -27,6 +30,7 @@ class SeqStep(TypedDict):
     block_table: list[int]
     sample: bool
     params: dict[str, Any] | None
+    history: NotRequired[list[int]]
 
 
 class Sampled(TypedDict):
@@ -80,6 +84,8 @@ class LocalDriver:
                 self._samplers[sid] = SequenceSampler(SamplingParams.from_dict(s.get("params")))
             # recompute after preemption re-feeds earlier positions: overwrite, never append twice
             hist = self._history.setdefault(sid, [])
+            if s.get("history") is not None:
+                hist[:] = s["history"]
             del hist[s["start"]:]
             hist.extend(s["tokens"])
             chunks.append(Chunk(s["tokens"], s["start"], s["block_table"], "last" if s["sample"] else "none"))

@@ -25,6 +25,7 @@ from typing import Any
 from drivers.model.params import SamplingParams, SamplingParamsError
 from drivers.model.tokenizer import StreamDecoder, Tokenizer
 from services.inference.blocks import BlockAllocator
+from services.inference.contexts import MAX_PER_PROCESS as MAX_CONTEXTS, Context, common_prefix
 from services.inference.driver import Driver, Sampled, SeqStep
 from kernel.sched import Policy
 from services.inference.scheduler import Batch, Scheduler
@@ -43,6 +44,10 @@ class QuotaExceeded(RequestError):
     """The request would take its process past one of its limits (EDQUOT)."""
 
 
+class ContextBusy(RequestError):
+    """A turn on a context that already has one in flight (EAGAIN)."""
+
+
 class Engine:
     def __init__(self, driver: Driver, tokenizer: Tokenizer, *, max_running: int = 32, token_budget: int = 256,
                  max_queue: int = 1024, policy: Policy | None = None):
@@ -55,6 +60,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_running, token_budget, policy)
         self.policy = self.scheduler.policy
         self.max_queue = max_queue
+        self.contexts = self.scheduler.contexts
+        self._ctx_ids = itertools.count(1)
         self._seqs: dict[int, Sequence] = {}
         self._decoders: dict[int, StreamDecoder] = {}
         self._ids = itertools.count(1)
@@ -65,10 +72,14 @@ class Engine:
 
     def add(self, prompt: str | Seq[int], sampling: SamplingParams | dict | None = None, *, max_tokens: int = 256,
             stop: Iterable[str] = (), stop_ids: Iterable[int] = (), ignore_eos: bool = False,
-            seq_id: int | None = None, pid: int = 0) -> int:
+            seq_id: int | None = None, pid: int = 0, ctx: Context | None = None) -> int:
         """Queue a request of process pid; return its seq_id. Raises RequestError (or QueueFull,
         QuotaExceeded) for anything the engine cannot run. The process's priority and limits are
-        the policy's (``engine.policy.update(pid, ...)`` first)."""
+        the policy's (``engine.policy.update(pid, ...)`` first). With ctx, the prompt is the whole
+        conversation: the prefix it shares with the context's history is not computed again."""
+        if ctx is not None and ctx.busy is not None:
+            raise ContextBusy(f"context {ctx.ctx} has a turn in flight (request {ctx.busy}); one turn "
+                              f"at a time")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise RequestError("the prompt is empty")
@@ -106,7 +117,46 @@ class Engine:
         self._seqs[seq_id] = seq
         self._decoders[seq_id] = StreamDecoder(self.tokenizer, stop)
         self.scheduler.add(seq)
+        if ctx is not None:
+            self._attach(seq, ctx)
         return seq_id
+
+    # ------------------------------------------------------------------------------------------ contexts
+
+    def open_context(self, pid: int, model: str, messages: list[dict]) -> Context:
+        mine = sum(1 for c in self.contexts.values() if c.pid == pid)
+        if mine >= MAX_CONTEXTS:
+            raise QuotaExceeded(f"pid {pid} has {mine} contexts open, the most a process may hold")
+        ctx = Context(next(self._ctx_ids), pid, model, list(messages))
+        self.contexts[ctx.ctx] = ctx
+        return ctx
+
+    def close_context(self, ctx: Context) -> None:
+        if ctx.busy is not None:
+            self.cancel(ctx.busy)
+        self.blocks.free(ctx.owner)
+        self.contexts.pop(ctx.ctx, None)
+
+    def _attach(self, seq: Sequence, ctx: Context) -> None:
+        """Start a turn on the context's cached prefix (all but the last prompt token, at most)."""
+        keep = min(common_prefix(ctx.tokens, seq.prompt), len(seq.prompt) - 1)
+        nblocks = self.blocks.blocks_for(keep)
+        self.blocks.trim(ctx.owner, nblocks)           # past the common prefix its K/V are stale
+        ctx.tokens = ctx.tokens[:keep]
+        self.blocks.share(seq.seq_id, self.blocks.table(ctx.owner))
+        seq.num_computed = seq.cached = keep if nblocks == len(self.blocks.table(ctx.owner)) else 0
+        if seq.num_computed == 0:
+            self.blocks.free(seq.seq_id)
+        seq.ctx, ctx.busy = ctx.ctx, seq.seq_id
+
+    def _detach(self, seq: Sequence) -> None:
+        """The turn has ended (however): its blocks and computed tokens are the context's history."""
+        ctx = self.contexts.get(seq.ctx)
+        if ctx is None or ctx.busy != seq.seq_id:
+            return
+        ctx.tokens = seq.tokens[:seq.num_computed]
+        self.blocks.move(seq.seq_id, ctx.owner)
+        ctx.busy, ctx.last_used = None, time.monotonic()
 
     def _admit(self, pid: int, prompt_len: int) -> None:
         """The run queue's bound and the process's limits, checked before a request is queued."""
@@ -149,16 +199,22 @@ class Engine:
                 "waiting": len(self.scheduler.waiting)}
 
     def by_process(self) -> dict[int, dict]:
-        """Each process's model work: {pid: {state, kv_blocks, sequences}}; state is the most
-        active of its requests' (running > ready > suspended)."""
-        rank = {"running": 0, "ready": 1, "suspended": 2, "throttled": 2, "stopped": 3}
+        """Each process's model work: {pid: {state, kv_blocks, sequences, contexts}}; state is the
+        most active of its requests' (running > ready > suspended), None with contexts only."""
+        rank = {"running": 0, "ready": 1, "suspended": 2, "throttled": 2, "stopped": 3, None: 4}
         out: dict[int, dict] = {}
+
+        def entry(pid: int) -> dict:
+            return out.setdefault(pid, {"state": None, "kv_blocks": 0, "sequences": 0, "contexts": 0})
         for r in self.scheduler.describe():
-            p = out.setdefault(r["pid"], {"state": r["state"], "kv_blocks": 0, "sequences": 0})
-            p["kv_blocks"] += r["kv_blocks"]
+            p = entry(r["pid"])
             p["sequences"] += 1
             if rank[r["state"]] < rank[p["state"]]:
                 p["state"] = r["state"]
+        for ctx in self.contexts.values():
+            entry(ctx.pid)["contexts"] += 1
+        for pid, p in out.items():
+            p["kv_blocks"] = self.scheduler.held_blocks(pid)
         return out
 
     # ------------------------------------------------------------------------------------------ the step
@@ -193,7 +249,11 @@ class Engine:
             start = seq.num_computed
             msgs.append({"seq_id": seq.seq_id, "tokens": seq.tokens[start:start + n], "start": start,
                          "block_table": list(self.blocks.table(seq.seq_id)), "sample": start + n == len(seq),
-                         "params": seq.params if start == 0 else None})
+                         "params": seq.params if start == 0 or not seq.known else None})
+            if not seq.known:
+                seq.known = True
+                if start:
+                    msgs[-1]["history"] = seq.tokens[:start]
         return batch, msgs, events
 
     def postprocess(self, batch: Batch, sampled: list[Sampled]) -> list[dict]:
@@ -217,6 +277,8 @@ class Engine:
         Greedy output is unchanged by this; a seeded sampler starts its random stream again."""
         self.scheduler.evict_all()
         self._release = []          # the new driver knows none of them
+        for seq in self._seqs.values():
+            seq.known = False
 
     def fail(self, batch: Batch, message: str) -> list[dict]:
         return [self._finish(seq, "error", {"seq_id": seq.seq_id, "text": "", "tokens": []}, error=message)
@@ -261,6 +323,8 @@ class Engine:
         return event
 
     def _finish(self, seq: Sequence, reason: str, event: dict, error: str | None = None) -> dict:
+        if seq.ctx is not None:
+            self._detach(seq)
         self.scheduler.remove(seq)
         seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
         seq.finished_at = time.monotonic()

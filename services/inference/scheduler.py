@@ -7,9 +7,9 @@ Every live request is in one of three states:
     WAITING    holding no blocks: new, or preempted and dropped, to be recomputed from its tokens.
 Each step the policy (kernel/sched.py) orders the requests and picks the batch. Suspending is
 free: the blocks stay where they are, and a suspended request resumes at the next step it is
-picked. Blocks are taken back only when memory is short, in this order: from held requests, then
-from suspended ones, least urgent first, then from running requests less urgent than the one that
-needs them. A dropped request is recomputed later: on this machine prefill runs many times faster
+picked. Blocks are taken back only when memory is short, in this order: from idle contexts (least
+recently used first), from held requests, then from suspended ones, least urgent first, then from
+running requests less urgent than the one that needs them. A dropped request is recomputed later: on this machine prefill runs many times faster
 per token than decoding, and the CPU has no cheaper "host memory" to move blocks to, so dropping
 is the cheap choice whenever keeping is impossible (a CUDA driver could swap to host instead).
 
@@ -17,8 +17,8 @@ Each step has a token budget. Decoding requests (one pending token) are always s
 prompt never stalls them; prefilling requests get what is left, a chunk at a time.
 
 A process's kv_blocks limit is enforced here: a request may not grow its process past the limit.
-It waits for its process's other requests (the least urgent of them may be dropped for it), and
-fails with the limit named if it alone cannot fit.
+Its process's idle contexts give way first; then it waits for its process's other requests (the
+least urgent of them may be dropped for it); it fails with the limit named if it alone cannot fit.
 
 Never: talk to the driver, or change a request's tokens (the engine does both).
 """
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from kernel.sched import Policy
 from services.inference.blocks import BlockAllocator
+from services.inference.contexts import Context
 from services.inference.sequence import Sequence, Status
 
 
@@ -55,6 +56,7 @@ class Scheduler:
         self.policy = policy or Policy()
         self.clock = clock
         self.seqs: list[Sequence] = []      # every live request, in arrival order
+        self.contexts: dict[int, Context] = {}   # the engine's open contexts (their blocks can be taken)
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -69,13 +71,8 @@ class Scheduler:
         if seq in self.seqs:
             self.seqs.remove(seq)
         self.blocks.free(seq.seq_id)
-        if not any(s.pid == seq.pid for s in self.seqs) and not self.keep_pid(seq.pid):
+        if not any(s.pid == seq.pid for s in self.seqs):
             self.policy.forget(seq.pid)
-
-    def keep_pid(self, pid: int) -> bool:
-        """Whether the policy must remember a process with no request (the engine overrides this
-        while the process holds contexts)."""
-        return False
 
     def has_work(self) -> bool:
         return bool(self.seqs)
@@ -90,7 +87,19 @@ class Scheduler:
         return [s for s in self.seqs if s.status is not Status.RUNNING]
 
     def held_blocks(self, pid: int) -> int:
-        return sum(len(self.blocks.table(s.seq_id)) for s in self.seqs if s.pid == pid)
+        """KV blocks a process holds: its requests' and its contexts', shared ones counted once."""
+        return self.blocks.distinct([s.seq_id for s in self.seqs if s.pid == pid] +
+                                    [c.owner for c in self.contexts.values() if c.pid == pid])
+
+    def idle_contexts(self, pid: int | None = None) -> list[Context]:
+        """Contexts holding blocks with no turn in flight (of one process), least recently used first."""
+        return sorted((c for c in self.contexts.values() if c.busy is None and self.blocks.table(c.owner)
+                       and (pid is None or c.pid == pid)), key=lambda c: c.last_used)
+
+    def evict(self, ctx: Context) -> None:
+        """Take an idle context's blocks back; its next turn recomputes its history."""
+        self.blocks.free(ctx.owner)
+        ctx.tokens = []
 
     def order(self, now: float | None = None) -> list[Sequence]:
         """Every live request, most deserving first."""
@@ -161,6 +170,10 @@ class Scheduler:
                     batch.over_quota.append((s, self._quota_message(s, limit)))
                     picked.discard(s)
                     return 0
+                idle = self.idle_contexts(s.pid)
+                if idle:
+                    self.evict(idle[0])
+                    continue
                 sibling = self._victim([x for x in self.seqs if x.pid == s.pid and x is not s
                                         and blocks.table(x.seq_id)], s, chosen)
                 if sibling is None:
@@ -169,6 +182,10 @@ class Scheduler:
             want = n
         # then the pool
         while (n := room(blocks.num_free)) < (want if not prefill else 1):
+            idle = self.idle_contexts()
+            if idle:
+                self.evict(idle[0])
+                continue
             holders = [x for x in self.seqs if x is not s and blocks.table(x.seq_id)]
             if not holders:                      # the whole pool cannot hold it
                 batch.starved.append(s)
@@ -203,6 +220,9 @@ class Scheduler:
         if s.status is Status.RUNNING:
             s.preemptions += 1
         self.blocks.free(s.seq_id)
+        ctx = self.contexts.get(s.ctx) if s.ctx is not None else None
+        if ctx is not None:                  # it shares the context's prefix: that goes too
+            self.evict(ctx)
         s.num_computed = 0
         s.status = Status.WAITING
         if picked is not None:
@@ -216,6 +236,8 @@ class Scheduler:
         for s in self.seqs:
             if self.blocks.table(s.seq_id) or s.status is not Status.WAITING:
                 self._drop(s, None)
+        for ctx in self.contexts.values():
+            self.evict(ctx)
 
     # ------------------------------------------------------------------------------------------ reports
 

@@ -30,6 +30,9 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     arrival: int = 0                  # arrival order: the last tie-breaker of the policy
     pid: int = 0                      # the process it is for: priorities and limits are per process
+    ctx: int | None = None            # the context it is a turn of
+    cached: int = 0                   # prompt tokens whose K/V came from the context's cache
+    known: bool = False               # the driver has its sampling parameters
     output: list[int] = field(default_factory=list)
     num_computed: int = 0             # tokens whose K/V are in the cache; reset to 0 by preemption
     status: Status = Status.WAITING
@@ -64,5 +67,6 @@ class Sequence:
         ttft = None if self.first_token_at is None else self.first_token_at - self.created
         end = self.finished_at or time.monotonic()
         decode = None if self.first_token_at is None else end - self.first_token_at
-        return {"prompt_tokens": len(self.prompt), "generated_tokens": len(self.output), "ttft_s": ttft,
+        return {"prompt_tokens": len(self.prompt), "cached_tokens": self.cached,
+                "generated_tokens": len(self.output), "ttft_s": ttft,
                 "decode_s": decode, "preemptions": self.preemptions}

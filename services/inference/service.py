@@ -50,7 +50,7 @@ class _DriverProxy:
 
 class Inference(Service):
     name = "inference"
-    internal = ("sched_update",)
+    internal = ("sched_update", "process_exit")
 
     async def start(self) -> None:
         from drivers.model import Tokenizer, read_metadata
@@ -145,12 +145,88 @@ class Inference(Service):
         return await self._stream(args["prompt"], args, emit, "generate", caller)
 
     async def op_chat(self, args: dict, caller: dict, emit: Callable[[Any], None]) -> dict:
+        ctx = None if args.get("ctx") is None else self._context(args["ctx"], caller, "chat")
+        messages = (ctx.messages if ctx else []) + args["messages"]
+        prompt = self._render(messages, "chat", "messages")
+        return await self._stream(prompt, args, emit, "chat", caller, ctx, messages)
+
+    def _render(self, messages: list, call: str, arg: str) -> str:
         from drivers.model import ChatTemplateError
         try:
-            prompt = self.tokenizer.apply_chat_template(args["messages"], add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except (ChatTemplateError, TypeError, KeyError, ValueError) as e:
-            raise errors.EINVAL(f"chat: argument 'messages': {e}") from None
-        return await self._stream(prompt, args, emit, "chat", caller)
+            raise errors.EINVAL(f"{call}: argument '{arg}': {e}") from None
+
+    def _check_model(self, model: str | None, call: str) -> None:
+        if model is not None and model not in (self.model_path, "smollm2-135m-instruct") \
+                and not str(self.model_path).endswith(f"/{model}"):
+            raise errors.ENOENT(f"{call}: model {model!r} is not loaded (the {DRIVER} driver runs "
+                                f"{self.model_path})")
+
+    # -- contexts ------------------------------------------------------------------------------
+    def _context(self, handle: int, caller: dict, call: str):
+        ctx = self.engine.contexts.get(handle)
+        if ctx is None or ctx.pid != caller.get("pid"):
+            raise errors.EBADF(f"{call}: context {handle} is not open in pid {caller.get('pid')}")
+        return ctx
+
+    def op_open_context(self, args: dict, caller: dict) -> int:
+        self._check_model(args.get("model"), "open_context")
+        messages = [{"role": "system", "content": args["system"]}] if args.get("system") else []
+        return self._open(messages, caller, "open_context", "system")
+
+    def _open(self, messages: list[dict], caller: dict, call: str, arg: str) -> int:
+        from services.inference.engine import QuotaExceeded
+        self._render(messages, call, arg)
+        try:
+            ctx = self.engine.open_context(int(caller["pid"]), str(self.model_path), messages)
+        except QuotaExceeded as e:
+            raise errors.EDQUOT(f"{call}: {e}") from None
+        self._report(force=True)
+        return ctx.ctx
+
+    def op_close_context(self, args: dict, caller: dict) -> None:
+        self.engine.close_context(self._context(args["ctx"], caller, "close_context"))
+        self.wake.set()
+        self._report(force=True)
+
+    async def op_save_context(self, args: dict, caller: dict) -> dict:
+        ctx = self._context(args["ctx"], caller, "save_context")
+        done = await self.runtime.call("storage", "put", {"key": args["key"], "value": ctx.saved(),
+                                                          "if_version": None, "ns": args.get("ns")},
+                                      as_pid=caller["pid"])
+        return {"version": done["version"], "size": done["size"]}
+
+    async def op_load_context(self, args: dict, caller: dict) -> int:
+        from services.inference.contexts import SAVE_FORMAT
+        got = await self.runtime.call("storage", "get", {"key": args["key"], "ns": args.get("ns")},
+                                      as_pid=caller["pid"])
+        value = got["value"]
+        messages = value.get("messages") if isinstance(value, dict) else None
+        if not isinstance(value, dict) or value.get("format") != SAVE_FORMAT or not isinstance(messages, list) \
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in messages):
+            raise errors.EINVAL(f"load_context: key {args['key']!r} does not hold a saved context "
+                                f"(save_context writes one)")
+        return self._open(messages, caller, "load_context", "key")
+
+    def op_contexts(self, args: dict, caller: dict) -> list[dict]:
+        pid = caller.get("pid") if args.get("pid") is None else args["pid"]
+        if pid != caller.get("pid") and not caller.get("privileged"):
+            raise errors.EPERM(f"contexts: those of pid {pid} are its own; listing them needs privilege")
+        now, blocks = time.monotonic(), self.engine.blocks
+        return [{"ctx": c.ctx, "pid": c.pid, "model": c.model, "messages": len(c.messages),
+                 "tokens": len(c.tokens), "kv_blocks": len(blocks.table(c.owner)),
+                 "last_used": round(now - c.last_used, 3)}
+                for c in self.engine.contexts.values() if c.pid == pid]
+
+    def op_process_exit(self, args: dict, caller: dict) -> None:
+        """From the kernel: a process has ended; its contexts close with it."""
+        pid = args.get("pid")
+        for ctx in [c for c in self.engine.contexts.values() if c.pid == pid]:
+            self.engine.close_context(ctx)
+        self.wake.set()
+        self._report(force=True)
 
     def op_runqueue(self, args: dict, caller: dict) -> dict:
         engine, pid = self.engine, args.get("pid")
@@ -160,7 +236,7 @@ class Inference(Service):
                   ("running", "ready", "suspended", "stopped", "throttled")}
         return {"max_running": engine.scheduler.max_running, "max_queue": engine.max_queue, **counts,
                 "blocks_total": usage["blocks_total"], "blocks_used": usage["blocks_used"],
-                "blocks_cached": 0,
+                "blocks_cached": engine.blocks.distinct(c.owner for c in engine.scheduler.idle_contexts()),
                 "requests": [r for r in requests if pid is None or r["pid"] == pid]}
 
     def op_sched_update(self, args: dict, caller: dict) -> None:
@@ -172,13 +248,9 @@ class Inference(Service):
             self.wake.set()
 
     async def _stream(self, prompt: str, args: dict, emit: Callable[[Any], None], call: str,
-                      caller: dict) -> dict:
-        from services.inference.engine import QueueFull, QuotaExceeded, RequestError
-        model = args.get("model")
-        if model is not None and model not in (self.model_path, "smollm2-135m-instruct") \
-                and not str(self.model_path).endswith(f"/{model}"):
-            raise errors.ENOENT(f"{call}: model {model!r} is not loaded (the {DRIVER} driver runs "
-                                f"{self.model_path})")
+                      caller: dict, ctx=None, conversation: list | None = None) -> dict:
+        from services.inference.engine import ContextBusy, QueueFull, QuotaExceeded, RequestError
+        self._check_model(args.get("model"), call)
         sampling = {k: args[k] for k in SAMPLING if args.get(k) is not None}
         pid = int(caller.get("pid") or 0)
         self.engine.policy.update(pid, priority=caller.get("priority", 0),
@@ -186,8 +258,8 @@ class Inference(Service):
         try:
             seq_id = self.engine.add(prompt, sampling, max_tokens=args["max_tokens"],
                                      stop=args.get("stop") or (), stop_ids=args.get("stop_ids") or (),
-                                     ignore_eos=bool(args.get("ignore_eos")), pid=pid)
-        except QueueFull as e:
+                                     ignore_eos=bool(args.get("ignore_eos")), pid=pid, ctx=ctx)
+        except (QueueFull, ContextBusy) as e:
             raise errors.EAGAIN(f"{call}: {e}") from None
         except QuotaExceeded as e:
             raise errors.EDQUOT(f"{call}: {e}") from None
@@ -199,9 +271,11 @@ class Inference(Service):
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[seq_id] = queue
         self.wake.set()
+        reply = []
         try:
             while True:
                 ev = await queue.get()
+                reply.append(ev["text"])
                 piece = {"text": ev["text"], "tokens": ev["tokens"]}
                 if "logprobs" in ev:
                     piece["logprobs"] = ev["logprobs"]
@@ -210,6 +284,8 @@ class Inference(Service):
                 if "finish" in ev:
                     if ev["finish"] == "error":
                         raise errors.from_wire(ev.get("error_code", "EIO"), f"{call}: {ev['error']}")
+                    if ctx is not None and ev["finish"] in ("stop", "length"):
+                        ctx.messages = conversation + [{"role": "assistant", "content": "".join(reply)}]
                     return {k: v for k, v in ev.items() if k not in ("seq_id", "text", "tokens",
                                                                      "logprobs", "error_code")}
         except asyncio.CancelledError:

@@ -30,6 +30,19 @@ def test_allocator_tables_refs_and_usage():
     assert a.usage()["blocks_used"] == 0
 
 
+def test_shared_blocks_are_freed_by_their_last_owner():
+    a = BlockAllocator(8, 4)
+    a.grow(-1, 10)                                # a context: 3 blocks
+    a.share(5, a.table(-1)[:2])                   # a turn on its first 8 tokens
+    assert a.num_free == 5 and a.distinct([-1, 5]) == 3
+    a.grow(5, 14)                                 # the turn grows past the prefix: 2 blocks of its own
+    a.trim(-1, 2)                                 # the context's stale third block goes
+    assert a.num_free == 4 and a.distinct([-1, 5]) == 4
+    a.move(5, -1)                                 # the turn ends: its table is the context's
+    assert a.table(5) == [] and len(a.table(-1)) == 4 and a.num_free == 4
+    assert a.free(-1) == 4 and a.num_free == 8
+
+
 def test_token_budget_chunks_prompts_and_serves_decoders_first():
     s = Scheduler(BlockAllocator(64, 4), max_running=4, token_budget=10)
     a, b = seq(0, 3), seq(1, 25)
