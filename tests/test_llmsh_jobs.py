@@ -129,12 +129,17 @@ def test_background_jobs_in_a_script(llmos):
 def test_dollar_bang_is_the_last_background_job(llmos):
     r = sh(llmos.home, "echo none=$!; run sleep 30 & echo last=$!; jobs; kill $!; wait $!; "
                        "echo s=$?; run sh -c 'exit 6' & echo last=$!; wait $!; echo s=$?; "
-                       "spawn sleep 60; echo pid=$!")
+                       "spawn sleep 60; echo pid=$!; recv & kill $!; wait $!; echo s=$?; "
+                       "recv & jobs > recv-job; kill -INT %1; wait %1; echo s=$?")
     lines = r.stdout.splitlines()
     assert lines[:3] == ["none=", "last=%1", "[1]+ Running   run sleep 30"]
     assert lines[3:6] == ["s=143", "last=%1", "s=6"]                 # kill $! and wait $! reach it
     assert lines[7] == f"pid={lines[6]}"                                 # spawn sets it too
-    assert r.stderr.splitlines() == ["[1]", "[1]"]
+    assert lines[8:] == ["s=143", "s=130"]          # kill ends a job busy in a builtin too
+    assert r.stderr.splitlines() == ["[1]", "[1]", "[1]", "[1]"]
+    with llmos.connect() as c:
+        assert c.get("recv-job")["value"].split() == ["[1]+", "Running", "recv"]
+        assert not [p for p in c.ps() if p["state"] == "BLOCKED"]        # no recv left behind
 
 
 def test_dmesg_and_shutdown(llmos):

@@ -89,7 +89,8 @@ def cmd_kill(sh: Shell, io: Streams, args: list[str]) -> int:
 
     TERM, INT and HUP ask a program to end, KILL ends it, STOP and CONT suspend and resume it.
     A signal is named with or without SIG, in any case, or by number: kill -9 PID.
-    %N signals the programs that background job N started with run.
+    %N signals the programs that background job N started with run; TERM, INT, HUP or KILL
+    also stop a builtin it runs (gen, recv, wait), as Ctrl-C would.
     """
     sig = "TERM"
     if args[:1] == ["-l"]:
@@ -111,8 +112,8 @@ def cmd_kill(sh: Shell, io: Streams, args: list[str]) -> int:
     status = 0
     for pid in [a if a.startswith("%") else pid_arg(a) for a in args]:
         try:
-            if isinstance(pid, str):        # a job: its programs, by OS signal
-                sh.jobs.find(pid).signal(signal.Signals["SIG" + sig])
+            if isinstance(pid, str):        # a job: its programs, by OS signal; or its builtins
+                sh.jobs.find(pid).kill(signal.Signals["SIG" + sig])
                 continue
             sh.call("kill", pid=pid, signal=sig)
         except errors.LLMOSError as e:

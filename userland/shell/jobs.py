@@ -10,6 +10,7 @@ blocking calls are then withdrawn in the kernel like a foreground Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io as _io
 import os
@@ -43,6 +44,8 @@ class Job:
         self.interrupts = 0
         self.lock = threading.Lock()
         self.pending: list[int] = []        # signals sent while it had no program running
+        self.commands: dict[int, list[str]] = {}    # thread -> the builtins it runs (nice gen: 2)
+        self.ended_by: int | None = None    # the signal kill %N ended its builtins with
 
     @property
     def done(self) -> bool:
@@ -95,6 +98,39 @@ class Job:
             except ProcessLookupError:
                 pass
 
+    @contextlib.contextmanager
+    def running(self, name: str):
+        """Note that this thread runs the builtin name (kill %N may have to interrupt it); none
+        starts once kill %N has ended the job."""
+        with self.lock:
+            if self.ended_by is not None:
+                raise KeyboardInterrupt
+            names = self.commands.setdefault(threading.get_ident(), [])
+            names.append(name)
+        try:
+            yield
+        finally:
+            with self.lock:
+                names.pop()
+
+    def kill(self, sig: int) -> None:
+        """kill %N: sig to the job's programs; and a job busy in a builtin such as gen, which no OS
+        signal reaches, is interrupted as by Ctrl-C when sig asks it to end (its status: 128 + sig)."""
+        self.signal(sig)
+        if sig not in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL):
+            return
+        with self.lock:         # a thread in `run` is left to its program, which got sig
+            if self.done:
+                return
+            self.ended_by = sig
+            busy = [ident for ident, names in self.commands.items() if names and names[-1] != "run"]
+        for ident in busy:
+            _raise_interrupt(ident)
+
+    def interrupted(self) -> int:
+        """The status of a thread of this job that was interrupted."""
+        return 130 if self.ended_by is None else 128 + self.ended_by
+
     def interrupt(self) -> None:
         """Ctrl-C for this job: SIGINT to its programs, KeyboardInterrupt into its threads; later
         ones kill its programs."""
@@ -102,8 +138,7 @@ class Job:
         self.signal(signal.SIGINT if self.interrupts == 1 else signal.SIGKILL)
         for t in self.threads:
             if t.is_alive() and t.ident is not None:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident),
-                                                           ctypes.py_object(KeyboardInterrupt))
+                _raise_interrupt(t.ident)
 
     def resume(self) -> None:
         self.stopped = False
@@ -137,6 +172,10 @@ class Job:
 
 class _Suspended(Exception):
     pass
+
+
+def _raise_interrupt(thread: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(KeyboardInterrupt))
 
 
 def _suspend(signum, frame):

@@ -16,6 +16,7 @@ shell outlives a reboot of llmos. Calls go out as cancellable streams: Ctrl-C du
 
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import os
 import sys
@@ -157,7 +158,7 @@ class Shell:
             try:
                 job.status = child.run_and_or(AndOr(item.first, item.rest))
             except KeyboardInterrupt:
-                job.status = 130
+                job.status = job.interrupted()
             except ShellExit as e:
                 job.status = e.status
             except BaseException:
@@ -209,7 +210,7 @@ class Shell:
             try:
                 statuses[i] = child.run_command(command, io)
             except KeyboardInterrupt:
-                statuses[i] = 130
+                statuses[i] = job.interrupted()
             except BrokenPipeError:
                 statuses[i] = 141
             except ShellExit as e:
@@ -234,7 +235,8 @@ class Shell:
                 io.error(name, "command not found (try help)")
                 return 127
             io, to_key = self._redirect(command, io, opened)
-            status = cmd.run(self, io, argv[1:])
+            with self.job.running(name) if self.job is not None else contextlib.nullcontext():
+                status = cmd.run(self, io, argv[1:])
             status = 0 if status is None else status
             if to_key is not None:
                 self._store_output(*to_key, io.stdout.getvalue())
