@@ -335,6 +335,14 @@ def test_tab_completion(llmos):
     assert complete("services restart ") == ["storage", "tokenizer"]
     assert complete("services ") == ["restart"]
     assert complete("put k ") == []                     # a value: nothing to offer
+    assert complete("nice -n 5 ge") == ["gen", "get"] and complete("nice ki") == ["kill"]
+    assert complete("ulimit kv") == ["kv_blocks"] and complete("ulimit -p 1 s") == [
+        "sequences", "storage_bytes"]
+    assert str(shell.conn.pid) in complete("renice 5 ") and "1" in complete("ulimit -p ")
+    assert complete("run su") == ["summarize"] and complete("spawn --name x ba") == ["batch"]
+    assert complete("run batch ") == [] and complete("run --daemon e") == ["echo-daemon"]
+    assert complete("gen --model sm") == ["smollm2-135m-instruct"]
+    assert complete("model rm sm") == ["smollm2-135m-instruct"]
     shell.close(0)
     llmos.shutdown()
     assert complete("kill ") == [] and complete("ki") == ["kill"]    # no llmos: no noise

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from .shell import Shell
 
 GEN_OPTIONS = ("model=", "max-tokens=", "temperature=", "top-p=", "top-k=", "seed=", "stop=",
-               "stats", "raw")
+               "ignore-eos", "stats", "raw")
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int,
             "min_p": float, "repetition_penalty": float}
 
@@ -28,6 +28,8 @@ def _sampling(opts: dict) -> dict[str, Any]:
                               f"not {opts[opt]!r}", 2) from None
     if "--model" in opts:
         out["model"] = opts["--model"]
+    if "--ignore-eos" in opts:
+        out["ignore_eos"] = True
     return out
 
 
@@ -57,13 +59,14 @@ def _stream(sh: Shell, io: Streams, call: str, stats: bool, **args: Any) -> str:
 
 
 @command("[--model M] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] "
-         "[--stop STR]... [--raw] [--stats] [PROMPT]")
+         "[--stop STR]... [--ignore-eos] [--raw] [--stats] [PROMPT]")
 def cmd_gen(sh: Shell, io: Streams, args: list[str]) -> None:
     """Answer PROMPT (or standard input), printed as it is produced.
 
     The prompt goes through the model's chat template as one user message, as `ollama run` does;
     --raw sends it to the model as it is (plain completion). Ctrl-C stops the generation. --stats
-    prints the counts (tokens, time to first token, tok/s) on standard error.
+    prints the counts (tokens, time to first token, tok/s) on standard error. --ignore-eos goes
+    on past the end of the answer, to max-tokens (for load tests).
     Example: gen --max-tokens 64 "Write a haiku about kernels."
     """
     try:
@@ -87,7 +90,8 @@ def cmd_gen(sh: Shell, io: Streams, args: list[str]) -> None:
 @command("[--model M] [--system TEXT] [MESSAGE]")
 def cmd_chat(sh: Shell, io: Streams, args: list[str]) -> None:
     """Talk with the model. With MESSAGE: one answer. Without: a conversation, line by line, until
-    /bye or end of input. In a conversation:
+    /bye or end of input (Ctrl-D); at a terminal Ctrl-C stops an answer and the conversation goes
+    on. In a conversation:
 
         /system TEXT       set the system prompt (and start over)
         /set NAME VALUE    temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty
@@ -121,14 +125,20 @@ def cmd_chat(sh: Shell, io: Streams, args: list[str]) -> None:
         if interactive:
             io.stdout.write(">>> ")
             io.stdout.flush()
-        line = io.stdin.readline()
-        if not line:
-            return
-        line = line.strip()
-        if not line:
+        try:
+            line = io.stdin.readline()
+            if not line:
+                return
+            line = line.strip()
+            if line and not line.startswith("/"):
+                answer(line)
+                continue
+        except KeyboardInterrupt:       # at a terminal Ctrl-C stops an answer or drops a line,
+            if not interactive:         # and the conversation goes on (/bye or Ctrl-D leaves)
+                raise
+            io.stdout.write("\n")
             continue
-        if not line.startswith("/"):
-            answer(line)
+        if not line:
             continue
         word, _, value = line.partition(" ")
         value = value.strip()
