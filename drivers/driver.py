@@ -56,6 +56,7 @@ class ModelDriver(Service):
             block_size=cfg.block_size, progress=progress,
             fp16_single_token=cfg.fp16_single_token, device=self.torch_device())
         self.lock = asyncio.Lock()
+        self.current = self.abort_id = None      # the step running, and the one asked to stop
         self.steps = 0
         self.log.info("model_loaded", path=str(path), device=self.torch_device(), **self.driver.info())
 
@@ -73,13 +74,29 @@ class ModelDriver(Service):
         batch = args.get("batch")
         if not isinstance(batch, list):
             raise errors.EINVAL("step: 'batch' must be a list of sequence steps")
+        from drivers.model.llama import StepAborted
+        step_id = args.get("id")
         async with self.lock:
+            self.current = step_id
             try:
-                out = await asyncio.to_thread(self.driver.step, batch)
+                out = await asyncio.to_thread(self.driver.step, batch, self._should_stop)
+            except StepAborted as e:
+                raise errors.ECANCELED(f"step {step_id}: {e}") from None
             except (ValueError, KeyError, TypeError) as e:
                 raise errors.EINVAL(f"step: {e}") from None
+            finally:
+                self.current = None
             self.steps += 1
             return out
+
+    def _should_stop(self) -> bool:
+        # read from the step's thread: a plain attribute read is atomic
+        return self.current is not None and self.current == self.abort_id
+
+    def op_abort(self, args: dict, caller: dict) -> None:
+        """Give up step `id` between two layers if it is still running (a more urgent request
+        arrived and would otherwise wait for the whole step)."""
+        self.abort_id = args.get("id")
 
     def op_release(self, args: dict, caller: dict) -> None:
         self.driver.release([int(i) for i in args.get("seq_ids", [])])

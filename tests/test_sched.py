@@ -70,13 +70,13 @@ def test_urgent_request_runs_while_less_urgent_ones_are_suspended_and_resume_unc
         streams = [low.generate(p, **LONG) for p in prompts]
         for s in streams:
             next(s)
-        urgent = high.generate("numbers like 12345", max_tokens=30, ignore_eos=True, temperature=0.0)
+        urgent = high.generate("numbers like 12345", **LONG)
         next(urgent)
         states = {r["pid"]: r["state"] for r in high.runqueue()["requests"] if r["pid"] == low.pid}
         assert states == {low.pid: "suspended"}
         assert {r["state"] for r in mine(high, low.pid)} == {"suspended"}   # both sit out (band)
         rest = [t for ch in urgent for t in ch.tokens]
-        assert urgent.result.preemptions == 0 and len(rest) == 29
+        assert urgent.result.preemptions == 0 and len(rest) == 199
         outs = []
         for s in streams:
             list(s)

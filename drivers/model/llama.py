@@ -29,6 +29,10 @@ from drivers.model.gguf import LlamaConfig, ModelFile, Progress, load_gguf
 LOGITS_CHOICES = ("last", "all", "none")
 
 
+class StepAborted(RuntimeError):
+    """A step given up half-way because its caller asked (a more urgent request arrived)."""
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One sequence's share of a step: tokens at positions start, start+1, ...; KV lives in block_table."""
@@ -182,11 +186,13 @@ class Llama:
     # ------------------------------------------------------------------------------------------ paged step
 
     @torch.inference_mode()
-    def step(self, pool: KVPool, chunks: Sequence[Chunk]) -> torch.Tensor:
+    def step(self, pool: KVPool, chunks: Sequence[Chunk], should_stop=None) -> torch.Tensor:
         """Run one step; write every fed token's K/V into the pool; return logits [rows, vocab].
 
         Rows follow the chunks' order: one per chunk with logits="last", len(tokens) for "all", none for
         "none". The K/V of positions before each chunk's start must already be in its blocks.
+        should_stop, if given, is asked between layers; when it says yes the step ends with
+        StepAborted, having written K/V only at the chunks' own positions (recomputed next time).
         """
         c = self.config
         plan = self._plan(pool, chunks)
@@ -197,6 +203,8 @@ class Llama:
         x = F.embedding(plan.tokens, self.embed)
         attn = torch.empty((T, q_dim), dtype=x.dtype, device=x.device)
         for i, layer in enumerate(self.layers):
+            if should_stop is not None and should_stop():
+                raise StepAborted(f"step aborted before layer {i}")
             h = F.rms_norm(x, (c.hidden,), layer.attn_norm, c.rms_eps)
             qkv = layer.wqkv(h).contiguous()
             qk = _rotate(qkv[:, :q_dim + kv_dim].view(T, H + KVH, D), rope)   # q and k heads in one go

@@ -72,7 +72,8 @@ class LocalDriver:
                 "vocab_size": self.model.config.vocab_size, "context_length": self.model.max_positions,
                 "model": self.name}
 
-    def step(self, batch: list[SeqStep]) -> list[Sampled]:
+    def step(self, batch: list[SeqStep], should_stop=None) -> list[Sampled]:
+        """Raises StepAborted (drivers.model.llama) if should_stop() says so before sampling."""
         from drivers.model.llama import Chunk
         from drivers.model.sampling import SamplingParams, SequenceSampler, sample
         chunks, samplers, histories, ids = [], [], [], []
@@ -93,7 +94,7 @@ class LocalDriver:
                 samplers.append(self._samplers[sid])
                 histories.append(hist)
                 ids.append(sid)
-        logits = self.model.step(self.pool, chunks)
+        logits = self.model.step(self.pool, chunks, should_stop)
         if not ids:
             return []
         picks = sample(logits, samplers, histories)

@@ -65,6 +65,7 @@ class Inference(Service):
         self.engine = Engine(_DriverProxy(self, info), self.tokenizer, max_running=cfg.max_running,
                              token_budget=cfg.token_budget, max_queue=cfg.max_queue,
                              policy=Policy(cfg.band, cfg.aging_s, cfg.quantum))
+        self.step_id, self.in_flight = 0, None     # the driver's step now running: (id, batch)
         self.reported: dict = {}
         self.reported_at = 0.0
         self.queues: dict[int, asyncio.Queue] = {}
@@ -106,8 +107,12 @@ class Inference(Service):
                 self._deliver(events)
                 if not msgs:
                     break           # nothing may run now; a request, a cancel, a CONT or time wakes us
+                self.step_id += 1
+                self.in_flight = (self.step_id, batch)
                 try:
-                    sampled = await self.runtime.call(DRIVER, "step", {"batch": msgs})
+                    sampled = await self.runtime.call(DRIVER, "step", {"batch": msgs, "id": self.step_id})
+                except errors.ECANCELED:
+                    continue                # aborted for an urgent request: nothing of it counts
                 except errors.LLMOSError as e:
                     failures += 1
                     self.log.warning("driver_step_failed", error=str(e), failures=failures)
@@ -117,6 +122,8 @@ class Inference(Service):
                     else:
                         engine.device_lost()     # most likely it restarted: recompute on the new one
                     continue
+                finally:
+                    self.in_flight = None
                 failures = 0
                 self._deliver(engine.postprocess(batch, sampled))
                 self._report()
@@ -133,6 +140,22 @@ class Inference(Service):
             self.reported, self.reported_at = current, now
             self.runtime.send(wire.event("sched", {"procs": [{"pid": pid, **work}
                                                              for pid, work in current.items()]}))
+
+    def _abort_for(self, pid: int) -> None:
+        """A new request of pid would keep everyone in the running step out of the batch (the
+        policy's band): rather than have it wait for the whole step, the driver gives the step up
+        between two layers and the next one starts with the urgent request."""
+        if self.in_flight is None:
+            return
+        step_id, batch = self.in_flight
+        policy, now = self.engine.policy, time.monotonic()
+        if policy.hold(pid, now):
+            return
+        urgent = policy.effective(pid, now, now)
+        if batch.steps and all(urgent + policy.band < policy.effective(s.pid, s.last_served, now)
+                               for s, _ in batch.steps):
+            self.log.info("step_aborted", step=step_id, for_pid=pid)
+            self.spawn(self.runtime.call(DRIVER, "abort", {"id": step_id}))
 
     def _deliver(self, events: list[dict]) -> None:
         for ev in events:
@@ -271,6 +294,7 @@ class Inference(Service):
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[seq_id] = queue
         self.wake.set()
+        self._abort_for(pid)
         reply = []
         try:
             while True:

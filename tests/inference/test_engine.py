@@ -124,6 +124,27 @@ def test_preemption_recompute_gives_same_tokens(make_engine, params):
     assert_idle(e)
 
 
+@pytest.mark.parametrize("params", [GREEDY, {"temperature": 0.8, "seed": 3, "repetition_penalty": 3.0}])
+def test_an_aborted_step_changes_nothing(make_engine, params):
+    from drivers.model.llama import StepAborted
+    e = make_engine()
+    ids = [e.add(p, params, max_tokens=12, ignore_eos=True) for p in PROMPTS[:3]]
+    out, aborted = {}, 0
+    while e.has_work():
+        batch, msgs, _ = e.schedule()
+        if aborted < 3 and msgs:                       # the first steps are given up half-way
+            layers = iter(range(1, 10))
+            with pytest.raises(StepAborted):
+                e.driver.step(msgs, lambda: next(layers) == 2)
+            aborted += 1
+            continue
+        for ev in e.postprocess(batch, e.driver.step(msgs)):
+            out.setdefault(ev["seq_id"], []).extend(ev["tokens"])
+    for sid, prompt in zip(ids, PROMPTS):
+        assert out[sid] == alone(make_engine, prompt, params, max_tokens=12)["tokens"]
+    assert_idle(e)
+
+
 def test_sequence_larger_than_pool_finishes_with_length(make_engine):
     e = make_engine(num_blocks=4, block_size=4)
     sid = e.add(PROMPTS[0], GREEDY, max_tokens=100, ignore_eos=True)
