@@ -191,7 +191,8 @@ def test_uname_and_ps(llmos):
     flat, tree = r.stdout.split("PID PPID", 2)[1:]
     rows = {int(row["PID"]): row for row in table("PID PPID" + flat)}
     assert list(table("PID PPID" + flat)[0]) == ["PID", "PPID", "UID", "STATE", "PRI", "NAME", "AGE",
-                                                  "CALLS", "STORED", "ARGV"]
+                                                  "KV", "TOK-IN", "TOK-OUT", "TOK/S", "CALLS", "STORED",
+                                                  "ARGV"]
     assert rows[1]["NAME"] == "kernel" and rows[1]["PPID"] == "0"
     assert rows[me]["NAME"] == "llmsh" and rows[me]["STATE"] == "RUNNING"
     assert rows[me]["UID"] == str(os.getuid())

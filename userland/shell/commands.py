@@ -54,8 +54,10 @@ def tree(procs: list[dict]) -> list[tuple[dict, int]]:
 def cmd_ps(sh: Shell, io: Streams, args: list[str]) -> int:
     """List the processes (or those named); -t draws them as a tree under their parents.
 
-    Columns: PID, parent PID, OS user, state (RUNNING; BLOCKED in wait or recv; STOPPED; ZOMBIE),
-    priority (a nice value), name, age, syscalls made, bytes stored, and the command line.
+    Columns: PID, parent PID, OS user, state (RUNNING, or with model work waiting READY or
+    SUSPENDED; BLOCKED in wait or recv; STOPPED; ZOMBIE), priority (a nice value), name, age, KV
+    cache blocks held, tokens in (prompts) and out (generated), generated tokens per second,
+    syscalls made, bytes stored, and the command line.
     """
     opts, rest = options(args, "t")
     pids = [pid_arg(a) for a in rest]
@@ -76,10 +78,13 @@ def cmd_ps(sh: Shell, io: Streams, args: list[str]) -> int:
         name = ("   " * (depth - 1) + " \\_ " if depth else "") + (p["name"] or "-")
         rows.append([str(p["pid"]), str(p["ppid"]), "-" if p["uid"] is None else str(p["uid"]),
                      p["state"], str(p["priority"]), name, duration(now - p["started"]),
-                     str(p["syscalls"]), size(p["bytes_stored"]), shlex.join(p["argv"] or [])])
+                     str(p.get("kv_blocks", 0)), str(p["tokens_in"]), str(p["tokens_out"]),
+                     f"{p.get('tok_s', 0.0):.1f}", str(p["syscalls"]), size(p["bytes_stored"]),
+                     shlex.join(p["argv"] or [])])
     if rows:
-        table(io.stdout, ["PID", "PPID", "UID", "STATE", "PRI", "NAME", "AGE", "CALLS", "STORED", "ARGV"],
-              rows, right={"PID", "PPID", "UID", "PRI", "AGE", "CALLS", "STORED"})
+        numeric = ["PID", "PPID", "UID", "PRI", "AGE", "KV", "TOK-IN", "TOK-OUT", "TOK/S", "CALLS", "STORED"]
+        table(io.stdout, numeric[:3] + ["STATE", "PRI", "NAME", "AGE", "KV", "TOK-IN", "TOK-OUT", "TOK/S",
+                                        "CALLS", "STORED", "ARGV"], rows, right=set(numeric))
     return status
 
 
