@@ -6,7 +6,8 @@ with no limits; the kernel passes them on only at spawn. So while the program ru
 the process table for llmos processes opened by it or by anything it started (by OS process
 ancestry) and sets the shell's priority and limits on each, within a fraction of a second of its
 first call. The scheduler reads a process's priority at every step, so a request made before then
-is rescheduled at once.
+is rescheduled at once. A program that has already chosen its own priority (batch makes itself
+less urgent) keeps it, and a limit is only ever lowered.
 """
 
 from __future__ import annotations
@@ -86,10 +87,12 @@ class Inheritance:
                 continue
             self.given.add(pid)
             try:
-                if self.sh.priority is not None:
+                if self.sh.priority not in (None, 0) and p["priority"] == 0:
                     self.sh.call("setpriority", pid=pid, priority=self.sh.priority)
+                now = self.sh.call("getrlimit", pid=pid) if self.sh.limits else {}
                 for resource, limit in self.sh.limits.items():
-                    self.sh.call("setrlimit", pid=pid, resource=resource, limit=limit)
+                    if limit is not None and (now.get(resource) is None or now[resource] > limit):
+                        self.sh.call("setrlimit", pid=pid, resource=resource, limit=limit)
             except errors.ESRCH:
                 pass                    # it has already gone
             except errors.LLMOSError as e:
