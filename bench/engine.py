@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from drivers.model.tokenizer import Tokenizer
+from kernel.config import SchedulerConfig
 from services.inference import Engine, LocalDriver
 
 PROMPT = "What is the capital of France?"
@@ -38,7 +39,9 @@ def pct(values: list[float], p: float) -> float:
 
 
 def run(driver: LocalDriver, tokenizer: Tokenizer, n: int, tokens: int, budget: int) -> dict:
-    engine = Engine(driver, tokenizer, max_running=n, token_budget=budget)
+    # the inference service's own settings (kernel/config.py), so that the comparison is of the path
+    engine = Engine(driver, tokenizer, max_running=n, token_budget=budget,
+                    decode_steps=SchedulerConfig().decode_steps)
     prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     start = time.perf_counter()
     for _ in range(n):

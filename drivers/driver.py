@@ -56,7 +56,7 @@ class ModelDriver(Service):
             block_size=cfg.block_size, progress=progress,
             fp16_single_token=cfg.fp16_single_token, device=self.torch_device())
         self.lock = asyncio.Lock()
-        self.current = self.abort_id = None      # the step running, and the one asked to stop
+        self.current = self.abort_id = self.yield_id = None   # the step running; those asked to stop
         self.steps = 0
         self.log.info("model_loaded", path=str(path), device=self.torch_device(), **self.driver.info())
 
@@ -79,7 +79,8 @@ class ModelDriver(Service):
         async with self.lock:
             self.current = step_id
             try:
-                out = await asyncio.to_thread(self.driver.step, batch, self._should_stop)
+                out = await asyncio.to_thread(self.driver.step, batch, self._should_stop,
+                                              self._should_yield)
             except StepAborted as e:
                 raise errors.ECANCELED(f"step {step_id}: {e}") from None
             except (ValueError, KeyError, TypeError) as e:
@@ -89,14 +90,21 @@ class ModelDriver(Service):
             self.steps += 1
             return out
 
+    # read from the step's thread: plain attribute reads are atomic
     def _should_stop(self) -> bool:
-        # read from the step's thread: a plain attribute read is atomic
         return self.current is not None and self.current == self.abort_id
 
+    def _should_yield(self) -> bool:
+        return self.current is not None and self.current in (self.abort_id, self.yield_id)
+
     def op_abort(self, args: dict, caller: dict) -> None:
-        """Give up step `id` between two layers if it is still running (a more urgent request
-        arrived and would otherwise wait for the whole step)."""
-        self.abort_id = args.get("id")
+        """Step `id`, if still running: "abort" gives it up between two layers (a more urgent
+        request arrived and would otherwise wait for the whole step); "yield" makes a step that
+        decodes several tokens ahead hand back the ones it has (a request arrived)."""
+        if args.get("mode", "abort") == "yield":
+            self.yield_id = args.get("id")
+        else:
+            self.abort_id = args.get("id")
 
     def op_release(self, args: dict, caller: dict) -> None:
         self.driver.release([int(i) for i in args.get("seq_ids", [])])

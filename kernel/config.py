@@ -5,8 +5,8 @@
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
-    [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum (model work;
-                   see kernel/sched.py)
+    [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum, decode_steps
+                   (model work; see kernel/sched.py)
     [driver]       device, model, kv_blocks, block_size, threads, fp16_single_token (drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
@@ -66,9 +66,10 @@ class SchedulerConfig:
     band: int = 5                   # nice levels: requests less urgent than the most urgent by more sit out
     aging_s: float = 2.0            # a waiting request gains one level of urgency per this many seconds
     quantum: float = 16.0           # tokens a running request is ahead before a fairer one swaps in
+    decode_steps: int = 4           # tokens a decoder may get per driver step while nobody waits
 
     def check(self) -> None:
-        for name in ("max_running", "token_budget", "max_queue"):
+        for name in ("max_running", "token_budget", "max_queue", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: scheduler.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.band <= 39 or self.aging_s <= 0 or self.quantum < 0:

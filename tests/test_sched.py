@@ -97,10 +97,12 @@ def test_equal_priorities_share_the_batch_fairly(strict):
             wait_until(lambda: len(conns[0].runqueue()["requests"]) == i + 1, 10, "the request queued")
         pids = [c.pid for c in conns]
 
-        def shares():
+        def generated():
             got = {r["pid"]: r["generated"] for r in conns[0].runqueue()["requests"]}
-            return [got.get(p, 0) for p in pids] if sum(got.values()) >= 120 else None
-        got = wait_until(shares, 30, "120 tokens generated")
+            return [got.get(p, 0) for p in pids]
+        base = generated()                      # from when all four wait: the first had a head start
+        got = wait_until(lambda: sum(d := [g - b for g, b in zip(generated(), base)]) >= 120 and d, 30,
+                         "120 more tokens generated")
         # two slots, four programs: first come first served would give two of them nothing
         assert min(got) >= 0.5 * sum(got) / 4, got
     finally:

@@ -9,10 +9,13 @@ One step's input, a list of SeqStep, one per scheduled sequence:
     {"seq_id": int, "tokens": [int], "start": int, "block_table": [int], "sample": bool,
      "params": {...} | None,    # SamplingParams.to_dict(); sent with the first step the driver
                                 # sees of a sequence (or again after a recompute from 0)
-     "history": [int]}          # only with a first step that starts past 0 (a context's cached
+     "history": [int],          # only with a first step that starts past 0 (a context's cached
                                 # prefix): the tokens before start, for the repetition penalty
+     "steps": int, "stop_ids": [int]}   # a decoding sequence may ask for up to `steps` tokens in
+                                # one step, fed back one by one, ending early on a stop id
 Output, a list of Sampled, one per SeqStep with sample=True, in the same order:
-    {"seq_id": int, "token": int, "logprob": float, "top": [[int, float], ...]}
+    {"seq_id": int, "token": int, "logprob": float, "top": [[int, float], ...]
+     [, "next": [{"token", "logprob", "top"}, ...]]}    # the tokens after the first, with steps > 1
 
 Never: allocate blocks, schedule, or look at text.
 """
@@ -31,6 +34,8 @@ class SeqStep(TypedDict):
     sample: bool
     params: dict[str, Any] | None
     history: NotRequired[list[int]]
+    steps: NotRequired[int]
+    stop_ids: NotRequired[list[int]]
 
 
 class Sampled(TypedDict):
@@ -38,6 +43,7 @@ class Sampled(TypedDict):
     token: int
     logprob: float
     top: list[list]
+    next: NotRequired[list[dict]]
 
 
 class Driver(Protocol):
@@ -72,8 +78,42 @@ class LocalDriver:
                 "vocab_size": self.model.config.vocab_size, "context_length": self.model.max_positions,
                 "model": self.name}
 
-    def step(self, batch: list[SeqStep], should_stop=None) -> list[Sampled]:
-        """Raises StepAborted (drivers.model.llama) if should_stop() says so before sampling."""
+    def step(self, batch: list[SeqStep], should_stop=None, should_yield=None) -> list[Sampled]:
+        """Raises StepAborted (drivers.model.llama) if should_stop() says so before sampling.
+
+        A decoding sequence with "steps": k > 1 goes on decoding by itself after its first token,
+        feeding each sampled token back, until it has k tokens, samples one of its "stop_ids", or
+        should_yield() (or should_stop()) says to hand back what there is; its later tokens come
+        in the Sampled's "next"."""
+        from drivers.model.llama import StepAborted
+        out = self._feed(batch, should_stop)
+        more = {s["seq_id"]: s for s in batch if s.get("steps", 1) > 1}
+        if not more:
+            return out
+        by_id = {o["seq_id"]: o for o in out}
+        active = [sid for sid in more if by_id[sid]["token"] not in more[sid].get("stop_ids", ())]
+        done = 1
+        while active and not (should_yield and should_yield()):
+            steps = []
+            for sid in active:
+                o, s = by_id[sid], more[sid]
+                last = o["next"][-1]["token"] if o.get("next") else o["token"]
+                steps.append({"seq_id": sid, "tokens": [last], "start": s["start"] + done,
+                              "block_table": s["block_table"], "sample": True, "params": None})
+            try:
+                picks = self._feed(steps, should_stop)
+            except StepAborted:
+                break                       # what was decoded so far stands; this sub-step never happened
+            done += 1
+            for p in picks:
+                by_id[p["seq_id"]].setdefault("next", []).append(
+                    {"token": p["token"], "logprob": p["logprob"], "top": p["top"]})
+            active = [sid for sid in active if done < more[sid]["steps"]
+                      and by_id[sid]["next"][-1]["token"] not in more[sid].get("stop_ids", ())]
+        return out
+
+    def _feed(self, batch: list[SeqStep], should_stop=None) -> list[Sampled]:
+        """One forward pass over the batch, and a token for each sequence that samples."""
         from drivers.model.llama import Chunk
         from drivers.model.sampling import SamplingParams, SequenceSampler, sample
         chunks, samplers, histories, ids = [], [], [], []

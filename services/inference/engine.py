@@ -50,7 +50,7 @@ class ContextBusy(RequestError):
 
 class Engine:
     def __init__(self, driver: Driver, tokenizer: Tokenizer, *, max_running: int = 32, token_budget: int = 256,
-                 max_queue: int = 1024, policy: Policy | None = None):
+                 max_queue: int = 1024, decode_steps: int = 1, policy: Policy | None = None):
         info = driver.info()
         self.driver = driver
         self.tokenizer = tokenizer
@@ -60,6 +60,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_running, token_budget, policy)
         self.policy = self.scheduler.policy
         self.max_queue = max_queue
+        self.decode_steps = decode_steps      # tokens a decoder may get per driver step when nobody waits
         self.contexts = self.scheduler.contexts
         self._ctx_ids = itertools.count(1)
         self._seqs: dict[int, Sequence] = {}
@@ -245,6 +246,7 @@ class Engine:
             events.append(self._finish(seq, "error", {"seq_id": seq.seq_id, "text": self._decoders[seq.seq_id].flush(),
                                                       "tokens": [], "error_code": "EDQUOT"}, error=why))
         msgs: list[SeqStep] = []
+        ahead = self._decode_ahead(batch)
         for seq, n in batch.steps:
             start = seq.num_computed
             msgs.append({"seq_id": seq.seq_id, "tokens": seq.tokens[start:start + n], "start": start,
@@ -254,7 +256,32 @@ class Engine:
                 seq.known = True
                 if start:
                     msgs[-1]["history"] = seq.tokens[:start]
+            if ahead.get(seq.seq_id, 1) > 1:
+                msgs[-1].update(steps=ahead[seq.seq_id], stop_ids=sorted(seq.stop_ids))
         return batch, msgs, events
+
+    def _decode_ahead(self, batch: Batch) -> dict[int, int]:
+        """How many tokens each decoder may take in this one driver step (multi-step decoding).
+
+        Only when the batch is all decoders and no request waits (so no scheduling decision is
+        delayed; a request that arrives meanwhile makes the driver hand back early), and not for
+        processes with a kv_blocks or tokens_per_minute limit, which are counted token by token.
+        The blocks for the extra positions are taken now, if free."""
+        if self.decode_steps <= 1 or not batch.steps or any(s.pending != 1 for s, _ in batch.steps) \
+                or any(s.status is not Status.RUNNING and not s.hold for s in self.scheduler.seqs):
+            return {}
+        ahead = {}
+        for seq, _ in batch.steps:
+            proc = self.policy.procs.get(seq.pid)
+            if proc is not None and ("kv_blocks" in proc.limits or "tokens_per_minute" in proc.limits):
+                continue
+            k = min(self.decode_steps, seq.max_tokens - len(seq.output))
+            while k > 1 and not self.blocks.can_grow(seq.seq_id, seq.num_computed + k):
+                k -= 1
+            if k > 1:
+                self.blocks.grow(seq.seq_id, seq.num_computed + k)
+                ahead[seq.seq_id] = k
+        return ahead
 
     def postprocess(self, batch: Batch, sampled: list[Sampled]) -> list[dict]:
         picks = {s["seq_id"]: s for s in sampled}
@@ -268,8 +295,14 @@ class Engine:
                 if pick is None:
                     events.append(self._finish(seq, "error", {"seq_id": seq.seq_id, "text": "", "tokens": []},
                                                error="the driver returned no token for this sequence"))
-                else:
-                    events.append(self._append(seq, pick))
+                    continue
+                event = self._append(seq, pick)
+                for more in pick.get("next", ()):       # decoded ahead in the same driver step
+                    if seq.finished:
+                        break                           # what came after a stop is dropped
+                    seq.num_computed += 1
+                    _merge(event, self._append(seq, more))
+                events.append(event)
         return events
 
     def device_lost(self) -> None:
@@ -333,3 +366,12 @@ class Engine:
         self._release.append(seq.seq_id)
         event.update(finish=reason, stop_reason=seq.stop_reason, error=error, **seq.stats())
         return event
+
+
+def _merge(event: dict, later: dict) -> None:
+    """One event for the tokens a sequence got in one step."""
+    event["text"] += later.pop("text")
+    event["tokens"] += later.pop("tokens")
+    if "logprobs" in later:
+        event.setdefault("logprobs", []).extend(later.pop("logprobs"))
+    event.update(later)

@@ -64,6 +64,7 @@ class Inference(Service):
         cfg = Config.load(self.paths.home / "config.toml").scheduler
         self.engine = Engine(_DriverProxy(self, info), self.tokenizer, max_running=cfg.max_running,
                              token_budget=cfg.token_budget, max_queue=cfg.max_queue,
+                             decode_steps=cfg.decode_steps,
                              policy=Policy(cfg.band, cfg.aging_s, cfg.quantum))
         self.step_id, self.in_flight = 0, None     # the driver's step now running: (id, batch)
         self.reported: dict = {}
@@ -108,7 +109,7 @@ class Inference(Service):
                 if not msgs:
                     break           # nothing may run now; a request, a cancel, a CONT or time wakes us
                 self.step_id += 1
-                self.in_flight = (self.step_id, batch)
+                self.in_flight = (self.step_id, batch, any(m.get("steps", 1) > 1 for m in msgs))
                 try:
                     sampled = await self.runtime.call(DRIVER, "step", {"batch": msgs, "id": self.step_id})
                 except errors.ECANCELED:
@@ -144,10 +145,11 @@ class Inference(Service):
     def _abort_for(self, pid: int) -> None:
         """A new request of pid would keep everyone in the running step out of the batch (the
         policy's band): rather than have it wait for the whole step, the driver gives the step up
-        between two layers and the next one starts with the urgent request."""
+        between two layers and the next one starts with the urgent request. Any other new request
+        only makes a step that decodes ahead hand back after the token in progress."""
         if self.in_flight is None:
             return
-        step_id, batch = self.in_flight
+        step_id, batch, ahead = self.in_flight
         policy, now = self.engine.policy, time.monotonic()
         if policy.hold(pid, now):
             return
@@ -155,7 +157,9 @@ class Inference(Service):
         if batch.steps and all(urgent + policy.band < policy.effective(s.pid, s.last_served, now)
                                for s, _ in batch.steps):
             self.log.info("step_aborted", step=step_id, for_pid=pid)
-            self.spawn(self.runtime.call(DRIVER, "abort", {"id": step_id}))
+            self.spawn(self.runtime.call(DRIVER, "abort", {"id": step_id, "mode": "abort"}))
+        elif ahead:             # decoding ahead: hand back after the token in progress
+            self.spawn(self.runtime.call(DRIVER, "abort", {"id": step_id, "mode": "yield"}))
 
     def _deliver(self, events: list[dict]) -> None:
         for ev in events:

@@ -27,6 +27,7 @@ def collect(events: list[dict], out: dict) -> dict:
         r = out.setdefault(ev["seq_id"], {"text": "", "tokens": []})
         r["text"] += ev["text"]
         r["tokens"] += ev["tokens"]
+        r.setdefault("all_logprobs", []).extend(ev.get("logprobs", ()))
         if "finish" in ev:
             r.update({k: v for k, v in ev.items() if k not in ("text", "tokens")})
     return out
@@ -142,6 +143,42 @@ def test_an_aborted_step_changes_nothing(make_engine, params):
             out.setdefault(ev["seq_id"], []).extend(ev["tokens"])
     for sid, prompt in zip(ids, PROMPTS):
         assert out[sid] == alone(make_engine, prompt, params, max_tokens=12)["tokens"]
+    assert_idle(e)
+
+
+@pytest.mark.parametrize("params", [GREEDY, {"temperature": 0.8, "seed": 3, "repetition_penalty": 3.0,
+                                     "logprobs": 2}])
+def test_decoding_ahead_gives_the_tokens_of_one_at_a_time(make_engine, tiny_tokenizer, params):
+    one, ahead = make_engine(num_blocks=256), make_engine(num_blocks=256, decode_steps=5)
+    results = []
+    for e in (one, ahead):
+        ids = [e.add(p, params, max_tokens=23, ignore_eos=True) for p in PROMPTS[:3]]
+        stop_text = e.add(PROMPTS[3], params, max_tokens=40, stop=["e"])     # ends inside a run ahead
+        steps, out = 0, {}
+        while e.has_work():
+            collect(e.step(), out)
+            steps += 1
+        results.append(([out[i]["tokens"] for i in ids] + [out[stop_text]["tokens"]],
+                        [lp["logprob"] for i in ids for lp in out[i]["all_logprobs"]],
+                        out[stop_text]["text"], steps))
+        assert_idle(e)
+    (tokens1, lp1, text1, steps1), (tokens5, lp5, text5, steps5) = results
+    assert tokens5 == tokens1 and text5 == text1
+    assert lp5 == pytest.approx(lp1, abs=1e-3)    # batches of other sizes: float sums in other orders
+    assert steps5 < steps1 / 2                    # most steps decoded several tokens
+
+
+def test_a_driver_that_hands_back_early_loses_nothing(make_engine):
+    e = make_engine(num_blocks=256, decode_steps=6)
+    sid = e.add(PROMPTS[0], GREEDY, max_tokens=30, ignore_eos=True)
+    out = []
+    while e.has_work():
+        batch, msgs, _ = e.schedule()
+        calls = iter(range(100))
+        sampled = e.driver.step(msgs, should_yield=lambda: next(calls) == 2)   # after 3 tokens
+        for ev in e.postprocess(batch, sampled):
+            out += ev["tokens"]
+    assert out == alone(make_engine, PROMPTS[0], max_tokens=30)["tokens"]
     assert_idle(e)
 
 
