@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def main() -> None:
             print("llama.cpp: not compared (.venv/bin/pip install llama-cpp-python to add it)")
     finally:
         subprocess.run([sys.executable, "-m", "userland.llmos", "shutdown"], env=env)
+        shutil.rmtree(home, ignore_errors=True)         # its weight cache alone is ~0.5 GB
 
 
 if __name__ == "__main__":
