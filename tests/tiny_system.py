@@ -7,6 +7,7 @@ Import the fixture into a test module: ``from tiny_system import tiny_system  # 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,3 +36,4 @@ def tiny_system():
         yield system
     finally:
         system.shutdown()
+        shutil.rmtree(home, ignore_errors=True)
