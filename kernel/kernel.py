@@ -584,6 +584,20 @@ class Kernel:
                 raise errors.EPERM(f"hello: privilege is only for the kernel's user (uid {self.uid}) "
                                    f"or root; this program runs as uid {proc.uid}")
             proc.privileged = True
+        if a["priority"] is not None and a["priority"] != proc.priority:
+            if a["priority"] < proc.priority and not proc.privileged:
+                raise errors.EPERM(f"hello: priority {a['priority']} is more urgent than pid {proc.pid}'s "
+                                   f"({proc.priority}); that needs privilege")
+            proc.priority = a["priority"]
+        for resource, limit in (a["limits"] or {}).items():
+            if resource not in RESOURCES:
+                raise errors.EINVAL(f"hello: argument 'limits': no resource {resource!r} (resources: "
+                                    f"{', '.join(RESOURCES)})")
+            if limit is not None and limit < 0:
+                raise errors.EINVAL(f"hello: argument 'limits': {resource} must be >= 0, got {limit}")
+            old = proc.limits.get(resource)
+            if limit is not None and (old is None or limit < old):
+                proc.limits[resource] = limit
         return {"pid": proc.pid, "ppid": proc.ppid, "privileged": proc.privileged,
                 "spawned": proc.spawned,
                 "kernel": {"version": __version__, "abi": wire.VERSION, "boot_id": self.boot_id}}

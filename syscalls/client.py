@@ -49,7 +49,24 @@ def _hello_args(name: str | None, privileged: bool) -> dict:
     token = os.environ.get("LLMOS_SPAWN_TOKEN")
     if token:
         args["spawn_token"] = token
+    inherited = inherited_sched(os.environ)
+    if inherited:
+        args.update(inherited)
     return args
+
+
+def inherited_sched(env) -> dict:
+    """What a shell passed down in the environment: LLMOS_PRIORITY=N and LLMOS_LIMITS=R=N,R=N
+    (set by llmsh for the programs it runs), as hello's priority and limits; malformed is ignored."""
+    out: dict[str, Any] = {}
+    try:
+        if env.get("LLMOS_PRIORITY"):
+            out["priority"] = max(-20, min(19, int(env["LLMOS_PRIORITY"])))
+        if env.get("LLMOS_LIMITS"):
+            out["limits"] = {r: int(n) for r, n in (kv.split("=", 1) for kv in env["LLMOS_LIMITS"].split(","))}
+    except ValueError:
+        return {}
+    return out
 
 
 class Record(dict):
@@ -158,7 +175,12 @@ class Connection:
         return msg[3]
 
     def stream(self, name: str, /, **args: Any) -> Stream:
-        return Stream(self, self._send(name, args), name)
+        cid = self._send(name, args)
+        try:
+            return Stream(self, cid, name)
+        except BaseException:          # Ctrl-C right after sending: nobody would ever cancel it
+            self._cancel(cid)
+            raise
 
     def _send(self, name: str, args: dict) -> int:
         if self._closed:

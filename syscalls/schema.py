@@ -40,6 +40,8 @@ KINDS: dict[str, tuple[Callable[[Any], bool], Any]] = {
     "[str]": (_is_str_list, list),
     "[int]": (lambda v: isinstance(v, list) and all(type(x) is int for x in v), list),
     "{str:str}": (_is_str_map, dict),
+    "{str:int}": (lambda v: isinstance(v, dict) and all(type(k) is str and (type(x) is int or x is None)
+                                                     for k, x in v.items()), dict),
     "[message]": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), list),
     "any": (lambda v: True, Any),
 }

@@ -53,8 +53,14 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("argv", "[str]", None, max_len=MAX_ARGV),
         Arg("privileged", "bool", False, doc="ask for privilege (granted to the kernel's own OS user)"),
         Arg("spawn_token", "str", None, max_len=64, doc="binds a spawned program to its process entry"),
-    ), result="{pid, ppid, privileged, spawned, kernel}", errors=("EPERM",), idempotent=True,
-        doc="Introduce the connection: name it, and ask for privilege. The client library calls it on "
+        Arg("priority", "int", None, min=-20, max=19,
+            doc="start at this priority (a shell passes its own to what it runs, as LLMOS_PRIORITY); "
+                "more urgent than the process's now needs privilege"),
+        Arg("limits", "{str:int}", None,
+            doc="start with these limits (LLMOS_LIMITS), each only lowering the process's own"),
+    ), result="{pid, ppid, privileged, spawned, kernel}", errors=("EPERM", "EINVAL"), idempotent=True,
+        doc="Introduce the connection: name it, ask for privilege, and take on the priority and "
+            "limits of the shell that started the program. The client library calls it on "
             "connect; a connection that skips it is registered anyway, unnamed and unprivileged."),
     Syscall("getpid", "kernel", result="int", idempotent=True, doc="The caller's PID."),
     Syscall("ps", "kernel", (

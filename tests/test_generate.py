@@ -70,6 +70,14 @@ def test_bad_requests_get_specific_errors(tiny_llmos):
             list(c.generate("word " * 400))
         with pytest.raises(errors.ENOENT, match="is not loaded"):
             list(c.generate("x", model="nonesuch"))
+        with pytest.raises(errors.ENOENT, match="'smollm2-135m-instruct' is not loaded"):
+            list(c.generate("x", model="smollm2-135m-instruct"))     # known, but not the one running
+        c.model_add(str(tiny_llmos.model), name="tiny-gen")
+        for name in ("tiny-gen", str(tiny_llmos.model)):       # its registered name, or its path
+            stream = c.generate("x", model=name, max_tokens=2)
+            list(stream)
+            assert stream.result.generated_tokens >= 1
+        c.model_remove("tiny-gen")
         with pytest.raises(errors.EINVAL, match="messages"):
             list(c.chat([{"role": "user"}]))
         after = c.generate("still fine", max_tokens=2, temperature=0.0)

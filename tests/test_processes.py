@@ -247,6 +247,22 @@ def test_rlimits_are_inherited_and_only_privilege_raises_them(llmos):
         c.kill(child, "KILL")
 
 
+def test_a_program_takes_on_the_priority_and_limits_its_shell_passed_down(llmos, monkeypatch):
+    monkeypatch.setenv("LLMOS_PRIORITY", "5")
+    monkeypatch.setenv("LLMOS_LIMITS", "sequences=2,kv_blocks=9")
+    with llmos.connect() as c:
+        assert c.getpriority() == 5 and c.getrlimit()["sequences"] == 2 and c.getrlimit()["kv_blocks"] == 9
+    monkeypatch.setenv("LLMOS_PRIORITY", "-5")
+    with pytest.raises(errors.EPERM, match="priority -5 is more urgent than pid .*'s \\(0\\); that needs privilege"):
+        llmos.connect()
+    with llmos.connect(privileged=True) as root:
+        assert root.getpriority() == -5
+    monkeypatch.setenv("LLMOS_PRIORITY", "0")
+    monkeypatch.setenv("LLMOS_LIMITS", "cpu=1")
+    with pytest.raises(errors.EINVAL, match="no resource 'cpu'"):
+        llmos.connect()
+
+
 def test_storage_bytes_limit_is_enforced_per_process(llmos):
     with llmos.connect() as c, llmos.connect() as other:
         c.setrlimit("storage_bytes", 1000)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any, Callable
 
@@ -185,8 +186,15 @@ class Inference(Service):
             raise errors.EINVAL(f"{call}: argument '{arg}': {e}") from None
 
     def _check_model(self, model: str | None, call: str) -> None:
-        if model is not None and model not in (self.model_path, "smollm2-135m-instruct") \
-                and not str(self.model_path).endswith(f"/{model}"):
+        """A request may name the loaded model by its registered name or its path; nothing else."""
+        if model is None or model == str(self.model_path):
+            return
+        from services.models import Registry
+        try:
+            path = Registry(self.paths).resolve(model)
+        except errors.ENOENT:
+            path = None
+        if path is None or os.path.realpath(path) != os.path.realpath(self.model_path):
             raise errors.ENOENT(f"{call}: model {model!r} is not loaded (the {DRIVER} driver runs "
                                 f"{self.model_path})")
 

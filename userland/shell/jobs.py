@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from .builtin import Failure, Streams
-from .inherit import Inheritance
 
 if TYPE_CHECKING:
     from .shell import Shell
@@ -234,6 +233,12 @@ def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
     fds = [_fd(io.stdin), _fd(io.stdout), _fd(io.stderr)]
     env = dict(os.environ, LLMOS_HOME=str(sh.paths.home))
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the shell's priority and limits (nice, renice $$, ulimit): the program's hello takes them on
+    if sh.priority is not None:
+        env["LLMOS_PRIORITY"] = str(sh.priority)
+    limits = ",".join(f"{r}={n}" for r, n in sh.limits.items() if n is not None)
+    if limits:
+        env["LLMOS_LIMITS"] = limits
     job = sh.job
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if fds[0] is None else fds[0],
@@ -249,7 +254,6 @@ def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
         raise Failure(f"{argv[0]}: {e.strerror}", 126) from None
     if job is not None:
         job.adopt(proc)
-    heir = Inheritance.start(sh, proc.pid)
     pumps = []
     if fds[0] is None:
         pumps.append(_pump(io.stdin, proc.stdin, close=True))
@@ -267,8 +271,6 @@ def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
     finally:
         for t in pumps:
             t.join()
-        if heir is not None:
-            heir.stop()
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
