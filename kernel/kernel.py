@@ -583,6 +583,10 @@ class Kernel:
             if proc.uid not in (0, self.uid):
                 raise errors.EPERM(f"hello: privilege is only for the kernel's user (uid {self.uid}) "
                                    f"or root; this program runs as uid {proc.uid}")
+            spawner = self._unprivileged_spawner(proc.os_pid)
+            if spawner is not None:
+                raise errors.EPERM(f"hello: this program runs under pid {spawner.pid}, which was "
+                                   f"spawned without privilege; nothing it starts may gain it")
             proc.privileged = True
         if a["priority"] is not None and a["priority"] != proc.priority:
             if a["priority"] < proc.priority and not proc.privileged:
@@ -601,6 +605,22 @@ class Kernel:
         return {"pid": proc.pid, "ppid": proc.ppid, "privileged": proc.privileged,
                 "spawned": proc.spawned,
                 "kernel": {"version": __version__, "abi": wire.VERSION, "boot_id": self.boot_id}}
+
+    def _unprivileged_spawner(self, os_pid: int | None) -> Process | None:
+        """The spawned, unprivileged process whose OS process is os_pid or one of its ancestors:
+        a second connection from inside it must not get the privilege its spawn withheld."""
+        spawned = {p.os_pid: p for p in self.table if p.spawned and not p.privileged and p.alive and p.os_pid}
+        for _ in range(64):
+            if not spawned or os_pid is None or os_pid <= 1:
+                return None
+            if os_pid in spawned:
+                return spawned[os_pid]
+            try:
+                with open(f"/proc/{os_pid}/stat") as f:
+                    os_pid = int(f.read().rsplit(") ", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                return None
+        return None
 
     def sys_getpid(self, proc: Process, a: dict) -> int:
         return proc.pid

@@ -263,6 +263,30 @@ def test_a_program_takes_on_the_priority_and_limits_its_shell_passed_down(llmos,
         llmos.connect()
 
 
+ESCAPE = """\
+import os, syscalls
+from syscalls import errors
+os.environ.pop("LLMOS_SPAWN_TOKEN")         # a second connection, not bound to the spawned entry
+try:
+    syscalls.connect(privileged=True)
+    result = "granted"
+except errors.EPERM as e:
+    result = e.message
+with syscalls.connect() as c:
+    c.put("escape", result)
+"""
+
+
+def test_what_is_spawned_without_privilege_cannot_gain_it_by_reconnecting(llmos, tmp_path):
+    prog = tmp_path / "escape.py"
+    prog.write_text(ESCAPE)
+    with llmos.connect() as c:
+        pid = c.spawn([sys.executable, str(prog)], env={"PYTHONPATH": str(ROOT)})
+        assert c.wait(pid, timeout=30)["status"] == 0
+        assert c.get("escape")["value"] == (f"hello: this program runs under pid {pid}, which was spawned "
+                                            f"without privilege; nothing it starts may gain it")
+
+
 def test_storage_bytes_limit_is_enforced_per_process(llmos):
     with llmos.connect() as c, llmos.connect() as other:
         c.setrlimit("storage_bytes", 1000)
