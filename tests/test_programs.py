@@ -126,3 +126,19 @@ def test_batch_killed_midway_resumes_without_redoing_a_key(tiny_system):  # noqa
         assert [k["key"] for k in stored] == [key.replace("docs/", "sums/") for key in keys]
         assert {k["version"] for k in stored} == {1}                    # none written twice
         assert c.get(".batch/sums/")["value"]["finished"]
+
+
+def test_chat_program_keeps_the_conversation_in_a_kernel_context(tiny_system, tmp_path):  # noqa: F811
+    script = tmp_path / "talk"
+    script.write_text("/set max_tokens 6\n/set temperature 0\nhello\nand then?\n/save prog-talk\n"
+                      "/set warmth 3\n/bye\nnever asked\n")
+    r = sh(tiny_system.home, f"run chat --system 'be brief' < {script}; echo s=$?")
+    assert statuses(r) == [0] and "saved as chats/prog-talk" in r.stdout
+    assert r.stderr.splitlines() == ["chat: /set takes one of temperature, top_p, top_k, max_tokens, "
+                                     "seed, min_p, repetition_penalty"]
+    with tiny_system.connect() as c:
+        saved = c.get("chats/prog-talk")["value"]
+        assert saved["format"] == "llmos-context/1"
+        assert [m["role"] for m in saved["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+        assert saved["messages"][3]["content"] == "and then?"
+        assert c.runqueue()["blocks_cached"] == 0           # the context went with the program

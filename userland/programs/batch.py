@@ -21,6 +21,7 @@ import time
 
 import syscalls
 from syscalls import errors
+from userland.programs import connected
 
 DEFAULT_PROMPT = "Summarize the following text in a few sentences.\n\n{text}"
 MAX_KEYS = 100000       # the most one list call returns
@@ -107,16 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.out_prefix.startswith(args.in_prefix) or args.in_prefix.startswith(args.out_prefix):
         ap.error("IN_PREFIX and OUT_PREFIX must not contain one another")
-    try:
-        with syscalls.connect(name="batch") as os_:
-            if args.nice:
-                say(f"pid {os_.pid} at priority {os_.nice(args.nice)}")
-            return Batch(os_, args).run()
-    except errors.LLMOSError as e:
-        print(f"batch: {e.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    def body(os_) -> int:
+        if args.nice:
+            say(f"pid {os_.pid} at priority {os_.nice(args.nice)}")
+        return Batch(os_, args).run()
+    return connected("batch", body)
 
 
 if __name__ == "__main__":

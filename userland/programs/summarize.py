@@ -16,6 +16,7 @@ import sys
 
 import syscalls
 from syscalls import errors
+from userland.programs import connected
 
 TEMPLATE_ROOM = 64      # tokens for the instruction and the chat template around a text
 WHOLE = "Summarize the following text in a few sentences.\n\n{text}"
@@ -104,15 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if not text.strip():
         print("summarize: nothing to summarize: standard input is empty", file=sys.stderr)
         return 1
-    try:
-        with syscalls.connect(name="summarize") as os_:
-            Summarizer(os_, args).run(text)
-    except errors.LLMOSError as e:
-        print(f"summarize: {e.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return connected("summarize", lambda os_: Summarizer(os_, args).run(text))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from userland.programs.chat import Conversation, stream
+
 from .builtin import Failure, Streams, Usage, command, options
 
 if TYPE_CHECKING:
@@ -11,8 +13,6 @@ if TYPE_CHECKING:
 
 GEN_OPTIONS = ("model=", "max-tokens=", "temperature=", "top-p=", "top-k=", "seed=", "stop=",
                "ignore-eos", "stats", "raw")
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int,
-            "min_p": float, "repetition_penalty": float}
 
 
 def _sampling(opts: dict) -> dict[str, Any]:
@@ -35,27 +35,7 @@ def _sampling(opts: dict) -> dict[str, Any]:
 
 def _stream(sh: Shell, io: Streams, call: str, stats: bool, **args: Any) -> str:
     """Run a generate/chat call, printing text as it arrives; Ctrl-C cancels it. Returns the text."""
-    conn = sh.conn
-    saved, conn.timeout = conn.timeout, None        # a long answer is not a hung call
-    stream = conn.stream(call, **args)
-    text = []
-    try:
-        for chunk in stream:
-            io.stdout.write(chunk["text"])
-            io.stdout.flush()
-            text.append(chunk["text"])
-    finally:
-        stream.close()
-        conn.timeout = saved
-    if text and not text[-1].endswith("\n"):
-        io.stdout.write("\n")
-    end = stream.result or {}
-    if stats:
-        rate = (end.get("generated_tokens", 0) - 1) / end["decode_s"] if end.get("decode_s") else 0
-        print(f"[{end.get('finish')}: {end.get('prompt_tokens')} prompt tokens, "
-              f"{end.get('generated_tokens')} generated, first token after "
-              f"{1000 * (end.get('ttft_s') or 0):.0f} ms, {rate:.1f} tok/s]", file=io.stderr)
-    return "".join(text)
+    return stream(sh.conn, io.stdout, io.stderr, call, stats, **args)
 
 
 @command("[--model M] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] "
@@ -91,81 +71,22 @@ def cmd_gen(sh: Shell, io: Streams, args: list[str]) -> None:
 def cmd_chat(sh: Shell, io: Streams, args: list[str]) -> None:
     """Talk with the model. With MESSAGE: one answer. Without: a conversation, line by line, until
     /bye or end of input (Ctrl-D); at a terminal Ctrl-C stops an answer and the conversation goes
-    on. In a conversation:
-
-        /system TEXT       set the system prompt (and start over)
-        /set NAME VALUE    temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty
-        /save NAME         store the conversation in storage under chats/NAME
-        /load NAME         continue a stored conversation
-        /clear             forget the conversation
-        /bye               leave
+    on. The conversation is a kernel context (open_context): each turn reuses the KV cache of
+    the ones before, so a long conversation does not slow down. It is the chat program's loop
+    (userland/programs/chat.py), with its commands: /system TEXT (start over with a system
+    prompt), /set NAME VALUE (temperature, top_p, top_k, min_p, max_tokens, seed,
+    repetition_penalty), /save NAME and /load NAME (chats/NAME in storage), /clear, /bye.
     """
     opts, rest = options(args, "", ("model=", "system="))
     settings: dict[str, Any] = {"model": opts["--model"]} if "--model" in opts else {}
-    system = opts.get("--system")
-    history: list[dict] = []
-
-    def messages() -> list[dict]:
-        return ([{"role": "system", "content": system}] if system else []) + history
-
-    def answer(text: str) -> None:
-        history.append({"role": "user", "content": text})
-        try:
-            reply = _stream(sh, io, "chat", False, messages=messages(), **settings)
-        except BaseException:
-            history.pop()                    # an unanswered question leaves no trace
-            raise
-        history.append({"role": "assistant", "content": reply})
-
     if rest:
-        answer(" ".join(rest))
+        system = opts.get("--system")
+        messages = [{"role": "system", "content": system}] if system else []
+        _stream(sh, io, "chat", False, messages=messages + [{"role": "user", "content": " ".join(rest)}],
+                **settings)
         return
-    interactive = io.stdin.isatty() if hasattr(io.stdin, "isatty") else False
-    while True:
-        if interactive:
-            io.stdout.write(">>> ")
-            io.stdout.flush()
-        try:
-            line = io.stdin.readline()
-            if not line:
-                return
-            line = line.strip()
-            if line and not line.startswith("/"):
-                answer(line)
-                continue
-        except KeyboardInterrupt:       # at a terminal Ctrl-C stops an answer or drops a line,
-            if not interactive:         # and the conversation goes on (/bye or Ctrl-D leaves)
-                raise
-            io.stdout.write("\n")
-            continue
-        if not line:
-            continue
-        word, _, value = line.partition(" ")
-        value = value.strip()
-        if word == "/bye":
-            return
-        elif word == "/clear":
-            history.clear()
-        elif word == "/system":
-            system, history[:] = value or None, []
-        elif word == "/set":
-            name, _, raw = value.partition(" ")
-            kind = SETTABLE.get(name)
-            if kind is None:
-                print(f"llmsh: chat: /set takes one of {', '.join(SETTABLE)}", file=io.stderr)
-                continue
-            try:
-                settings[name] = kind(raw)
-            except ValueError:
-                print(f"llmsh: chat: {name} must be {'an integer' if kind is int else 'a number'}",
-                      file=io.stderr)
-        elif word == "/save" and value:
-            sh.call("put", key=f"chats/{value}", value={"system": system, "messages": history})
-            print(f"saved as chats/{value}", file=io.stdout)
-        elif word == "/load" and value:
-            saved = sh.call("get", key=f"chats/{value}")["value"]
-            system, history[:] = saved.get("system"), list(saved.get("messages", []))
-            print(f"loaded chats/{value} ({len(history)} messages)", file=io.stdout)
-        else:
-            print(f"llmsh: chat: unknown command {word!r} (/system, /set, /save, /load, /clear, "
-                  f"/bye)", file=io.stderr)
+    conversation = Conversation(sh.conn, opts.get("--system"), settings)
+    try:
+        conversation.converse(io.stdin, io.stdout, io.stderr, name="llmsh: chat")
+    finally:
+        conversation.close()
