@@ -90,8 +90,12 @@ class Policy:
         p = self.update(pid)
         p.vtime = max(p.vtime, self._floor() - self.quantum)
 
-    def forget(self, pid: int) -> None:
-        self.procs.pop(pid, None)
+    def forget(self, pid: int, now: float) -> None:
+        """The process has no request left: forget it, unless its last minute's tokens still count
+        against its tokens_per_minute (its priority and limits come again with its next request)."""
+        p = self.procs.get(pid)
+        if p is not None and not (p.limits.get("tokens_per_minute") is not None and p.tokens_last_minute(now)):
+            del self.procs[pid]
 
     def _floor(self) -> float:
         return min((p.vtime for p in self.procs.values()), default=0.0)

@@ -213,6 +213,9 @@ def test_tokens_per_minute_throttles_then_refuses(strict):
                                                 r"tokens_per_minute limit is 20 \(try again in \d+ s\)"):
             list(c.generate("more", max_tokens=2))
         s.close()
+        wait_until(lambda: not mine(c, c.pid), 10, "the throttled request to go")
+        with pytest.raises(errors.EDQUOT, match="tokens_per_minute limit is 20"):
+            list(c.generate("later", max_tokens=2))       # the minute counts across requests
 
 
 def test_bounded_run_queue_says_eagain_with_its_depth_and_positions(strict):

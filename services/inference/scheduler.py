@@ -72,7 +72,7 @@ class Scheduler:
             self.seqs.remove(seq)
         self.blocks.free(seq.seq_id)
         if not any(s.pid == seq.pid for s in self.seqs):
-            self.policy.forget(seq.pid)
+            self.policy.forget(seq.pid, self.clock())
 
     def has_work(self) -> bool:
         return bool(self.seqs)

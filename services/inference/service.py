@@ -302,7 +302,7 @@ class Inference(Service):
             raise errors.EINVAL(f"{call}: {e}") from None
         finally:
             if not any(x.pid == pid for x in self.engine.scheduler.seqs):
-                self.engine.policy.forget(pid)
+                self.engine.policy.forget(pid, time.monotonic())
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[seq_id] = queue
         self.wake.set()
