@@ -281,6 +281,8 @@ class Inference(Service):
             self.engine.policy.update(pid, priority=args.get("priority"), stopped=args.get("stopped"),
                                       limits=args.get("limits"))
             self.wake.set()
+            if self.in_flight is not None and self.in_flight[2]:     # decoding ahead: decide again now
+                self.spawn(self.runtime.call(DRIVER, "abort", {"id": self.in_flight[0], "mode": "yield"}))
 
     async def _stream(self, prompt: str, args: dict, emit: Callable[[Any], None], call: str,
                       caller: dict, ctx=None, conversation: list | None = None) -> dict:
