@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class System:
     def __exit__(self, *exc) -> None:
         subprocess.run([sys.executable, "-m", "userland.llmos", "shutdown"], env=self.env,
                        stdout=subprocess.DEVNULL)
+        shutil.rmtree(self.home, ignore_errors=True)        # the weight cache in it is ~0.5 GB
 
 
 async def ttft(conn, messages: list[dict], **kw) -> float:

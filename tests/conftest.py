@@ -101,6 +101,11 @@ class Booted:
         if pid:      # a test left it unable to stop: make sure nothing outlives the test
             os.kill(pid, signal.SIGKILL)
 
+    def discard(self) -> None:
+        """Shut it down and remove its LLMOS_HOME (a model's weight cache can be large)."""
+        self.shutdown()
+        shutil.rmtree(self.home, ignore_errors=True)
+
 
 @pytest.fixture
 def home():

@@ -29,7 +29,7 @@ def make_home(kv_blocks: int = 128) -> Path:
 def system():
     s = Booted(make_home()).boot()
     yield s
-    s.shutdown()
+    s.discard()
 
 
 def turn(c, ctx: int, text: str, **kw):
@@ -120,7 +120,7 @@ def test_idle_contexts_are_evicted_least_recently_used_and_recomputed_transparen
             assert again == plain(c, msgs + [{"role": "assistant", "content": reply},
                                              {"role": "user", "content": "more"}])
     finally:
-        s.shutdown()
+        s.discard()
 
 
 def test_context_blocks_count_against_the_kv_blocks_limit(system):
@@ -164,4 +164,4 @@ def test_saved_context_is_restored_after_a_reboot():
             with pytest.raises(errors.ENOENT):
                 c.load_context("chats/none")
     finally:
-        s.shutdown()
+        s.discard()

@@ -20,7 +20,7 @@ def tiny_llmos(tmp_path_factory):
     system = Booted(home).boot()
     system.model = model
     yield system
-    system.shutdown()
+    system.discard()
 
 
 def local_greedy(model, prompt: str, max_tokens: int) -> dict:

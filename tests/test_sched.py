@@ -33,14 +33,14 @@ def strict():
     """Two batch slots, a short queue, aging too slow to matter within a test."""
     system = boot("max_running = 2\nmax_queue = 3\naging_s = 600.0\nquantum = 4.0")
     yield system
-    system.shutdown()
+    system.discard()
 
 
 @pytest.fixture(scope="module")
 def aging():
     system = boot("max_running = 4\naging_s = 0.01\nband = 5")
     yield system
-    system.shutdown()
+    system.discard()
 
 
 def mine(c, pid: int) -> list[dict]:
