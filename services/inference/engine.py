@@ -144,10 +144,9 @@ class Engine:
         nblocks = self.blocks.blocks_for(keep)
         self.blocks.trim(ctx.owner, nblocks)           # past the common prefix its K/V are stale
         ctx.tokens = ctx.tokens[:keep]
-        self.blocks.share(seq.seq_id, self.blocks.table(ctx.owner))
-        seq.num_computed = seq.cached = keep if nblocks == len(self.blocks.table(ctx.owner)) else 0
-        if seq.num_computed == 0:
-            self.blocks.free(seq.seq_id)
+        if keep and len(self.blocks.table(ctx.owner)) == nblocks:
+            self.blocks.share(seq.seq_id, self.blocks.table(ctx.owner))
+            seq.num_computed = seq.cached = keep
         seq.ctx, ctx.busy = ctx.ctx, seq.seq_id
 
     def _detach(self, seq: Sequence) -> None:

@@ -71,8 +71,12 @@ class Scheduler:
         if seq in self.seqs:
             self.seqs.remove(seq)
         self.blocks.free(seq.seq_id)
-        if not any(s.pid == seq.pid for s in self.seqs):
-            self.policy.forget(seq.pid, self.clock())
+        self.forget_if_idle(seq.pid)
+
+    def forget_if_idle(self, pid: int) -> None:
+        """A process with no request left need not be remembered by the policy."""
+        if not any(s.pid == pid for s in self.seqs):
+            self.policy.forget(pid, self.clock())
 
     def has_work(self) -> bool:
         return bool(self.seqs)

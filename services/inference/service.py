@@ -137,9 +137,10 @@ class Inference(Service):
         now = time.monotonic()
         if not force and now - self.reported_at < REPORT_S:
             return
+        self.reported_at = now              # looked at now, sent or not: not again for REPORT_S
         current = self.engine.by_process()
         if current != self.reported:
-            self.reported, self.reported_at = current, now
+            self.reported = current
             self.runtime.send(wire.event("sched", {"procs": [{"pid": pid, **work}
                                                              for pid, work in current.items()]}))
 
@@ -303,8 +304,7 @@ class Inference(Service):
         except RequestError as e:
             raise errors.EINVAL(f"{call}: {e}") from None
         finally:
-            if not any(x.pid == pid for x in self.engine.scheduler.seqs):
-                self.engine.policy.forget(pid, time.monotonic())
+            self.engine.scheduler.forget_if_idle(pid)     # refused: keep no state for it
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[seq_id] = queue
         self.wake.set()
