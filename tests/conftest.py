@@ -39,6 +39,14 @@ def run_cli(home: Path, *args: str, timeout: float = 60, check: bool = False) ->
                           capture_output=True, text=True, timeout=timeout, check=check)
 
 
+def llmsh_terminal(home: Path, timeout: float = 20):
+    """The real llmsh in a 40x200 pseudo-terminal (pexpect), plain: no colours, no cursor queries."""
+    import pexpect
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", NO_COLOR="1", PROMPT_TOOLKIT_NO_CPR="1")
+    return pexpect.spawn(sys.executable, ["-m", "userland.llmsh", "--home", str(home)],
+                         env=env, cwd=str(ROOT), timeout=timeout, encoding="utf-8", dimensions=(40, 200))
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
     """Poll an observable condition (not a sleep standing in for synchronisation)."""
     deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ import sys
 import pexpect
 import pytest
 
-from conftest import ROOT, Booted, wait_until
+from conftest import ROOT, Booted, llmsh_terminal, wait_until
 from syscalls.paths import Paths
 from userland.shell.builtin import Streams, command
 from userland.shell.commands import COMMANDS
@@ -424,9 +424,7 @@ def test_the_shell_survives_a_reboot_of_llmos(home):
 
 
 def test_interactive_repl(llmos):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", NO_COLOR="1", PROMPT_TOOLKIT_NO_CPR="1")
-    child = pexpect.spawn(sys.executable, ["-m", "userland.llmsh", "--home", str(llmos.home)],
-                          env=env, cwd=str(ROOT), timeout=20, encoding="utf-8", dimensions=(40, 200))
+    child = llmsh_terminal(llmos.home, timeout=20)
     try:
         child.expect(r"llmsh\$")
         child.sendline("uname")

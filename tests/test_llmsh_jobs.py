@@ -7,10 +7,9 @@ pexpect. Nothing here sleeps to synchronise: each test polls what it can observe
 from __future__ import annotations
 
 import os
-import sys
 
 import pexpect
-from conftest import ROOT, wait_until
+from conftest import llmsh_terminal, wait_until
 from test_llmsh import PY, errors, sh, statuses
 
 PROG = """\
@@ -191,9 +190,7 @@ def _children(pid: int) -> list[str]:
 
 
 def test_jobs_fg_and_ctrl_c_at_the_prompt(llmos):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", NO_COLOR="1", PROMPT_TOOLKIT_NO_CPR="1")
-    child = pexpect.spawn(sys.executable, ["-m", "userland.llmsh", "--home", str(llmos.home)],
-                          env=env, cwd=str(ROOT), timeout=20, encoding="utf-8", dimensions=(40, 200))
+    child = llmsh_terminal(llmos.home, timeout=20)
     try:
         child.expect(r"llmsh\$")
         child.sendline("run sleep 30 &")

@@ -5,13 +5,11 @@ mode. Each test waits on what it can observe: the screen, or the kernel's run qu
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pexpect
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import llmsh_terminal, wait_until
 from tiny_system import tiny_system  # noqa: F401  (the module-scoped fixture)
 
 PROMPT = r"llmsh\$"
@@ -23,9 +21,7 @@ TEXT = r"\r\n(?:\x1b\[[0-9;?]*[A-Za-z])*[^\x1b\s]"
 @pytest.fixture
 def term(tiny_system):  # noqa: F811
     """llmsh at a 40x200 terminal; it must have left by the end of the test."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", NO_COLOR="1", PROMPT_TOOLKIT_NO_CPR="1")
-    child = pexpect.spawn(sys.executable, ["-m", "userland.llmsh", "--home", str(tiny_system.home)],
-                          env=env, cwd=str(ROOT), timeout=30, encoding="utf-8", dimensions=(40, 200))
+    child = llmsh_terminal(tiny_system.home, timeout=30)
     child.expect(PROMPT)
     yield child
     child.sendline("exit")
