@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from drivers.model.tokenizer import Tokenizer
-from kernel.config import SchedulerConfig
-from services.inference import Engine, LocalDriver
+from drivers.runner import ModelRunner
+from services.inference import Engine, run_in_process
+from syscalls.runtime.config import SchedulerConfig
 
 PROMPT = "What is the capital of France?"
 
@@ -38,15 +39,15 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-def run(driver: LocalDriver, tokenizer: Tokenizer, n: int, tokens: int, budget: int) -> dict:
-    # the inference service's own settings (kernel/config.py), so that the comparison is of the path
-    engine = Engine(driver, tokenizer, max_running=n, token_budget=budget,
+def run(runner: ModelRunner, tokenizer: Tokenizer, n: int, tokens: int, budget: int) -> dict:
+    # the inference service's own settings and step path, so that the comparison is of the transport
+    engine = Engine(runner.info(), tokenizer, max_running=n, token_budget=budget,
                     decode_steps=SchedulerConfig().decode_steps)
     prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     start = time.perf_counter()
     for _ in range(n):
         engine.add(prompt, {"temperature": 0}, max_tokens=tokens, ignore_eos=True)
-    results = engine.run()
+    results = run_in_process(engine, runner)
     wall = time.perf_counter() - start
     assert all(r["finish"] == "length" for r in results.values()), results
     generated = sum(r["generated_tokens"] for r in results.values())
@@ -74,11 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = Tokenizer.from_gguf(path)
     prompt_len = len(tokenizer.encode_chat([{"role": "user", "content": PROMPT}]))
     per_seq = (prompt_len + args.tokens + 15) // 16
-    driver = LocalDriver.from_gguf(path, args.cache, num_blocks=max(args.concurrency) * per_seq, block_size=16)
+    runner = ModelRunner.from_gguf(path, args.cache, num_blocks=max(args.concurrency) * per_seq, block_size=16)
     print(f"model {os.path.basename(path)} loaded in {time.perf_counter() - t:.1f}s; prompt {prompt_len} tokens; "
           f"threads {torch.get_num_threads()}", flush=True)
     for n in args.concurrency:
-        r = run(driver, tokenizer, n, args.tokens, args.budget)
+        r = run(runner, tokenizer, n, args.tokens, args.budget)
         print(f"N={r['n']:3d}  aggregate {r['aggregate_tok_s']:7.1f} tok/s  per-stream {r['stream_tok_s']:6.1f} tok/s"
               f"  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  p99 {r['ttft_p99_ms']:7.1f} ms  wall {r['wall_s']:5.1f}s"
               f"  | {r['sample']!r}", flush=True)

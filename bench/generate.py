@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import syscalls  # noqa: E402
 from bench.engine import PROMPT, pct, run as run_engine, smollm_path  # noqa: E402
-from drivers.devices import is_driver  # noqa: E402
+from syscalls.runtime.devices import is_driver  # noqa: E402
 
 KV_BLOCKS = 1024
 
@@ -94,10 +94,10 @@ def main() -> None:
     try:
         import torch
         from drivers.model.tokenizer import Tokenizer
-        from services.inference import LocalDriver
+        from drivers.runner import ModelRunner
         model = smollm_path()
         cache = home / "data" / "models" / "cache"
-        driver = LocalDriver.from_gguf(model, cache, num_blocks=KV_BLOCKS, fp16_single_token=True)
+        runner = ModelRunner.from_gguf(model, cache, num_blocks=KV_BLOCKS, fp16_single_token=True)
         tokenizer = Tokenizer.from_gguf(model)
         with syscalls.connect(home) as c:
             driver_pid = next(s["pid"] for s in c.services() if is_driver(s["name"]))
@@ -105,7 +105,7 @@ def main() -> None:
         print(f"{'N':>3} {'path':<10} {'agg tok/s':>10} {'stream tok/s':>13} {'TTFT p50 ms':>12} "
               f"{'TTFT p99 ms':>12}")
         paths = {"kernel": lambda n: asyncio.run(kernel_run(home, n, args.tokens)),
-                 "in-proc": lambda n: run_engine(driver, tokenizer, n, args.tokens, args.budget)}
+                 "in-proc": lambda n: run_engine(runner, tokenizer, n, args.tokens, args.budget)}
         if importlib.util.find_spec("llama_cpp") is not None:
             from bench.llamacpp import measure     # same file, prompt ids, token count and threads
             paths["llama.cpp"] = lambda n: measure(model, prompt, n, args.tokens, torch.get_num_threads())

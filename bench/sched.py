@@ -158,23 +158,25 @@ async def part_c(repeats: int) -> None:
 
 def part_d(steps: int) -> None:
     from drivers.model.tokenizer import Tokenizer
-    from services.inference import Engine, LocalDriver
+    from drivers.runner import ModelRunner
+    from services.inference import Engine, step_in_process
     model = smollm_path()
-    driver = LocalDriver.from_gguf(model, num_blocks=1024, fp16_single_token=True)
-    engine = Engine(driver, Tokenizer.from_gguf(model))
+    runner = ModelRunner.from_gguf(model, num_blocks=1024, fp16_single_token=True)
+    engine = Engine(runner.info(), Tokenizer.from_gguf(model))
     for i in range(32):
         engine.add(engine.tokenizer.encode_chat(QUESTION), {"temperature": 0.0}, max_tokens=steps + 8,
                    ignore_eos=True, pid=i % 8)
     while any(s.pending > 1 for s in engine.scheduler.seqs):     # prefill first: decode steps only
-        engine.step()
+        step_in_process(engine, runner)
     sched = drive = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch, msgs, _ = engine.schedule()
+        step = engine.schedule()
+        runner.release(step.release)
         t1 = time.perf_counter()
-        sampled = driver.step(msgs)
+        sampled = runner.step(step.seqs)
         t2 = time.perf_counter()
-        engine.postprocess(batch, sampled)
+        engine.postprocess(step, sampled)
         t3 = time.perf_counter()
         sched += (t1 - t0) + (t3 - t2)
         drive += t2 - t1

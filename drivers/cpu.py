@@ -1,6 +1,6 @@
 """The CPU driver: a service process that owns the CPU's copy of a model and its KV cache.
 
-Everything a driver does is drivers/driver.py's ModelDriver; this names the device (torch's "cpu",
+Everything a driver does is drivers/driver.py's Driver; this names the device (torch's "cpu",
 with ``[driver] threads`` threads and, for single-stream decode, ``fp16_single_token``) and reads
 what the kernel says of it: the processor's name and the machine's memory.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.driver import ModelDriver
-from services.runtime import main
+from drivers.driver import Driver
+from syscalls.runtime.service import main
 
 
-class CPUDriver(ModelDriver):
+class CPUDriver(Driver):
     name = "cpu"
 
     def torch_device(self) -> str:

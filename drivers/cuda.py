@@ -1,8 +1,8 @@
 """The CUDA driver: a service process that owns one GPU's copy of a model and its KV cache.
 
-One runs per GPU torch sees, named cuda0, cuda1, ... by the kernel (drivers/devices.py decides when);
+One runs per GPU torch sees, named cuda0, cuda1, ... by the kernel (kernel/devices.py decides when);
 the name says which GPU, in torch's numbering (so CUDA_VISIBLE_DEVICES applies). Everything else is
-drivers/driver.py's ModelDriver: the weights and the KV pool are moved to ``cuda:N`` when the model
+drivers/driver.py's Driver: the weights and the KV pool are moved to ``cuda:N`` when the model
 loads, each step's token ids and block tables are copied there, and only the sampled tokens come
 back (sampling runs on the host, over the few logit rows a step returns).
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from drivers.devices import cuda_index
-from drivers.driver import ModelDriver
-from services.runtime import main
+from syscalls.runtime.devices import cuda_index
+from drivers.driver import Driver
+from syscalls.runtime.service import main
 
 
-class CUDADriver(ModelDriver):
+class CUDADriver(Driver):
     name = "cuda0"          # main() gives each process the name the kernel started it under
 
     def torch_device(self) -> str:

@@ -4,7 +4,8 @@ At start a driver loads one model (``[driver] model``: a registered name or an a
 default model otherwise) onto its device, allocates the KV pool there, and then executes batched
 forward-and-sample steps for the inference service. Requests carry token ids, positions, block
 tables and sampling parameters; answers carry sampled token ids and logprobs: tensors and logits
-never leave this process (see services/inference/driver.py for the message shapes).
+never leave this process (syscalls/runtime/steps.py has the messages). The model itself is a
+ModelRunner (drivers/runner.py).
 
 A step runs in a worker thread (torch releases the GIL), so the event loop keeps answering the
 kernel's pings during a long prefill; steps are serialised, as the KV pool is one.
@@ -21,13 +22,17 @@ import resource
 from pathlib import Path
 from typing import Any
 
-from kernel.config import Config
-from services.models import Registry
-from services.runtime import Service
 from syscalls import errors
+from syscalls.runtime.config import Config
+from syscalls.runtime.models import Registry
+from syscalls.runtime.service import Service
+
+from drivers.runner import ModelRunner
 
 
-class ModelDriver(Service):
+class Driver(Service):
+    """Base class of the driver services: subclasses name their device."""
+
     def torch_device(self) -> str:
         """The torch device this driver owns: "cpu", "cuda:0", ..."""
         raise NotImplementedError
@@ -44,26 +49,25 @@ class ModelDriver(Service):
         registry = Registry(self.paths)
         spec = cfg.model or None
         path = Path(spec) if spec and os.path.isabs(spec) else registry.resolve(spec)
-        from services.inference.driver import LocalDriver
 
         def progress(done: int, total: int, what: str) -> None:
             # called from the loading thread: hand the event to the loop's thread
             self.runtime.loop.call_soon_threadsafe(
                 lambda: self.progress(what="loading model", done=done, total=total, detail=what))
 
-        self.driver = await asyncio.to_thread(
-            LocalDriver.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
+        self.runner = await asyncio.to_thread(
+            ModelRunner.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
             block_size=cfg.block_size, progress=progress,
             fp16_single_token=cfg.fp16_single_token, device=self.torch_device())
         self.lock = asyncio.Lock()
         self.current = self.abort_id = self.yield_id = None   # the step running; those asked to stop
         self.steps = 0
-        self.log.info("model_loaded", path=str(path), device=self.torch_device(), **self.driver.info())
+        self.log.info("model_loaded", path=str(path), device=self.torch_device(), **self.runner.info())
 
     def op_info(self, args: dict, caller: dict) -> dict:
         import torch
-        pool = self.driver.pool.data
-        info = self.driver.info()
+        pool = self.runner.pool.data
+        info = self.runner.info()
         info.update(device=self.torch_device(), threads=torch.get_num_threads(),
                     rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     kv_bytes=pool.numel() * pool.element_size(), steps=self.steps,
@@ -79,7 +83,7 @@ class ModelDriver(Service):
         async with self.lock:
             self.current = step_id
             try:
-                out = await asyncio.to_thread(self.driver.step, batch, self._should_stop,
+                out = await asyncio.to_thread(self.runner.step, batch, self._should_stop,
                                               self._should_yield)
             except StepAborted as e:
                 raise errors.ECANCELED(f"step {step_id}: {e}") from None
@@ -107,4 +111,4 @@ class ModelDriver(Service):
             self.abort_id = args.get("id")
 
     def op_release(self, args: dict, caller: dict) -> None:
-        self.driver.release([int(i) for i in args.get("seq_ids", [])])
+        self.runner.release([int(i) for i in args.get("seq_ids", [])])

@@ -16,11 +16,13 @@ import sys
 
 import uvloop
 
-from .config import Config
-from .kernel import Kernel
-from .logs import setup
-from drivers.devices import DRIVERS_ENV, place_drivers
 from syscalls.paths import Paths
+from syscalls.runtime.config import Config
+from syscalls.runtime.devices import DRIVERS_ENV
+from syscalls.runtime.logs import setup
+
+from .devices import place_drivers
+from .kernel import Kernel
 
 EXIT_ALREADY_RUNNING = 3
 

@@ -35,14 +35,13 @@ from zmq.utils.monitor import parse_monitor_message
 from syscalls import errors, wire
 from syscalls.errors import LLMOSError
 from syscalls.schema import Syscall
-from syscalls.table import BY_NAME, RESOURCES
+from syscalls.table import BY_NAME, MODEL_LIMITS, RESOURCES
 
 from . import __version__
-from .channel import FULL, SENT, Channel
-from .config import Config
+from syscalls.runtime.channel import FULL, SENT, Channel
+from syscalls.runtime.config import Config
 from syscalls.paths import Paths
 from .launcher import ENDING_SIGNALS, Launcher
-from .sched import MODEL_LIMITS
 from .proctable import BLOCKED, KERNEL_PID, RESTARTING, RUNNING, STOPPED, Process, ProcessTable
 from .supervisor import FAILED, READY, STOPPED as SVC_STOPPED, Service, Supervisor
 
@@ -637,6 +636,12 @@ class Kernel:
         argv = a["argv"]
         if not argv or not argv[0]:
             raise errors.EINVAL("spawn: argument 'argv' must name a program (it is empty)")
+        # exec refuses these (Popen raises ValueError): say which argument, not "kernel bug"
+        for name, texts in (("argv", argv), ("env", [t for kv in (a["env"] or {}).items() for t in kv])):
+            if any("\0" in t for t in texts):
+                raise errors.EINVAL(f"spawn: argument '{name}' holds a NUL character")
+        if any("=" in k for k in a["env"] or {}):
+            raise errors.EINVAL("spawn: argument 'env': a variable's name may not hold '='")
         env = dict(os.environ)
         env.update(a["env"] or {})
         cwd = a["cwd"]

@@ -22,8 +22,8 @@ from typing import Callable
 
 from syscalls.paths import Paths
 
-from .backoff import Backoff
-from .config import SupervisorConfig
+from syscalls.runtime.backoff import Backoff
+from syscalls.runtime.config import SupervisorConfig
 from .proctable import RESTARTING, RUNNING, Process
 from .supervisor import _die_with_kernel
 

@@ -26,8 +26,8 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
-from .backoff import Backoff
-from .config import SupervisorConfig
+from syscalls.runtime.backoff import Backoff
+from syscalls.runtime.config import SupervisorConfig
 from syscalls.paths import Paths
 
 STARTING, READY, BACKOFF, FAILED, STOPPED = "STARTING", "READY", "BACKOFF", "FAILED", "STOPPED"

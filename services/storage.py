@@ -20,8 +20,8 @@ import sqlite3
 import time
 from typing import Any, Callable
 
-from kernel.config import Config
-from services.runtime import Service, main
+from syscalls.runtime.config import Config
+from syscalls.runtime.service import Service, main
 from syscalls import errors, wire
 
 SCHEMA = """

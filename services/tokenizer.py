@@ -16,9 +16,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from drivers.devices import model_driver
-from services import models
-from services.runtime import Service, main
+from syscalls.runtime.devices import model_driver
+from syscalls.runtime import models
+from syscalls.runtime.service import Service, main
 from syscalls import errors, wire
 
 BIG_TEXT = 1 << 16        # characters: tokenize longer texts in a worker thread
@@ -196,6 +196,7 @@ class TokenizerService(Service):
         built = []
 
         def check(path: Path) -> None:   # a model whose tokenizer llmos cannot build is no use
+            _check_runnable(path)
             built.append((_key(path), self._build(path)))
         entry = await asyncio.to_thread(self.registry.add, args["path"], args["name"],
                                         caller.get("uid"), check)
@@ -210,6 +211,18 @@ class TokenizerService(Service):
             for key in [k for k in self.tokenizers if k[0] == path]:
                 del self.tokenizers[key]
         self.log.info("model_removed", name=args["name"], uid=caller.get("uid"))
+
+
+def _check_runnable(path: Path) -> None:
+    """EINVAL or ENOENT unless path is a whole GGUF file of an architecture llmos runs (llama)."""
+    from drivers.model import ModelError, describe
+    try:
+        info = describe(path)          # the library's own checks: GGUF, not truncated
+    except ModelError as e:
+        raise models.model_error(e, path) from None
+    if info["architecture"] != "llama":
+        raise errors.EINVAL(f"{path}: architecture {info['architecture']!r} is not supported "
+                            f"(supported: llama)")
 
 
 if __name__ == "__main__":

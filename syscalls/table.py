@@ -15,6 +15,7 @@ from .schema import Arg, Syscall
 
 SIGNALS = ("TERM", "KILL", "INT", "HUP", "STOP", "CONT")
 RESOURCES = ("kv_blocks", "sequences", "tokens_per_minute", "storage_bytes")
+MODEL_LIMITS = RESOURCES[:3]     # the ones the model scheduler enforces (services/inference/policy.py)
 MAX_KEY = 512
 MAX_ARGV = 256
 MAX_TIMEOUT = 86400.0

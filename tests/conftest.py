@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import syscalls  # noqa: E402
 from syscalls.paths import Paths  # noqa: E402
 
-# Fast supervision so that failure tests finish in seconds; the defaults are in kernel/config.py.
+# Fast supervision so that failure tests finish in seconds; the defaults are in syscalls/runtime/config.py.
 FAST_CONFIG = """
 [supervisor]
 ping_interval = 0.2

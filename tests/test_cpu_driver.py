@@ -31,9 +31,9 @@ def test_cpu_driver_steps_match_the_library(home):
         system.shutdown()
     assert info["device"] == "cpu" and info["num_blocks"] == 64 and info["steps"] == 8
     # the same greedy decode in this process, through the library the driver wraps
-    from services.inference.driver import LocalDriver
+    from drivers.runner import ModelRunner
     from tests.services.drivertest import PROMPT
-    local = LocalDriver.from_gguf(model, num_blocks=64, fp16_single_token=True)
+    local = ModelRunner.from_gguf(model, num_blocks=64, fp16_single_token=True)
     blocks = list(range((len(PROMPT) + 8) // 16 + 1))
     want = [local.step([{"seq_id": 1, "tokens": PROMPT, "start": 0, "block_table": blocks,
                          "sample": True, "params": {"temperature": 0.0}}])[0]["token"]]

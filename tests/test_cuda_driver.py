@@ -1,4 +1,4 @@
-"""The model's driver on a GPU: which driver services run (drivers/devices.py), and drivers/cuda.py.
+"""The model's driver on a GPU: which driver services run (kernel/devices.py), and drivers/cuda.py.
 
 No GPU exists on the machines these tests run on. So the placement logic is tested with GPU counts
 handed to it; the CUDA driver service runs through a booted llmos with the CPU standing in for its
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_CONFIG, ROOT, Booted, run_cli
-from drivers.devices import (cuda_device_count, cuda_index, driver_services, is_driver,
-                             place_drivers)
-from kernel.config import Config
+from kernel.devices import cuda_device_count, driver_services, place_drivers
+from syscalls.runtime.config import Config
+from syscalls.runtime.devices import cuda_index, is_driver
 from model.tiny_gguf import write_tiny_gguf
 
 
@@ -59,7 +59,7 @@ def test_sampling_params_keep_their_old_home():
 def test_the_gpu_count_needs_no_torch_in_the_asking_process():
     """As the kernel asks at boot: the answer is torch's own, and torch stays out of the asker."""
     import torch
-    code = "from drivers.devices import cuda_device_count\nprint(cuda_device_count())"
+    code = "from kernel.devices import cuda_device_count\nprint(cuda_device_count())"
     out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint('torch' in sys.modules)"],
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=180)
     count, loaded = out.stdout.split()
@@ -85,7 +85,7 @@ def config(home: Path, text: str) -> Config:
     return Config.load(home / "config.toml")
 
 
-def test_cpu_in_services_is_where_the_drivers_go(tmp_path):
+def test_driver_in_services_is_where_the_drivers_go(tmp_path):
     cfg = config(tmp_path, "")                                   # device = "auto"
     assert place_drivers(cfg, gpus=2) == ["cuda0", "cuda1"]
     assert cfg.services == ["storage", "tokenizer", "cuda0", "cuda1", "inference"]
@@ -94,6 +94,8 @@ def test_cpu_in_services_is_where_the_drivers_go(tmp_path):
     assert place_drivers(cfg, gpus=2) == ["cpu"] and "cuda0" not in cfg.modules
     cfg = config(tmp_path, '[services]\nenabled = ["storage"]\nmodules = {cuda0 = "my.driver"}\n')
     assert place_drivers(cfg, gpus=0) == ["cuda0"] and cfg.modules["cuda0"] == "my.driver"
+    cfg = config(tmp_path, '[services]\nenabled = ["storage", "cpu"]\n')    # the spelling of old
+    assert cfg.services == ["storage", "driver"] and place_drivers(cfg, gpus=1) == ["cuda0"]
     cfg = config(tmp_path, '[driver]\ndevice = "tpu"\n[services]\nenabled = ["storage"]\n')
     with pytest.raises(ValueError, match="driver.device"):
         place_drivers(cfg, gpus=0)
@@ -120,10 +122,12 @@ def test_boot_refuses_cuda_when_torch_sees_no_gpu(home):
 
 def local_greedy(model: Path, prompt: str, n: int, device: str) -> list[int]:
     from drivers.model import Tokenizer
-    from services.inference import Engine, LocalDriver
-    engine = Engine(LocalDriver.from_gguf(model, num_blocks=64, device=device), Tokenizer.from_gguf(model))
+    from drivers.runner import ModelRunner
+    from services.inference import Engine, run_in_process
+    runner = ModelRunner.from_gguf(model, num_blocks=64, device=device)
+    engine = Engine(runner.info(), Tokenizer.from_gguf(model))
     engine.add(prompt, {"temperature": 0.0}, max_tokens=n, ignore_eos=True)
-    return next(iter(engine.run().values()))["tokens"]
+    return next(iter(run_in_process(engine, runner).values()))["tokens"]
 
 
 def maps(pid: int) -> str:
@@ -165,7 +169,7 @@ def test_the_cuda_driver_on_a_real_gpu(home):
     model = write_tiny_gguf(home / "tiny.gguf")
     (home / "config.toml").write_text(
         FAST_CONFIG + f'[driver]\ndevice = "cuda"\nmodel = "{model}"\nkv_blocks = 64\n'
-        '[services]\nenabled = ["storage", "tokenizer", "cpu", "inference"]\n')
+        '[services]\nenabled = ["storage", "tokenizer", "driver", "inference"]\n')
     system = Booted(home).boot()
     try:
         with system.connect(privileged=True) as c:

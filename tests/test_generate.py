@@ -26,11 +26,12 @@ def tiny_llmos(tmp_path_factory):
 def local_greedy(model, prompt: str, max_tokens: int) -> dict:
     """The same request through the engine in this process, for comparison."""
     from drivers.model import Tokenizer
-    from services.inference import Engine, LocalDriver
-    engine = Engine(LocalDriver.from_gguf(model, num_blocks=128, fp16_single_token=True),
-                    Tokenizer.from_gguf(model))
+    from drivers.runner import ModelRunner
+    from services.inference import Engine, run_in_process
+    runner = ModelRunner.from_gguf(model, num_blocks=128, fp16_single_token=True)
+    engine = Engine(runner.info(), Tokenizer.from_gguf(model))
     engine.add(prompt, {"temperature": 0.0}, max_tokens=max_tokens)
-    return next(iter(engine.run().values()))
+    return next(iter(run_in_process(engine, runner).values()))
 
 
 def test_generate_streams_what_the_engine_computes(tiny_llmos):

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 from model.tiny_gguf import write_tiny_gguf
-from services import models
+from syscalls.runtime import models
 from test_llmsh import errors, sh, statuses, table
 
 if models.default_path() is None:

@@ -18,7 +18,7 @@ import pytest
 from conftest import Booted, wait_until
 from model.tiny_gguf import write_tiny_gguf
 from drivers.model import describe, read_metadata
-from services import models
+from syscalls.runtime import models
 from syscalls import errors
 from syscalls.paths import Paths
 

@@ -10,7 +10,7 @@ import sys
 import time
 
 import syscalls
-from kernel.logs import render_lines
+from syscalls.runtime.logs import render_lines
 from syscalls import errors
 from syscalls.paths import Paths
 

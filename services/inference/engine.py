@@ -1,17 +1,19 @@
 """The inference engine: requests in, streamed text and token events out, one step at a time.
 
-A step is: schedule (who runs, with how many tokens), driver.step (forward and sample, in the driver),
-postprocess (append tokens, stream text, check stops and limits). The engine owns requests, the block
-allocator, the scheduler and detokenisation; the driver owns the model, the KV pool and sampling.
+A step is: schedule (who runs, with how many tokens), the driver's step (forward and sample, in the
+driver), postprocess (append tokens, stream text, check stops and limits). The engine owns requests,
+the block allocator, the scheduler and detokenisation; the driver owns the model, the KV pool and
+sampling. The engine never calls the driver: ``schedule()`` returns a Step, whose ``seqs`` go to
+the driver's step op and whose ``release`` to its release op; the answer goes to ``postprocess()``
+(or ``fail()``). The inference service sends them through the kernel; ``run_in_process`` hands them
+to a ModelRunner in this process, for tests and benchmarks. ``cancel()`` between schedule and
+postprocess is safe: a cancelled sequence's results are ignored.
 
 Events are plain dicts, one per request per step that produced something:
     {"seq_id", "text", "tokens"[, "logprobs"]}                          while it runs
     ... plus "finish" ("stop" | "length" | "cancelled" | "error"), "stop_reason", "error",
     "prompt_tokens", "generated_tokens", "ttft_s", "decode_s", "preemptions"    on its last event
-A caller that awaits its driver (the inference service) uses schedule() / postprocess() / fail()
-instead of step(); cancel() between them is safe: a cancelled sequence's results are ignored.
-
-Never: touch tensors or logits, or block on anything but the driver call inside step().
+Never: touch tensors or logits, or reach the driver itself.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -26,10 +29,10 @@ from drivers.model.params import SamplingParams, SamplingParamsError
 from drivers.model.tokenizer import StreamDecoder, Tokenizer
 from services.inference.blocks import BlockAllocator
 from services.inference.contexts import MAX_PER_PROCESS as MAX_CONTEXTS, Context, common_prefix
-from services.inference.driver import Driver, Sampled, SeqStep
-from kernel.sched import Policy
+from services.inference.policy import Policy
 from services.inference.scheduler import Batch, Scheduler
 from services.inference.sequence import Sequence, Status
+from syscalls.runtime.steps import Sampled, SeqStep
 
 
 class RequestError(ValueError):
@@ -48,11 +51,19 @@ class ContextBusy(RequestError):
     """A turn on a context that already has one in flight (EAGAIN)."""
 
 
+@dataclass
+class Step:
+    """One step's work: the scheduler's batch, the driver's messages, and what it must forget."""
+    batch: Batch
+    seqs: list[SeqStep]         # the driver's step op's "batch"; empty: nothing may run now
+    events: list[dict]          # requests that ended without running (the KV cache cannot hold them)
+    release: list[int]          # sequences the driver may forget (release op), sent before seqs
+
+
 class Engine:
-    def __init__(self, driver: Driver, tokenizer: Tokenizer, *, max_running: int = 32, token_budget: int = 256,
+    def __init__(self, info: dict, tokenizer: Tokenizer, *, max_running: int = 32, token_budget: int = 256,
                  max_queue: int = 1024, decode_steps: int = 1, policy: Policy | None = None):
-        info = driver.info()
-        self.driver = driver
+        """info is the driver's (its info op): the KV pool's geometry and the model's context length."""
         self.tokenizer = tokenizer
         self.context_length = int(info["context_length"])
         self.vocab_size = int(info["vocab_size"])
@@ -219,22 +230,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ the step
 
-    def step(self) -> list[dict]:
-        """One scheduling step with an in-process (or otherwise synchronous) driver."""
-        batch, msgs, events = self.schedule()
-        if not batch:
-            return events
-        try:
-            sampled = self.driver.step(msgs)
-        except Exception as e:  # noqa: BLE001 -- a driver failure ends this batch's requests, never the engine
-            return events + self.fail(batch, f"driver step failed: {type(e).__name__}: {e}")
-        return events + self.postprocess(batch, sampled)
-
-    def schedule(self) -> tuple[Batch, list[SeqStep], list[dict]]:
-        """Pick this step's work; return it, the driver's messages, and events of requests that cannot run."""
-        if self._release:
-            self.driver.release(self._release)
-            self._release = []
+    def schedule(self) -> Step:
+        """Pick this step's work: the driver's messages, and events of requests that cannot run."""
+        release, self._release = self._release, []
         batch = self.scheduler.schedule()
         events = [self._finish(seq, "length", {"seq_id": seq.seq_id, "text": self._decoders[seq.seq_id].flush(),
                                                "tokens": []},
@@ -257,7 +255,7 @@ class Engine:
                     msgs[-1]["history"] = seq.tokens[:start]
             if ahead.get(seq.seq_id, 1) > 1:
                 msgs[-1].update(steps=ahead[seq.seq_id], stop_ids=sorted(seq.stop_ids))
-        return batch, msgs, events
+        return Step(batch, msgs, events, release)
 
     def _decode_ahead(self, batch: Batch) -> dict[int, int]:
         """How many tokens each decoder may take in this one driver step (multi-step decoding).
@@ -282,10 +280,11 @@ class Engine:
                 ahead[seq.seq_id] = k
         return ahead
 
-    def postprocess(self, batch: Batch, sampled: list[Sampled]) -> list[dict]:
+    def postprocess(self, step: Step, sampled: list[Sampled]) -> list[dict]:
+        """The driver's answer to step.seqs: append each token, stream text, end what has ended."""
         picks = {s["seq_id"]: s for s in sampled}
         events = []
-        for seq, n in batch.steps:
+        for seq, n in step.batch.steps:
             if seq.finished:             # cancelled while the step was in flight
                 continue
             seq.num_computed += n
@@ -312,21 +311,10 @@ class Engine:
         for seq in self._seqs.values():
             seq.known = False
 
-    def fail(self, batch: Batch, message: str) -> list[dict]:
+    def fail(self, step: Step, message: str) -> list[dict]:
+        """The driver could not run step.seqs: its requests end with an error."""
         return [self._finish(seq, "error", {"seq_id": seq.seq_id, "text": "", "tokens": []}, error=message)
-                for seq, _ in batch.steps if not seq.finished]
-
-    def run(self) -> dict[int, dict]:
-        """Step until every request has finished; return each one's whole text, tokens and last event."""
-        out: dict[int, dict] = {}
-        while self.has_work():
-            for ev in self.step():
-                r = out.setdefault(ev["seq_id"], {"text": "", "tokens": []})
-                r["text"] += ev["text"]
-                r["tokens"] += ev["tokens"]
-                if "finish" in ev:
-                    r.update({k: v for k, v in ev.items() if k not in ("text", "tokens")})
-        return out
+                for seq, _ in step.batch.steps if not seq.finished]
 
     # ------------------------------------------------------------------------------------------ postprocess
 
@@ -374,3 +362,33 @@ def _merge(event: dict, later: dict) -> None:
     if "logprobs" in later:
         event.setdefault("logprobs", []).extend(later.pop("logprobs"))
     event.update(later)
+
+
+# -------------------------------------------------------------------------------------- in this process
+
+def step_in_process(engine: Engine, runner) -> list[dict]:
+    """One step as the inference service takes it, with the driver's ModelRunner (drivers/runner.py)
+    in this process: schedule, release, the runner's step, postprocess; this step's events."""
+    step = engine.schedule()
+    if step.release:
+        runner.release(step.release)
+    if not step.seqs:
+        return step.events
+    try:
+        sampled = runner.step(step.seqs)
+    except Exception as e:  # noqa: BLE001 -- a failed step ends this batch's requests, never the engine
+        return step.events + engine.fail(step, f"driver step failed: {type(e).__name__}: {e}")
+    return step.events + engine.postprocess(step, sampled)
+
+
+def run_in_process(engine: Engine, runner) -> dict[int, dict]:
+    """Step until every request has finished; each one's whole text, tokens and last event."""
+    out: dict[int, dict] = {}
+    while engine.has_work():
+        for ev in step_in_process(engine, runner):
+            r = out.setdefault(ev["seq_id"], {"text": "", "tokens": []})
+            r["text"] += ev["text"]
+            r["tokens"] += ev["tokens"]
+            if "finish" in ev:
+                r.update({k: v for k, v in ev.items() if k not in ("text", "tokens")})
+    return out

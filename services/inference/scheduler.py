@@ -5,7 +5,7 @@ Every live request is in one of three states:
     SUSPENDED  out of the batch (preempted by a more urgent request, or held: its process is
                stopped or throttled), still holding its KV blocks;
     WAITING    holding no blocks: new, or preempted and dropped, to be recomputed from its tokens.
-Each step the policy (kernel/sched.py) orders the requests and picks the batch. Suspending is
+Each step the policy (services/inference/policy.py) orders the requests and picks the batch. Suspending is
 free: the blocks stay where they are, and a suspended request resumes at the next step it is
 picked. Blocks are taken back only when memory is short, in this order: from idle contexts (least
 recently used first), from held requests, then from suspended ones, least urgent first, then from
@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kernel.sched import Policy
+from services.inference.policy import Policy
 from services.inference.blocks import BlockAllocator
 from services.inference.contexts import Context
 from services.inference.sequence import Sequence, Status

@@ -1,8 +1,9 @@
-"""The inference service process: the Engine, fed by generate and chat, stepping the CPU driver.
+"""The inference service process: the Engine, fed by generate and chat, stepping the model's driver.
 
-One loop runs the engine while it has work: schedule, send the step to the driver (through the
-kernel: ``Runtime.call("cpu", "step", ...)``), postprocess, and hand each request's events to the
-call that made it, which streams them to its program. A call that is cancelled (the program gave
+One loop runs the engine while it has work: schedule, send the step to the driver service (through
+the kernel: ``Runtime.call(self.driver, "step", ...)``, the driver being ``cpu`` or ``cuda0`` as the
+kernel placed it), postprocess, and hand each request's events to the call that made it, which
+streams them to its program. A call that is cancelled (the program gave
 up, or died) cancels its request, whose blocks are freed at the next step.
 
 The driver holds the KV cache. If it dies, the kernel restarts it and the step that was in
@@ -19,34 +20,16 @@ import os
 import time
 from typing import Any, Callable
 
-from kernel.config import Config
-from kernel.sched import Policy
-from drivers.devices import model_driver
-from services.runtime import Service
+from services.inference.policy import Policy
 from syscalls import errors, wire
+from syscalls.runtime.config import Config
+from syscalls.runtime.devices import model_driver
+from syscalls.runtime.service import Service
 
-DRIVER = model_driver()     # "cpu", or "cuda0" when [driver] device put the model on a GPU
 DRIVER_RETRIES = 3          # consecutive failed steps before the batch's requests are failed
 REPORT_S = 0.2             # the kernel hears of changes in model work at most this often while busy
 HELD_RECHECK_S = 0.5        # how often held work (a throttled process) is looked at again
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
-
-
-class _DriverProxy:
-    """What the Engine sees of the driver: its info; releases go out as messages. Steps are sent by
-    the service's loop itself (Engine.schedule / postprocess), since they must be awaited."""
-
-    def __init__(self, service: "Inference", info: dict):
-        self.service, self._info = service, info
-
-    def info(self) -> dict:
-        return self._info
-
-    def step(self, batch: list) -> list:
-        raise RuntimeError("the inference service steps the driver itself")
-
-    def release(self, seq_ids: list[int]) -> None:
-        self.service.spawn(self.service.runtime.call(DRIVER, "release", {"seq_ids": list(seq_ids)}))
 
 
 class Inference(Service):
@@ -56,14 +39,15 @@ class Inference(Service):
     async def start(self) -> None:
         from drivers.model import Tokenizer, read_metadata
         from services.inference.engine import Engine
-        from services.models import Registry
+        from syscalls.runtime.models import Registry
+        self.driver = model_driver()        # the driver service that runs the model: cpu, cuda0, ...
         info = await self._driver_info()
         cache = Registry(self.paths).cache_dir
         metadata = await asyncio.to_thread(read_metadata, info["model"], cache)
         self.tokenizer = Tokenizer(metadata)
         self.model_path = info["model"]
         cfg = Config.load(self.paths.home / "config.toml").scheduler
-        self.engine = Engine(_DriverProxy(self, info), self.tokenizer, max_running=cfg.max_running,
+        self.engine = Engine(info, self.tokenizer, max_running=cfg.max_running,
                              token_budget=cfg.token_budget, max_queue=cfg.max_queue,
                              decode_steps=cfg.decode_steps,
                              policy=Policy(cfg.band, cfg.aging_s, cfg.quantum))
@@ -78,14 +62,14 @@ class Inference(Service):
     async def _driver_info(self) -> dict:
         """The driver's info, waiting while it loads its model (saying so, so that the supervisor's
         start deadline is pushed back as long as the wait is real)."""
-        call = asyncio.ensure_future(self.runtime.call(DRIVER, "info", {}))
+        call = asyncio.ensure_future(self.runtime.call(self.driver, "info", {}))
         waited = 0
         while True:
             done, _ = await asyncio.wait({call}, timeout=2.0)
             if done:
                 return call.result()
             waited += 2
-            self.progress(what=f"waiting for the {DRIVER} driver", seconds=waited)
+            self.progress(what=f"waiting for the {self.driver} driver", seconds=waited)
 
     async def stop(self) -> None:
         if hasattr(self, "loop_task"):
@@ -105,21 +89,24 @@ class Inference(Service):
                 await asyncio.wait_for(self.wake.wait(), HELD_RECHECK_S if engine.has_work() else None)
             self.wake.clear()
             while engine.has_work():
-                batch, msgs, events = engine.schedule()
-                self._deliver(events)
-                if not msgs:
+                step = engine.schedule()
+                self._deliver(step.events)
+                if step.release:
+                    self.spawn(self.runtime.call(self.driver, "release", {"seq_ids": step.release}))
+                if not step.seqs:
                     break           # nothing may run now; a request, a cancel, a CONT or time wakes us
                 self.step_id += 1
-                self.in_flight = (self.step_id, batch, any(m.get("steps", 1) > 1 for m in msgs))
+                self.in_flight = (self.step_id, step.batch, any(m.get("steps", 1) > 1 for m in step.seqs))
                 try:
-                    sampled = await self.runtime.call(DRIVER, "step", {"batch": msgs, "id": self.step_id})
+                    sampled = await self.runtime.call(self.driver, "step",
+                                                      {"batch": step.seqs, "id": self.step_id})
                 except errors.ECANCELED:
                     continue                # aborted for an urgent request: nothing of it counts
                 except errors.LLMOSError as e:
                     failures += 1
                     self.log.warning("driver_step_failed", error=str(e), failures=failures)
                     if failures > DRIVER_RETRIES:
-                        self._deliver(engine.fail(batch, f"the {DRIVER} driver failed: {e.message}"))
+                        self._deliver(engine.fail(step, f"the {self.driver} driver failed: {e.message}"))
                         failures = 0
                     else:
                         engine.device_lost()     # most likely it restarted: recompute on the new one
@@ -127,7 +114,7 @@ class Inference(Service):
                 finally:
                     self.in_flight = None
                 failures = 0
-                self._deliver(engine.postprocess(batch, sampled))
+                self._deliver(engine.postprocess(step, sampled))
                 self._report()
             self._report(force=True)
 
@@ -159,9 +146,9 @@ class Inference(Service):
         if batch.steps and all(urgent + policy.band < policy.effective(s.pid, s.last_served, now)
                                for s, _ in batch.steps):
             self.log.info("step_aborted", step=step_id, for_pid=pid)
-            self.spawn(self.runtime.call(DRIVER, "abort", {"id": step_id, "mode": "abort"}))
+            self.spawn(self.runtime.call(self.driver, "abort", {"id": step_id, "mode": "abort"}))
         elif ahead:             # decoding ahead: hand back after the token in progress
-            self.spawn(self.runtime.call(DRIVER, "abort", {"id": step_id, "mode": "yield"}))
+            self.spawn(self.runtime.call(self.driver, "abort", {"id": step_id, "mode": "yield"}))
 
     def _deliver(self, events: list[dict]) -> None:
         for ev in events:
@@ -190,13 +177,13 @@ class Inference(Service):
         """A request may name the loaded model by its registered name or its path; nothing else."""
         if model is None or model == str(self.model_path):
             return
-        from services.models import Registry
+        from syscalls.runtime.models import Registry
         try:
             path = Registry(self.paths).resolve(model)
         except errors.ENOENT:
             path = None
         if path is None or os.path.realpath(path) != os.path.realpath(self.model_path):
-            raise errors.ENOENT(f"{call}: model {model!r} is not loaded (the {DRIVER} driver runs "
+            raise errors.ENOENT(f"{call}: model {model!r} is not loaded (the {self.driver} driver runs "
                                 f"{self.model_path})")
 
     # -- contexts ------------------------------------------------------------------------------
@@ -283,7 +270,7 @@ class Inference(Service):
                                       limits=args.get("limits"))
             self.wake.set()
             if self.in_flight is not None and self.in_flight[2]:     # decoding ahead: decide again now
-                self.spawn(self.runtime.call(DRIVER, "abort", {"id": self.in_flight[0], "mode": "yield"}))
+                self.spawn(self.runtime.call(self.driver, "abort", {"id": self.in_flight[0], "mode": "yield"}))
 
     async def _stream(self, prompt: str, args: dict, emit: Callable[[Any], None], call: str,
                       caller: dict, ctx=None, conversation: list | None = None) -> dict:

@@ -10,9 +10,12 @@ from tests.model.conftest import tiny_model, tiny_path, tiny_tokenizer  # noqa: 
 
 @pytest.fixture
 def make_engine(tiny_model, tiny_tokenizer):
-    """make_engine(num_blocks=64, block_size=4, **engine_args) -> Engine over a fresh KV pool."""
-    from services.inference import Engine, LocalDriver
+    """make_engine(num_blocks=64, block_size=4, **engine_args) -> (Engine, ModelRunner over a fresh
+    KV pool), to be stepped as the inference service steps them (services.inference.step_in_process)."""
+    from drivers.runner import ModelRunner
+    from services.inference import Engine
 
     def make(num_blocks: int = 64, block_size: int = 4, **kw):
-        return Engine(LocalDriver(tiny_model, num_blocks, block_size), tiny_tokenizer, **kw)
+        runner = ModelRunner(tiny_model, num_blocks, block_size)
+        return Engine(runner.info(), tiny_tokenizer, **kw), runner
     return make

@@ -6,7 +6,7 @@ one chunk, then one token per step, blocks assigned here), and stores the tokens
 ``drivertest/tokens``. Not part of llmos.
 """
 
-from services.runtime import Service, main
+from syscalls.runtime.service import Service, main
 
 PROMPT = [1, 5, 9, 13, 17, 21]
 

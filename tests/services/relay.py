@@ -5,7 +5,7 @@ Enabled with ``[services] modules = {relay = "tests.services.relay"}``. At start
 only through another service. Not part of llmos.
 """
 
-from services.runtime import Service, main
+from syscalls.runtime.service import Service, main
 
 
 class Relay(Service):

@@ -523,7 +523,7 @@ def cmd_dmesg(sh: Shell, io: Streams, args: list[str]) -> None:
             lines = collections.deque(f, maxlen=n)
     except OSError as e:
         raise Failure(f"{path}: {e.strerror}") from None
-    from kernel.logs import render_lines  # structlog only when needed
+    from syscalls.runtime.logs import render_lines  # structlog only when needed
     for line in render_lines(lines):
         print(line, file=io.stdout)
 

@@ -333,7 +333,7 @@ class Shell:
     def log(self):
         """The structlog logger of llmsh, set up on first use (logs/llmsh.log)."""
         if self._log is None:
-            from kernel import logs
+            from syscalls.runtime import logs
             self._log = logs.setup("llmsh", self.paths.log_file("llmsh"))
         return self._log
 

@@ -1,19 +1,18 @@
 """Which driver services run the model, and on which devices: decided once, by the kernel, at boot.
 
-``[driver] device`` in config.toml picks; ``cpu`` in ``[services] enabled`` (there by default) stands
-for the model's driver, and the kernel puts in its place the services that device means:
+``[driver] device`` in config.toml picks; ``driver`` in ``[services] enabled`` (there by default)
+stands for the model's driver, and the kernel puts in its place the services that device means:
 
     "cpu"    the service ``cpu`` (drivers/cpu.py)
     "cuda"   one service per GPU torch sees: ``cuda0``, ``cuda1``, ... (drivers/cuda.py); none is an error
     "auto"   (the default) as "cuda" when torch sees a GPU, else as "cpu"
 
 The kernel then puts the names of the driver services it runs, in order, in its own environment as
-LLMOS_DRIVERS, which every service it starts inherits; ``model_driver()`` reads the first, the one the
-inference service steps and the tokenizer service asks about the loaded model. More GPUs than one
-each get a driver with the model loaded, but the inference service uses only the first yet.
+LLMOS_DRIVERS (syscalls/runtime/devices.py), which every service it starts inherits. More GPUs than
+one each get a driver with the model loaded, but the inference service uses only the first yet.
 
-Never: import torch in this process. The kernel imports this module; asking torch costs seconds, so
-``cuda_device_count`` asks it in a child process, and only on a machine where it could say yes.
+Never: import torch in this process. Asking torch costs seconds, so ``cuda_device_count`` asks it in
+a child process, and only on a machine where it could say yes.
 """
 
 from __future__ import annotations
@@ -22,35 +21,16 @@ import ast
 import glob
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from syscalls.runtime.config import MODEL_DRIVER, Config
+from syscalls.runtime.devices import CPU_DRIVER, cuda_driver, is_driver
+
 DEVICES = ("auto", "cpu", "cuda")
-SLOT = "cpu"                      # the name in services.enabled that stands for the model's driver
-DRIVERS_ENV = "LLMOS_DRIVERS"
 CUDA_MODULE = "drivers.cuda"
-_CUDA_NAME = re.compile(r"cuda(0|[1-9][0-9]*)")
 PROBE_TIMEOUT = 120.0             # importing a CUDA build of torch can take a while on a cold disk
-
-
-def is_driver(name: str) -> bool:
-    return name == "cpu" or _CUDA_NAME.fullmatch(name) is not None
-
-
-def cuda_index(name: str) -> int:
-    """The GPU a CUDA driver service owns, from its name: cuda0 -> 0 (torch's numbering)."""
-    m = _CUDA_NAME.fullmatch(name)
-    if m is None:
-        raise ValueError(f"{name!r} is not a CUDA driver's name (cuda0, cuda1, ...)")
-    return int(m.group(1))
-
-
-def model_driver() -> str:
-    """The driver service that runs the model, as the kernel chose it ("cpu" when not told)."""
-    names = os.environ.get(DRIVERS_ENV, "")
-    return names.split(",")[0] if names else SLOT
 
 
 def cuda_device_count() -> int:
@@ -93,21 +73,22 @@ def driver_services(device: str, gpus: int) -> list[str]:
         raise ValueError("config: driver.device is \"cuda\" but torch sees no GPU "
                          "(a CPU-only torch build, no GPU, or CUDA_VISIBLE_DEVICES hides them)")
     if device == "cpu" or gpus == 0:
-        return [SLOT]
-    return [f"cuda{i}" for i in range(gpus)]
+        return [CPU_DRIVER]
+    return [cuda_driver(i) for i in range(gpus)]
 
 
-def place_drivers(cfg, gpus: int | None = None) -> list[str]:
-    """Put the model's driver services in the place of ``cpu`` in cfg.services (a kernel Config);
-    return every driver service cfg now runs, in order. Raises ValueError for a bad device."""
+def place_drivers(cfg: Config, gpus: int | None = None) -> list[str]:
+    """Put the model's driver services in the place of ``driver`` in cfg.services; return every
+    driver service cfg now runs, in order. Raises ValueError for a bad device."""
     device = cfg.driver.device
     if device not in DEVICES:                   # checked even when no driver is enabled
         driver_services(device, 0)
-    if SLOT in cfg.services and device != "cpu":
-        names = driver_services(device, cuda_device_count() if gpus is None else gpus)
-        i = cfg.services.index(SLOT)
+    if MODEL_DRIVER in cfg.services:
+        names = driver_services(device, 0 if device == "cpu" else
+                                cuda_device_count() if gpus is None else gpus)
+        i = cfg.services.index(MODEL_DRIVER)
         cfg.services[i:i + 1] = names
         for name in names:
-            if name != SLOT:
+            if name != CPU_DRIVER:
                 cfg.modules.setdefault(name, CUDA_MODULE)
     return [name for name in cfg.services if is_driver(name)]

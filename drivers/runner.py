@@ -1,21 +1,8 @@
-"""The boundary between the engine and the device: what a driver must do, and the in-process driver.
+"""The model in this process: a Llama, its KV pool, and each sequence's sampler and history.
 
-A driver owns the model, the KV pool and each sequence's sampler; the engine owns everything else.
-Every message across the boundary is plain data (ints, floats, str, lists, dicts) so that it can travel
-as msgpack to a driver process unchanged: token ids, positions, block tables and sampling parameters go
-in, sampled token ids (with logprobs) come out. Tensors and logits never leave the driver.
-
-One step's input, a list of SeqStep, one per scheduled sequence:
-    {"seq_id": int, "tokens": [int], "start": int, "block_table": [int], "sample": bool,
-     "params": {...} | None,    # SamplingParams.to_dict(); sent with the first step the driver
-                                # sees of a sequence (or again after a recompute from 0)
-     "history": [int],          # only with a first step that starts past 0 (a context's cached
-                                # prefix): the tokens before start, for the repetition penalty
-     "steps": int, "stop_ids": [int]}   # a decoding sequence may ask for up to `steps` tokens in
-                                # one step, fed back one by one, ending early on a stop id
-Output, a list of Sampled, one per SeqStep with sample=True, in the same order:
-    {"seq_id": int, "token": int, "logprob": float, "top": [[int, float], ...]
-     [, "next": [{"token", "logprob", "top"}, ...]]}    # the tokens after the first, with steps > 1
+A driver service runs one (drivers/driver.py); tests and benchmarks run one in their own process
+beside an Engine, stepping it the way the service does (services.inference.run_in_process). The
+messages it takes and gives are syscalls/runtime/steps.py's.
 
 Never: allocate blocks, schedule, or look at text.
 """
@@ -23,42 +10,13 @@ Never: allocate blocks, schedule, or look at text.
 from __future__ import annotations
 
 import os
-from typing import Any, NotRequired, Protocol, TypedDict
+from typing import Any
+
+from syscalls.runtime.steps import Sampled, SeqStep
 
 
-class SeqStep(TypedDict):
-    seq_id: int
-    tokens: list[int]
-    start: int
-    block_table: list[int]
-    sample: bool
-    params: dict[str, Any] | None
-    history: NotRequired[list[int]]
-    steps: NotRequired[int]
-    stop_ids: NotRequired[list[int]]
-
-
-class Sampled(TypedDict):
-    seq_id: int
-    token: int
-    logprob: float
-    top: list[list]
-    next: NotRequired[list[dict]]
-
-
-class Driver(Protocol):
-    def info(self) -> dict[str, Any]:
-        """{"num_blocks", "block_size", "vocab_size", "context_length", "model"}"""
-
-    def step(self, batch: list[SeqStep]) -> list[Sampled]:
-        """Feed every SeqStep's tokens (writing their K/V), then sample for those that ask."""
-
-    def release(self, seq_ids: list[int]) -> None:
-        """Forget these sequences' samplers and histories (their blocks are the engine's business)."""
-
-
-class LocalDriver:
-    """A driver in the caller's process: Llama + KVPool + one SequenceSampler and history per sequence."""
+class ModelRunner:
+    """Llama + KVPool + one SequenceSampler and history per sequence: info, step, release."""
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, name: str = ""):
         self.model = model
@@ -69,7 +27,7 @@ class LocalDriver:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                  num_blocks: int = 1024, block_size: int = 16, **model_args) -> LocalDriver:
+                  num_blocks: int = 1024, block_size: int = 16, **model_args) -> ModelRunner:
         from drivers.model.llama import Llama
         return cls(Llama.from_gguf(path, cache_dir, **model_args), num_blocks, block_size, name=str(path))
 

@@ -1,4 +1,4 @@
-"""The kernel's scheduling policy for model work: which requests decode in the next step.
+"""The scheduling policy for model work, run by the inference service: which requests decode next.
 
 The kernel owns every input of this policy: each process's priority, its limits, whether it is
 stopped. It hands them to the inference service with every request and again whenever they change
@@ -26,8 +26,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from syscalls.table import MODEL_LIMITS
+
 NICE_MIN, NICE_MAX = -20, 19
-MODEL_LIMITS = ("kv_blocks", "sequences", "tokens_per_minute")
 WINDOW_S = 60.0
 
 

@@ -31,8 +31,8 @@ from typing import Any
 import uvloop
 import zmq
 
-from kernel.channel import Channel
-from kernel.logs import setup
+from syscalls.runtime.channel import Channel
+from syscalls.runtime.logs import setup
 from syscalls.paths import Paths
 from syscalls import errors, wire
 from syscalls.errors import LLMOSError

@@ -1,4 +1,4 @@
-"""The kernel's tunables, read from LLMOS_HOME/config.toml; every key is optional.
+"""llmos's tunables, read from LLMOS_HOME/config.toml by the kernel and by the services; every key is optional.
 
     [kernel]       max_in_flight, mailbox_messages, mailbox_bytes, call_deadline,
                    zombies_per_parent
@@ -6,7 +6,7 @@
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
     [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum, decode_steps
-                   (model work; see kernel/sched.py)
+                   (model work; see services/inference/policy.py)
     [driver]       device, model, kv_blocks, block_size, threads, fp16_single_token (drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
@@ -30,6 +30,9 @@ SERVICE_MODULES = {
     "cpu": "drivers.cpu",
     "inference": "services.inference",
 }
+# In services.enabled, the model's driver: the kernel puts the driver services [driver] device
+# means in its place (kernel/devices.py). Configs written before it had a name of its own said "cpu".
+MODEL_DRIVER = "driver"
 
 
 @dataclass
@@ -78,7 +81,7 @@ class SchedulerConfig:
 
 @dataclass
 class DriverConfig:
-    device: str = "auto"            # auto | cpu | cuda: where the driver runs (drivers/devices.py)
+    device: str = "auto"            # auto | cpu | cuda: where the model's driver runs (kernel/devices.py)
     model: str = ""                 # a registered model name or an absolute path; "": the default
     kv_blocks: int = 1024           # KV cache blocks of block_size tokens each
     block_size: int = 16
@@ -104,7 +107,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     driver: DriverConfig = field(default_factory=DriverConfig)
-    services: list[str] = field(default_factory=lambda: ["storage", "tokenizer", "cpu",
+    services: list[str] = field(default_factory=lambda: ["storage", "tokenizer", MODEL_DRIVER,
                                                          "inference"])
     daemons: list[DaemonConfig] = field(default_factory=list)
     modules: dict[str, str] = field(default_factory=lambda: dict(SERVICE_MODULES))
@@ -140,10 +143,11 @@ class Config:
         if enabled is not None:
             if not isinstance(enabled, list) or not all(isinstance(x, str) for x in enabled):
                 raise ValueError("config: services.enabled must be a list of service names")
+            enabled = [MODEL_DRIVER if name == "cpu" else name for name in enabled]
             for name in enabled:
-                if name not in cfg.modules:
+                if name not in cfg.modules and name != MODEL_DRIVER:
                     raise ValueError(f"config: services.enabled names unknown service {name!r} "
-                                     f"(known: {', '.join(cfg.modules)})")
+                                     f"(known: {', '.join([MODEL_DRIVER, *cfg.modules])})")
             cfg.services = enabled
         cfg.services += [name for name in extra if name not in cfg.services]
         cfg.daemons = [_daemon(i, d) for i, d in enumerate(raw.get("daemons", []))]

