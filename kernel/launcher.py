@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import time
-from pathlib import Path
 from typing import Callable
 
 from syscalls.paths import Paths
-
+from syscalls.runtime import child
 from syscalls.runtime.backoff import Backoff
 from syscalls.runtime.config import SupervisorConfig
+
 from .proctable import RESTARTING, RUNNING, Process
-from .supervisor import _die_with_kernel
 
 ENDING_SIGNALS = {"TERM", "INT", "HUP", "KILL"}
-ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class Launcher:
@@ -38,7 +35,7 @@ class Launcher:
         self.loop, self.paths, self.cfg, self.log = loop, paths, cfg, log
         self.on_end = on_end
         self.on_detach = on_detach
-        self.running: dict[int, tuple[Process, subprocess.Popen, int]] = {}   # OS pid -> ...
+        self.running: dict[int, tuple[Process, child.Child]] = {}   # by OS pid
         self.stopping = False
 
     def launch(self, proc: Process) -> None:
@@ -46,27 +43,20 @@ class Launcher:
         env = dict(proc.env)
         env.update(LLMOS_HOME=str(self.paths.home), LLMOS_SPAWN_TOKEN=proc.spawn_token,
                    LLMOS_PID=str(proc.pid))
-        env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(self.paths.log_file(f"proc-{proc.pid}"), "ab") as out:
-            popen = subprocess.Popen(proc.command, stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT, env=env, cwd=proc.cwd,
-                                     close_fds=True, start_new_session=True,
-                                     preexec_fn=_die_with_kernel)
-        proc.os_pid = popen.pid
+            # a group of its own, so that a signal reaches what it started too (like a shell's job)
+            program = child.Child(self.loop, proc.command, env, self._exited,
+                                  group=True, stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=proc.cwd)
+        proc.os_pid = program.pid
         proc.state = RUNNING
-        pidfd = os.pidfd_open(popen.pid)
-        self.running[popen.pid] = (proc, popen, pidfd)
-        self.loop.add_reader(pidfd, self._exited, popen.pid)
-        self.log.info("launched", pid=proc.pid, argv=proc.argv, os_pid=popen.pid,
+        self.running[program.pid] = (proc, program)
+        self.log.info("launched", pid=proc.pid, argv=proc.argv, os_pid=program.pid,
                       restarts=proc.restarts)
 
-    def _exited(self, os_pid: int) -> None:
-        proc, popen, pidfd = self.running.pop(os_pid)
-        self.loop.remove_reader(pidfd)
-        os.close(pidfd)
-        code = popen.wait()
-        status, sig = (None, signal.Signals(-code).name.removeprefix("SIG")) if code < 0 \
-            else (code, None)
+    def _exited(self, how: child.Exit) -> None:
+        proc, _ = self.running.pop(how.pid)
+        status, sig = how.status, how.signal
         if not proc.alive:              # it said exit() first; the entry is already gone
             return
         delay = self._restart_delay(proc, status)
@@ -109,25 +99,13 @@ class Launcher:
         """Signal a program: its whole process group if the kernel started it (like a shell's job),
         the process alone if it merely connected."""
         if proc.os_pid in self.running:
-            os.killpg(proc.os_pid, signum)
+            self.running[proc.os_pid][1].signal(signum)
         else:
             os.kill(proc.os_pid, signum)
 
     async def stop_all(self, grace: float) -> None:
         """TERM every program the kernel started, then KILL what is left after ``grace``."""
         self.stopping = True
-        for _, popen, _ in self.running.values():
-            try:
-                os.killpg(popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        for os_pid, (proc, popen, pidfd) in list(self.running.items()):
-            while popen.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            if popen.poll() is None:
-                os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait()
-            if self.running.pop(os_pid, None) is not None:   # _exited may have taken it already
-                self.loop.remove_reader(pidfd)
-                os.close(pidfd)
+        programs = [program for _, program in self.running.values()]
+        await child.stop_all(programs, grace)
+        self.running.clear()

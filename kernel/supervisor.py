@@ -15,7 +15,7 @@ The supervisor decides; the kernel (through the ``Events`` it is given) deals wi
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import contextlib
 import os
 import secrets
 import signal
@@ -23,24 +23,14 @@ import subprocess
 import sys
 import time
 from collections import deque
-from pathlib import Path
 from typing import Protocol
 
+from syscalls.paths import Paths
+from syscalls.runtime import child
 from syscalls.runtime.backoff import Backoff
 from syscalls.runtime.config import SupervisorConfig
-from syscalls.paths import Paths
 
 STARTING, READY, BACKOFF, FAILED, STOPPED = "STARTING", "READY", "BACKOFF", "FAILED", "STOPPED"
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_kernel() -> None:
-    # In the child before exec: if the kernel dies (even by SIGKILL), the service gets SIGKILL too,
-    # so a crashed kernel never leaves services holding the database or a device.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Events(Protocol):
@@ -54,8 +44,7 @@ class Service:
         self.argv = argv
         self.backoff = backoff
         self.state = STOPPED
-        self.popen: subprocess.Popen | None = None
-        self.pidfd: int | None = None
+        self.process: child.Child | None = None
         self.ident: bytes | None = None
         self.token: str = ""
         self.restarts = 0
@@ -73,7 +62,7 @@ class Service:
 
     @property
     def pid(self) -> int | None:
-        return self.popen.pid if self.popen and self.popen.poll() is None else None
+        return self.process.pid if self.process and self.process.running else None
 
     def info(self, now: float) -> dict:
         return {
@@ -114,13 +103,10 @@ class Supervisor:
         svc.restart_handle = None
         svc.token = secrets.token_hex(16)
         env = dict(os.environ, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         out = open(self.paths.log_file(f"{svc.name}.out"), "ab")
         try:
-            svc.popen = subprocess.Popen(
-                svc.argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env,
-                close_fds=True, preexec_fn=_die_with_kernel)
+            svc.process = child.Child(self.loop, svc.argv, env, lambda how: self._exited(svc, how),
+                                      stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
         except OSError as e:
             self.log.error("service_start_failed", service=svc.name, error=str(e))
             svc.last_exit = f"could not start: {e}"
@@ -129,17 +115,15 @@ class Supervisor:
         finally:
             out.close()
         try:
-            svc.popen.stdin.write(svc.token.encode() + b"\n")
-            svc.popen.stdin.close()
+            svc.process.popen.stdin.write(svc.token.encode() + b"\n")
+            svc.process.popen.stdin.close()
         except OSError:
-            pass        # it died at once; the pidfd below reports it
+            pass        # it died at once; the pidfd reports it
         svc.state = STARTING
         svc.started_at = time.monotonic()
         svc.deadline = svc.started_at + self.cfg.start_timeout
         svc.progress = None
-        svc.pidfd = os.pidfd_open(svc.popen.pid)
-        self.loop.add_reader(svc.pidfd, self._exited, svc)
-        self.log.info("service_started", service=svc.name, pid=svc.popen.pid)
+        self.log.info("service_started", service=svc.name, pid=svc.process.pid)
 
     def hello(self, svc: Service, ident: bytes) -> None:
         """The service proved it is the process we started (token checked by the kernel).
@@ -169,31 +153,18 @@ class Supervisor:
         svc.last_pong = time.monotonic()
 
     # -- dying ---------------------------------------------------------------------------------
-    def _exited(self, svc: Service) -> None:
-        self._close_pidfd(svc)
-        code = svc.popen.wait() if svc.popen else None
-        if code is not None and code < 0:
-            svc.last_exit = f"killed by {signal.Signals(-code).name}"
-        else:
-            svc.last_exit = f"exited with status {code}"
+    def _exited(self, svc: Service, how: child.Exit) -> None:
+        svc.last_exit = str(how)
         level = "info" if self.stopping else "warning"
         getattr(self.log, level)("service_exited", service=svc.name, how=svc.last_exit)
         self._died(svc)
 
-    def _close_pidfd(self, svc: Service) -> None:
-        if svc.pidfd is not None:
-            self.loop.remove_reader(svc.pidfd)
-            os.close(svc.pidfd)
-            svc.pidfd = None
-
     def kill(self, svc: Service, why: str) -> None:
         """SIGKILL a service; its pidfd then reports the death and the usual path follows."""
-        if svc.popen and svc.popen.returncode is None:
+        if svc.process and svc.process.popen.returncode is None:
             self.log.warning("service_killed", service=svc.name, why=why)
-            try:
-                svc.popen.kill()
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):
+                svc.process.signal(signal.SIGKILL)
 
     def _died(self, svc: Service) -> None:
         if svc.ident is not None:
@@ -250,17 +221,6 @@ class Supervisor:
         for svc in self.services.values():
             if svc.restart_handle:
                 svc.restart_handle.cancel()
-            if svc.pid:
-                try:
-                    svc.popen.terminate()
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
+        await child.stop_all([svc.process for svc in self.services.values() if svc.process], grace)
         for svc in self.services.values():
-            while svc.pid and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            if svc.pid:
-                svc.popen.kill()
-                svc.popen.wait()
-            self._close_pidfd(svc)
             svc.state = STOPPED

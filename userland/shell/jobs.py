@@ -17,15 +17,15 @@ import os
 import signal
 import subprocess
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
+
+from syscalls.runtime.child import with_llmos_path
 
 from .builtin import Failure, Streams
 
 if TYPE_CHECKING:
     from .shell import Shell
 
-ROOT = str(Path(__file__).resolve().parents[2])        # so a program can import syscalls
 JOIN_SLICE = 0.1
 
 
@@ -231,8 +231,7 @@ def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
     for s in (io.stdout, io.stderr):
         s.flush()
     fds = [_fd(io.stdin), _fd(io.stdout), _fd(io.stderr)]
-    env = dict(os.environ, LLMOS_HOME=str(sh.paths.home))
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = with_llmos_path(dict(os.environ, LLMOS_HOME=str(sh.paths.home)))     # so it can import syscalls
     # the shell's priority and limits (nice, renice $$, ulimit): the program's hello takes them on
     if sh.priority is not None:
         env["LLMOS_PRIORITY"] = str(sh.priority)
