@@ -7,7 +7,7 @@ types and ranges of what it receives; a failed check is an EINVAL whose message 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from .errors import EINVAL
 
@@ -15,35 +15,49 @@ REQUIRED = object()
 
 
 def _is_int(v: Any) -> bool:
-    return type(v) is int
+    return type(v) is int              # not bool: True is no pid
 
 
 def _is_float(v: Any) -> bool:
     return type(v) in (int, float)
 
 
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(type(x) is str for x in v)
+def _list_of(item: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: type(v) is list and all(item(x) for x in v)
 
 
-def _is_str_map(v: Any) -> bool:
-    return isinstance(v, dict) and all(type(k) is str and type(x) is str for k, x in v.items())
+def _map_of(item: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: type(v) is dict and all(type(k) is str and item(x) for k, x in v.items())
 
 
-# name in the docs -> (predicate, Python annotation used for the client stubs)
-KINDS: dict[str, tuple[Callable[[Any], bool], Any]] = {
-    "int": (_is_int, int),
-    "float": (_is_float, float),
-    "bool": (lambda v: type(v) is bool, bool),
-    "str": (lambda v: type(v) is str, str),
-    "bytes": (lambda v: type(v) is bytes, bytes),
-    "[str]": (_is_str_list, list),
-    "[int]": (lambda v: isinstance(v, list) and all(type(x) is int for x in v), list),
-    "{str:str}": (_is_str_map, dict),
-    "{str:int}": (lambda v: isinstance(v, dict) and all(type(k) is str and (type(x) is int or x is None)
-                                                     for k, x in v.items()), dict),
-    "[message]": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), list),
-    "any": (lambda v: True, Any),
+def _is_str(v: Any) -> bool:
+    return type(v) is str
+
+
+class Kind(NamedTuple):
+    """One kind of argument value: the check a value must pass, the annotation of the client's
+    stubs, and the words for it in EINVAL messages and the docs."""
+
+    check: Callable[[Any], bool]
+    annotation: Any
+    text: str
+
+
+# One row per kind, by the name the table and docs/abi.md use for it.
+KINDS: dict[str, Kind] = {
+    "int": Kind(_is_int, int, "an integer"),
+    "float": Kind(_is_float, float, "a number"),
+    "bool": Kind(lambda v: type(v) is bool, bool, "true or false"),
+    "str": Kind(_is_str, str, "a string"),
+    "bytes": Kind(lambda v: type(v) is bytes, bytes, "bytes"),
+    "[str]": Kind(_list_of(_is_str), list, "a list of strings"),
+    "[int]": Kind(_list_of(_is_int), list, "a list of integers"),
+    "{str:str}": Kind(_map_of(_is_str), dict, "a map of strings to strings"),
+    # null stands for "unlimited" in a map of limits (getrlimit's answer passed on as it is)
+    "{str:int?}": Kind(_map_of(lambda x: x is None or _is_int(x)), dict,
+                       "a map of strings to integers or null"),
+    "[message]": Kind(_list_of(lambda x: type(x) is dict), list, "a list of messages (maps)"),
+    "any": Kind(lambda v: True, Any, "any value"),
 }
 
 
@@ -74,7 +88,7 @@ class Arg:
         if value is None and (self.nullable or self.default is None):
             return None
         where = f"{call}: argument '{self.name}'"
-        if not KINDS[self.kind][0](value):
+        if not KINDS[self.kind].check(value):
             raise EINVAL(f"{where} must be {self.kind_text()}, got {_describe(value)}")
         if self.kind == "float":
             value = float(value)
@@ -92,11 +106,7 @@ class Arg:
         return value
 
     def kind_text(self) -> str:
-        text = {"int": "an integer", "float": "a number", "bool": "true or false",
-                "str": "a string", "bytes": "bytes", "[str]": "a list of strings",
-                "[int]": "a list of integers", "{str:str}": "a map of strings to strings",
-                "[message]": "a list of messages (maps)", "any": "any value"}[self.kind]
-        return text + (" or null" if self.nullable or self.default is None else "")
+        return KINDS[self.kind].text + (" or null" if self.nullable or self.default is None else "")
 
     def doc_type(self) -> str:
         t = self.kind + ("?" if self.nullable or self.default is None else "")

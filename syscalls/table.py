@@ -57,7 +57,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("priority", "int", None, min=-20, max=19,
             doc="start at this priority (a shell passes its own to what it runs, as LLMOS_PRIORITY); "
                 "more urgent than the process's now needs privilege"),
-        Arg("limits", "{str:int}", None,
+        Arg("limits", "{str:int?}", None,
             doc="start with these limits (LLMOS_LIMITS), each only lowering the process's own"),
     ), result="{pid, ppid, privileged, spawned, kernel}", errors=("EPERM", "EINVAL"), idempotent=True,
         doc="Introduce the connection: name it, ask for privilege, and take on the priority and "
@@ -87,7 +87,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("name", "str", None, max_len=128),
         Arg("restart", "str", "never", choices=("never", "on-failure", "always"),
             doc="when the kernel starts it again (same PID) after it exits; not after llmos's kill"),
-    ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM", "EAGAIN"),
+    ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM"),
         doc="Start a program as a child of the caller. Its output goes to logs/proc-PID.log, "
             "appended across restarts."),
     Syscall("kill", "kernel", (
@@ -127,18 +127,18 @@ SYSCALLS: tuple[Syscall, ...] = (
             "storage_bytes is the net bytes a process may add to storage; the model resources "
             "are enforced by the scheduler."),
     # -- messages between programs --------------------------------------------------------------
-    Syscall("send", "kernel", (_pid, Arg("data", "any")), errors=("ESRCH", "EAGAIN", "E2BIG"),
+    Syscall("send", "kernel", (_pid, Arg("data", "any")), errors=("ESRCH", "EAGAIN"),
             doc="Put a message in another process's mailbox (bounded; EAGAIN when full)."),
-    Syscall("recv", "kernel", (_timeout,), result="{from, topic, data}", errors=("ETIMEDOUT",),
+    Syscall("recv", "kernel", (_timeout,), result="{from, topic, data}", errors=("ETIMEDOUT", "EAGAIN"),
             doc="Take the oldest message from the caller's mailbox, waiting for one if empty. "
-                "topic is null for send(), the topic for publish()."),
+                "topic is null for send(), the topic for publish(). One recv waits at a time "
+                "(EAGAIN)."),
     Syscall("publish", "kernel", (_topic, Arg("data", "any")), result="int (processes reached)",
-            errors=("E2BIG",),
             doc="Deliver a message to every subscriber of a matching topic. A subscriber whose "
                 "mailbox is full misses it (counted in its ps entry as dropped)."),
-    Syscall("subscribe", "kernel", (_topic,), idempotent=True,
+    Syscall("subscribe", "kernel", (_topic,), idempotent=True, errors=("EAGAIN",),
             doc="Receive, through recv(), every message published to a topic starting with this "
-                "prefix."),
+                "prefix; at most 256 prefixes per process (EAGAIN)."),
     Syscall("unsubscribe", "kernel", (_topic,), idempotent=True, errors=("ENOENT",)),
     # -- the system -----------------------------------------------------------------------------
     Syscall("services", "kernel", result="[{name, pid, state, restarts, uptime, last_exit}]",
@@ -190,43 +190,47 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall("close_context", "inference", (Arg("ctx", "int", min=1),), errors=("EBADF",),
             doc="Close a context and free its KV blocks."),
     Syscall("save_context", "inference", (Arg("ctx", "int", min=1), _key, _ns),
-            result="{version, size}", errors=("EBADF", "EPERM", "EDQUOT", "E2BIG"),
+            result="{version, size}", errors=("EBADF", "EPERM", "EDQUOT", "E2BIG", "ENOENT", "EINVAL",
+                                              "EIO"),
             doc="Write a context (its messages and tokens) to storage under key, in the caller's "
                 "namespace unless ns is given; load_context restores it, after a reboot too."),
     Syscall("load_context", "inference", (_key, _ns), result="int (a new context handle)",
-            errors=("ENOENT", "EINVAL", "EPERM"),
+            errors=("ENOENT", "EINVAL", "EPERM", "EDQUOT"),
             doc="Open a context saved by save_context; its KV cache is rebuilt at its next turn."),
     Syscall("contexts", "inference", (Arg("pid", "int", None, min=1),),
-            result="[{ctx, pid, model, messages, tokens, kv_blocks, last_used}]", idempotent=True,
+            result="[{ctx, pid, model, messages, tokens, kv_blocks, last_used}]", errors=("EPERM",),
+            idempotent=True,
             doc="Open contexts (the caller's, or another process's; all with privilege)."),
     # -- storage --------------------------------------------------------------------------------
     Syscall("put", "storage", (
         _key, Arg("value", "any"),
         Arg("if_version", "int", None, min=0, doc="compare-and-set: 0 means the key must not exist"),
         _ns,
-    ), result="{version, size, delta}", errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT"),
+    ), result="{version, size, delta}",
+        errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT", "EINVAL", "EIO"),
         idempotent=True,
         doc="Store a value (any msgpack value). Durable once acknowledged. Idempotent: the kernel "
             "tags each call with an id that storage records, so a retried put is applied once."),
-    Syscall("get", "storage", (_key, _ns), result="{value, version}", errors=("ENOENT", "EPERM"),
+    Syscall("get", "storage", (_key, _ns), result="{value, version}",
+            errors=("ENOENT", "EPERM", "EINVAL"),
             idempotent=True),
     Syscall("delete", "storage", (
         _key, Arg("if_version", "int", None, min=1), _ns,
-    ), result="{delta}", errors=("ENOENT", "ECONFLICT", "EPERM"), idempotent=True,
+    ), result="{delta}", errors=("ENOENT", "ECONFLICT", "EPERM", "EINVAL", "EIO"), idempotent=True,
         doc="Remove a key; delta is the (negative) change in bytes stored."),
     Syscall("list", "storage", (
         Arg("prefix", "str", "", max_len=MAX_KEY), _ns,
         Arg("limit", "int", 1000, min=1, max=100000),
-    ), result="[{key, version, size}]", errors=("EPERM", "ENOENT"), idempotent=True,
+    ), result="[{key, version, size}]", errors=("EPERM", "ENOENT", "EINVAL"), idempotent=True,
         doc="Keys starting with a prefix, in order."),
     Syscall("ns_create", "storage", (
         Arg("name", "str", max_len=128), Arg("mode", "str", "r", choices=("", "r", "rw")),
-    ), errors=("EEXIST", "EINVAL"), idempotent=True,
+    ), errors=("EEXIST", "EINVAL", "EIO"), idempotent=True,
         doc="Create a shared namespace owned by the caller's user. mode is what other users may "
             "do: nothing, read, or read and write."),
     Syscall("ns_chmod", "storage", (
         Arg("name", "str", max_len=128), Arg("mode", "str", choices=("", "r", "rw")),
-    ), errors=("ENOENT", "EPERM"), idempotent=True),
+    ), errors=("ENOENT", "EPERM", "EIO"), idempotent=True),
     Syscall("ns_list", "storage", result="[{name, owner, mode, bytes}]", idempotent=True),
     Syscall("usage", "storage", result="{uid, bytes, quota, keys}", idempotent=True,
             doc="Bytes the caller's user stores, and its quota."),
@@ -238,12 +242,12 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="put the BOS token first; null does what the model's metadata says"),
         Arg("special", "bool", True,
             doc="text such as <|im_start|> is its special token; false: plain text"),
-    ), result="[int] (token ids)", errors=("ENOENT", "E2BIG"), idempotent=True,
+    ), result="[int] (token ids)", errors=("ENOENT", "E2BIG", "EINVAL"), idempotent=True,
         doc="The token ids of a text, for a model's tokenizer."),
     Syscall("detokenize", "tokenizer", (
         Arg("ids", "[int]", max_len=MAX_IDS), _model,
         Arg("skip_special", "bool", True, doc="leave out special tokens such as <|im_end|>"),
-    ), result="str", errors=("ENOENT",), idempotent=True,
+    ), result="str", errors=("ENOENT", "EINVAL", "E2BIG"), idempotent=True,
         doc="The text of token ids; an id outside the vocabulary is EINVAL. Bytes that are not "
             "valid UTF-8 become U+FFFD."),
     Syscall("apply_chat_template", "tokenizer", (
@@ -252,7 +256,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         _model,
         Arg("add_generation_prompt", "bool", True,
             doc="end with the start of the assistant's turn"),
-    ), result="str", errors=("ENOENT",), idempotent=True,
+    ), result="str", errors=("ENOENT", "EINVAL", "E2BIG"), idempotent=True,
         doc="Render a conversation with the model's own chat template (from its GGUF), as the "
             "text to tokenize; EINVAL when the template rejects the messages."),
     Syscall("models", "tokenizer",
@@ -266,7 +270,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("path", "str", max_len=4096, doc="absolute path of a GGUF file (Llama architecture)"),
         Arg("name", "str", None, max_len=64,
             doc="defaults to the file's name without .gguf, lowercased"),
-    ), result="{name, path, added}", errors=("ENOENT", "EEXIST"), idempotent=True,
+    ), result="{name, path, added}", errors=("ENOENT", "EEXIST", "EINVAL"), idempotent=True,
         doc="Register a GGUF file under a name, for every user. Its header, architecture and "
             "tokenizer are checked first (EINVAL says what is wrong). Idempotent: adding the same "
             "name for the same file again returns the existing entry; another clash is EEXIST."),
@@ -277,3 +281,24 @@ SYSCALLS: tuple[Syscall, ...] = (
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
+
+# What the kernel's dispatch, not a call's handler, may answer with: code -> (which calls, when).
+# A row's errors are those its handler raises, no more and no fewer (tests/test_errors.py reads
+# the handlers' source to hold it to that); these come on top, and docs/abi.md lists them once.
+DISPATCH_ERRORS: dict[str, tuple[str, str]] = {
+    "EINVAL": ("every call", "an argument does not fit the call's row (kind, range, length, "
+                             "choices), is not one of its arguments, or is missing"),
+    "EAGAIN": ("every call", "the caller has kernel.max_in_flight calls open; for a call to a "
+                             "service, also the service's queue being full"),
+    "EPROTO": ("every call", "the caller already has a call with this id in flight"),
+    "ECANCELED": ("every call", "the caller cancelled it (CANCEL)"),
+    "ESHUTDOWN": ("every call", "llmos is shutting down"),
+    "EIO": ("every call", "a bug in the kernel or in the service that ran the call, logged with "
+                          "its traceback"),
+    "EPERM": ("calls that need privilege", "the caller is not privileged"),
+    "ESRVDOWN": ("calls to a service", "the service is not enabled, has FAILED, or died while "
+                                       "running a call that is not retried"),
+    "ETIMEDOUT": ("calls to a service", "the service did not come back within "
+                                        "kernel.call_deadline"),
+    "ENOSYS": ("a name that is no syscall", "no row of this table has that name"),
+}

@@ -59,3 +59,26 @@ def test_exceptions_are_typed_and_match_builtins():
     assert isinstance(errors.from_wire("ETIMEDOUT", "x"), TimeoutError)
     odd = errors.from_wire("EWHATEVER", "from a newer kernel")
     assert type(odd) is errors.LLMOSError and odd.code == "EWHATEVER"
+
+
+def test_doc_lists_every_key_of_the_caller_the_kernel_sends():
+    """Each key the kernel puts in a forwarded call's caller map has a row in docs/abi.md."""
+    import ast
+    from pathlib import Path
+    keys = set()
+    for path in (Path(abi.DOC).parent.parent / "kernel").glob("*.py"):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "caller"
+                                                 for t in n.targets) and isinstance(n.value, ast.Dict):
+                keys |= {k.value for k in n.value.keys if isinstance(k, ast.Constant)}
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "update" \
+                    and isinstance(n.func.value, ast.Name) and n.func.value.id == "caller":
+                keys |= {k.arg for k in n.keywords}
+            elif isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store) and \
+                    isinstance(n.value, ast.Name) and n.value.id == "caller":
+                keys.add(n.slice.value)
+    assert {"pid", "uid", "privileged", "txid"} <= keys, "the test no longer finds the caller map"
+    section = abi.DOC.read_text().split("### The caller, as a service sees it", 1)[1].split("\n## ", 1)[0]
+    documented = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert keys == documented, f"undocumented: {sorted(keys - documented)}; " \
+                               f"documented but never sent: {sorted(documented - keys)}"
