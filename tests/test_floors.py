@@ -8,8 +8,8 @@
 
 Every module belongs to the unit whose name is the longest prefix of its own. A unit imports only
 the units UNITS lets it, and each of those is on a lower floor (or is the unit itself). Every
-import statement counts, a function's too; for cycles, imports under ``if TYPE_CHECKING:`` don't,
-as they never run. docs/architecture.md draws the same picture.
+import statement counts, a function's and one under ``if TYPE_CHECKING:`` too: a cycle of type
+hints is still two modules that cannot be read apart. docs/architecture.md draws the same picture.
 """
 
 from __future__ import annotations
@@ -47,48 +47,27 @@ def unit_of(module: str) -> str:
     return best[0]
 
 
-def _type_checking(node: ast.If) -> bool:
-    test = node.test
-    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or \
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-
-
-def imports(module: str, path: Path, known: dict[str, Path]) -> list[tuple[str, bool]]:
-    """(imported llmos module, whether it runs: not under TYPE_CHECKING), for each import."""
+def imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The llmos modules (or packages) that module's import statements name."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    out: list[tuple[str, bool]] = []
-
-    def visit(node: ast.AST, runs: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _type_checking(child):
-                for sub in child.body:
-                    visit_one(sub, False)
-                for sub in child.orelse:
-                    visit_one(sub, runs)
-            else:
-                visit_one(child, runs)
-
-    def visit_one(node: ast.AST, runs: bool) -> None:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            out.extend((alias.name, runs) for alias in node.names)
+            out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 up = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([node.module] if node.module else []))
-            for alias in node.names:
+            for alias in node.names:        # "from pkg import mod" imports the module pkg.mod
                 sub = f"{base}.{alias.name}"
-                out.append((sub if sub in known else base, runs))
-        visit(node, runs)
-
-    visit(ast.parse(path.read_text(), str(path)), True)
-    return [(name, runs) for name, runs in out if name.split(".")[0] in PACKAGES]
+                out.add(sub if sub in known else base)
+    return {name for name in out if name.split(".")[0] in PACKAGES} - {module}
 
 
-def graph(only_running: bool) -> dict[str, set[str]]:
+def graph() -> dict[str, set[str]]:
     known = modules()
-    return {m: {name for name, runs in imports(m, p, known) if runs or not only_running} - {m}
-            for m, p in known.items()}
+    return {m: imports(m, p, known) for m, p in known.items()}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -134,7 +113,7 @@ def test_the_table_only_goes_down():
 
 def test_imports_only_go_down():
     wrong = []
-    for module, targets in graph(only_running=False).items():
+    for module, targets in graph().items():
         unit = unit_of(module)
         for target in sorted(targets):
             other = unit_of(target)
@@ -144,11 +123,11 @@ def test_imports_only_go_down():
 
 
 def test_no_import_cycle_between_modules():
-    assert cycles(graph(only_running=True)) == []
+    assert cycles(graph()) == []
 
 
 def test_no_import_cycle_between_top_level_packages():
     tops: dict[str, set[str]] = {}
-    for module, targets in graph(only_running=False).items():
+    for module, targets in graph().items():
         tops.setdefault(module.split(".")[0], set()).update(t.split(".")[0] for t in targets)
     assert cycles({top: others - {top} for top, others in tops.items()}) == []
