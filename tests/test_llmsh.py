@@ -157,6 +157,7 @@ def test_an_llmsh_bug_is_logged_not_shown(home):
         """Fail like a bug."""
         raise RuntimeError("kaboom")
 
+    COMMANDS["boom"] = cmd_boom.builtin
     out, err = io.StringIO(), io.StringIO()
     shell = Shell(Paths(home), Streams(io.StringIO(), out, err))
     try:

@@ -139,7 +139,7 @@ def cmd_logs(paths: Paths, args) -> int:
 
 
 def cmd_models(paths: Paths, args) -> int:
-    from userland.shell.commands import show_models
+    from userland.shell.commands.models import show_models
     with syscalls.connect(paths.home, name="llmos-models", timeout=30) as os_:
         show_models(sys.stdout, os_.models())
     return 0

@@ -1,8 +1,9 @@
 """What a builtin command is: its entry in COMMANDS, how it fails, where it writes; and the small
 helpers every command uses to read its arguments and show its results.
 
-A command is ``cmd_NAME(sh, io, args) -> status or None (0)``, registered with ``@command(SYNOPSIS)``;
-its docstring is what ``help NAME`` prints. It reports a fault by raising ``Usage`` (status 2, the
+A command is ``cmd_NAME(sh, io, args) -> status or None (0)``, marked with ``@command(SYNOPSIS)``;
+its docstring is what ``help NAME`` prints. Marking registers nothing: ``commands`` builds the table
+from an explicit list of modules (``command_table``). It reports a fault by raising ``Usage`` (status 2, the
 synopsis is shown), ``Failure`` or an llmos error (status 1); the shell turns each into one line
 on stderr. A command that works on several targets reports each failure with ``io.error`` and
 goes on.
@@ -18,13 +19,15 @@ import math
 import shutil
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from types import ModuleType
+from typing import Any, Callable, Protocol, TextIO
 
+import syscalls
 from syscalls import errors
+from syscalls.paths import Paths
 from syscalls.table import BY_NAME, SIGNALS
 
-if TYPE_CHECKING:
-    from .shell import Shell
+from .parse import Command
 
 
 class Usage(Exception):
@@ -65,11 +68,39 @@ def error_text(e: errors.LLMOSError) -> str:
 
 
 # -- the table of commands ------------------------------------------------------------------------
+class Shell(Protocol):
+    """The shell as a command sees it (``shell.Shell`` is the one there is); a protocol, so that
+    no command imports the module that runs it."""
+
+    paths: Paths
+    status: int
+    priority: int | None
+    limits: dict[str, int | None]
+    last_spawned: int | str | None
+    jobs: Any                   # the jobs.JobTable shared with the shell's forks
+    job: Any                    # the jobs.Job this shell runs commands for, or None
+    commands: dict[str, "Builtin"]
+
+    @property
+    def conn(self) -> syscalls.Connection: ...
+
+    def call(self, name: str, /, *, blocking: bool = False, reply_within: float = ...,
+             **args: Any) -> Any: ...
+
+    def fork(self, job: Any, io: Streams) -> "Shell": ...
+
+    def run_command(self, command: Command, io: Streams) -> int: ...
+
+    def disconnect(self) -> None: ...
+
+    def close(self, status: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class Builtin:
     name: str
     args: str                   # the synopsis after the name
-    run: Callable[["Shell", Streams, list[str]], "int | None"]
+    run: Callable[[Shell, Streams, list[str]], "int | None"]
 
     @property
     def synopsis(self) -> str:
@@ -84,15 +115,22 @@ class Builtin:
         return self.doc.split("\n", 1)[0]
 
 
-COMMANDS: dict[str, Builtin] = {}
-
-
 def command(args: str = ""):
-    def register(fn):
-        name = fn.__name__.removeprefix("cmd_")
-        COMMANDS[name] = Builtin(name, args, fn)
+    """Mark cmd_NAME as the builtin NAME with the synopsis args (``fn.builtin``)."""
+    def mark(fn):
+        fn.builtin = Builtin(fn.__name__.removeprefix("cmd_"), args, fn)
         return fn
-    return register
+    return mark
+
+
+def command_table(*sections: ModuleType) -> dict[str, Builtin]:
+    """The builtins of each module, its ``cmd_`` functions in the order written (help lists them so)."""
+    out: dict[str, Builtin] = {}
+    for module in sections:
+        for name, fn in vars(module).items():
+            if name.startswith("cmd_"):
+                out[fn.builtin.name] = fn.builtin
+    return out
 
 
 def for_each(io: "Streams", cmd: str, items, fn) -> int:
@@ -109,13 +147,23 @@ def for_each(io: "Streams", cmd: str, items, fn) -> int:
 
 
 # -- reading arguments ----------------------------------------------------------------------------
-def options(args: list[str], short: str = "", long: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
-    """Options first, then operands (POSIX getopt: the first operand or -- ends the options)."""
+def options(args: list[str], short: str = "", long: tuple[str, ...] = (), anywhere: bool = False,
+            repeated: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """Options first, then operands (POSIX getopt: the first operand or -- ends the options);
+    with anywhere, options may also follow operands (GNU getopt: only -- ends them). An option
+    named in repeated maps to the list of its values; any other, to its last."""
+    parse = getopt.gnu_getopt if anywhere else getopt.getopt
     try:
-        opts, rest = getopt.getopt(args, short, list(long))
+        pairs, rest = parse(args, short, list(long))
     except getopt.GetoptError as e:
         raise Usage(e.msg) from None
-    return dict(opts), rest
+    opts: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in repeated:
+            opts.setdefault(name, []).append(value)
+        else:
+            opts[name] = value
+    return opts, rest
 
 
 def operands(rest: list[str], *names: str) -> list[str]:

@@ -17,14 +17,11 @@ import os
 import signal
 import subprocess
 import threading
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import Callable, TextIO
 
 from syscalls.runtime.child import with_llmos_path
 
-from .builtin import Failure, Streams
-
-if TYPE_CHECKING:
-    from .shell import Shell
+from .builtin import Failure, Shell, Streams
 
 JOIN_SLICE = 0.1
 
@@ -226,7 +223,7 @@ def _fd(stream) -> int | None:
         return None
 
 
-def run_program(sh: "Shell", io: Streams, argv: list[str]) -> int:
+def run_program(sh: Shell, io: Streams, argv: list[str]) -> int:
     """Run argv as an OS child with io as its stdio; its exit status (128 + N if killed by N)."""
     for s in (io.stdout, io.stderr):
         s.flush()

@@ -35,6 +35,8 @@ CALL_TIMEOUT = 30.0      # seconds for a call that should answer at once (not wa
 
 
 class Shell:
+    commands = COMMANDS         # what it runs; help lists them
+
     def __init__(self, paths: Paths, streams: Streams | None = None):
         self.paths = paths
         self.io = streams or Streams(sys.stdin, sys.stdout, sys.stderr)
@@ -230,7 +232,7 @@ class Shell:
             for word in command.words:
                 argv.append(self.expand(word))
                 name = argv[0]
-            cmd = COMMANDS.get(name)
+            cmd = self.commands.get(name)
             if cmd is None:
                 io.error(name, "command not found (try help)")
                 return 127
@@ -242,7 +244,7 @@ class Shell:
                 self._store_output(*to_key, io.stdout.getvalue())
             return status
         except Usage as e:
-            io.error(name, f"{e} (usage: {COMMANDS[name].synopsis})")
+            io.error(name, f"{e} (usage: {self.commands[name].synopsis})")
             return 2
         except Failure as e:
             io.error(name, e.message)

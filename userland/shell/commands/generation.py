@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from userland.programs.chat import Conversation, stream
 
-from .builtin import Failure, Streams, Usage, command, options
-
-if TYPE_CHECKING:
-    from .shell import Shell
+from ..builtin import Failure, Shell, Streams, Usage, command, options
 
 GEN_OPTIONS = ("model=", "max-tokens=", "temperature=", "top-p=", "top-k=", "seed=", "stop=",
                "ignore-eos", "stats", "raw")
@@ -49,13 +46,8 @@ def cmd_gen(sh: Shell, io: Streams, args: list[str]) -> None:
     on past the end of the answer, to max-tokens (for load tests).
     Example: gen --max-tokens 64 "Write a haiku about kernels."
     """
-    try:
-        import getopt
-        opts_list, rest = getopt.getopt(args, "", list(GEN_OPTIONS))
-    except getopt.GetoptError as e:
-        raise Usage(e.msg) from None
-    opts = dict(opts_list)
-    stop = [v for k, v in opts_list if k == "--stop"]
+    opts, rest = options(args, "", GEN_OPTIONS, repeated=("--stop",))
+    stop = opts.get("--stop", [])
     prompt = " ".join(rest) if rest else io.stdin.read()
     if not prompt.strip():
         raise Usage("missing PROMPT (give it as an argument or on standard input)")

@@ -7,16 +7,12 @@ Making a process more urgent, or raising a limit, needs privilege.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from syscalls import errors
 from syscalls.table import RESOURCES
 
-from .builtin import Failure, Streams, Usage, command, for_each, int_arg, options, pid_arg
-from .parse import Command, Word
-
-if TYPE_CHECKING:
-    from .shell import Shell
+from ..builtin import (Failure, Shell, Streams, Usage, command, for_each, int_arg, options,
+                       pid_arg)
+from ..parse import Command, Word
 
 MEANING = {
     "kv_blocks": "KV-cache blocks its requests may hold at once",

@@ -17,15 +17,11 @@ import shutil
 import termios
 import time
 import tty
-from typing import TYPE_CHECKING
 
 from syscalls import errors
 
-from .builtin import (Streams, command, duration, error_text, int_arg, operands, options,
-                      seconds_arg, table)
-
-if TYPE_CHECKING:
-    from .shell import Shell
+from ..builtin import (Shell, Streams, command, duration, error_text, int_arg, operands, options,
+                       seconds_arg, table)
 
 STATES = ("RUNNING", "READY", "SUSPENDED", "BLOCKED", "STOPPED", "ZOMBIE")
 ORDER = {s: i for i, s in enumerate(STATES)}

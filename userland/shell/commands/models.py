@@ -1,0 +1,95 @@
+"""The commands about models and their tokens: tokens, models and model (add, rm)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..builtin import Shell, Streams, Usage, command, for_each, operands, options, size, table
+
+
+def _piece(text: str) -> str:
+    """A token's text made visible: quoted, with spaces kept and newlines escaped."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+@command("[--model M] [--ids] [--plain] TEXT")
+def cmd_tokens(sh: Shell, io: Streams, args: list[str]) -> None:
+    """Show how a model (the default unless --model) splits TEXT into tokens: id and text of each.
+
+    Each token's text is quoted, so spaces show; a piece of a multi-byte character shows as
+    U+FFFD. --ids prints only the ids, on one line. --plain reads special-token text such as
+    <|im_start|> as ordinary characters.
+    """
+    opts, rest = options(args, "", ("model=", "ids", "plain"))
+    (text,) = operands(rest, "TEXT")
+    model = opts.get("--model")
+    ids = sh.call("tokenize", text=text, model=model, special="--plain" not in opts)
+    if "--ids" in opts:
+        print(" ".join(map(str, ids)), file=io.stdout)
+        return
+    rows = [[str(i), _piece(sh.call("detokenize", ids=[i], model=model, skip_special=False))]
+            for i in ids]
+    if rows:
+        table(io.stdout, ["ID", "TEXT"], rows, right={"ID"})
+    print(f"{len(ids)} token{'' if len(ids) == 1 else 's'}", file=io.stdout)
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+@command()
+def cmd_models(sh: Shell, io: Streams, args: list[str]) -> None:
+    """List the models llmos knows; a * after its name marks the default (used when a call names none).
+
+    Columns: name, architecture, parameters, quantization, context length in tokens, file
+    size, the device a driver runs it on and that driver's memory (- when not loaded), and the
+    file (or why it cannot be read).
+    """
+    operands(args)
+    show_models(io.stdout, sh.call("models"))
+
+
+def show_models(out, models: list[dict]) -> None:
+    """The table `models` prints (llmos models prints it too)."""
+    rows = [[m["name"] + ("*" if m["default"] else ""), m["architecture"] or "-",
+             _count(m["parameters"]), m["quantization"] or "-",
+             "-" if m["context_length"] is None else str(m["context_length"]),
+             "-" if m["file_size"] is None else size(m["file_size"]),
+             m.get("device") or "-",
+             size(m["memory"]["rss"]) if m.get("memory") and m["memory"].get("rss") else "-",
+             m["path"] + (f" ({m['error']})" if m["error"] else "")]
+            for m in models]
+    table(out, ["NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "DEVICE", "MEM", "PATH"],
+          rows, right={"PARAMS", "CONTEXT", "SIZE", "MEM"})
+
+
+@command("add PATH [--name NAME]  |  model rm NAME...")
+def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
+    """Add a GGUF model file under a name, or remove added models (their files stay).
+
+    `model add PATH` checks the file (a Llama GGUF whose tokenizer llmos can read) and names
+    the model after the file, lowercased and without .gguf, unless --name NAME. Every user
+    sees it in `models`; `tokens --model NAME` uses it. `model rm NAME` forgets it; the
+    default model cannot be removed.
+    """
+    if not args:
+        raise Usage("missing add or rm")
+    sub, rest = args[0], args[1:]
+    if sub == "add":
+        opts, rest = options(rest, "", ("name=",), anywhere=True)     # model add PATH --name NAME
+        (path,) = operands(rest, "PATH")
+        added = sh.call("model_add", path=os.path.abspath(path), name=opts.get("--name"))
+        print(f"added model {added['name']}: {added['path']}", file=io.stdout)
+        return 0
+    if sub != "rm":
+        raise Usage(f"unknown subcommand {sub!r}")
+    if not rest:
+        raise Usage("missing NAME")
+    return for_each(io, "model", rest, lambda name: sh.call("model_remove", name=name))
