@@ -24,7 +24,7 @@ def _signature(spec: Syscall) -> inspect.Signature:
         params.append(inspect.Parameter(
             a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
             default=inspect.Parameter.empty if a.default is REQUIRED else a.default,
-            annotation=KINDS[a.kind][1]))
+            annotation=KINDS[a.kind].annotation))
     return inspect.Signature(params)
 
 
