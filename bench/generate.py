@@ -97,7 +97,7 @@ def main() -> None:
         from drivers.runner import ModelRunner
         model = smollm_path()
         cache = home / "data" / "models" / "cache"
-        runner = ModelRunner.from_gguf(model, cache, num_blocks=KV_BLOCKS, fp16_single_token=True)
+        runner = ModelRunner.from_gguf(model, cache, num_blocks=KV_BLOCKS)
         tokenizer = Tokenizer.from_gguf(model)
         with syscalls.connect(home) as c:
             driver_pid = next(s["pid"] for s in c.services() if is_driver(s["name"]))

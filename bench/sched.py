@@ -161,7 +161,7 @@ def part_d(steps: int) -> None:
     from drivers.runner import ModelRunner
     from services.inference import Engine, step_in_process
     model = smollm_path()
-    runner = ModelRunner.from_gguf(model, num_blocks=1024, fp16_single_token=True)
+    runner = ModelRunner.from_gguf(model, num_blocks=1024)
     engine = Engine(runner.info(), Tokenizer.from_gguf(model))
     for i in range(32):
         engine.add(engine.tokenizer.encode_chat(QUESTION), {"temperature": 0.0}, max_tokens=steps + 8,

@@ -1,8 +1,9 @@
 """The CPU driver: a service process that owns the CPU's copy of a model and its KV cache.
 
 Everything a driver does is drivers/driver.py's Driver; this names the device (torch's "cpu",
-with ``[driver] threads`` threads and, for single-stream decode, ``fp16_single_token``) and reads
-what the kernel says of it: the processor's name and the machine's memory.
+with ``[driver] threads`` threads; which product runs each matrix is measured at load, see
+drivers/model/kernels.py) and reads what the kernel says of it: the processor's name and the
+machine's memory (the base of ``[driver] dense_copy_budget`` when given as a share).
 """
 
 from __future__ import annotations

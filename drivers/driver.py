@@ -55,14 +55,16 @@ class Driver(Service):
             self.runtime.loop.call_soon_threadsafe(
                 lambda: self.progress(what="loading model", done=done, total=total, detail=what))
 
+        budget = cfg.budget_bytes(int(self.device_info().get("memory_total") or 0))
         self.runner = await asyncio.to_thread(
             ModelRunner.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
-            block_size=cfg.block_size, progress=progress,
-            fp16_single_token=cfg.fp16_single_token, device=self.torch_device())
+            block_size=cfg.block_size, progress=progress, kv_dtype=cfg.kv_dtype,
+            dense_copy=cfg.dense_copy, dense_copy_budget=budget, device=self.torch_device())
         self.lock = asyncio.Lock()
         self.current = self.abort_id = self.yield_id = None   # the step running; those asked to stop
         self.steps = 0
-        self.log.info("model_loaded", path=str(path), device=self.torch_device(), **self.runner.info())
+        info = self.runner.info()
+        self.log.info("model_loaded", path=str(path), device=self.torch_device(), weights=info.pop("weights"), **info)
 
     def op_info(self, args: dict, caller: dict) -> dict:
         import torch

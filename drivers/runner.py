@@ -18,23 +18,34 @@ from syscalls.runtime.steps import Sampled, SeqStep
 class ModelRunner:
     """Llama + KVPool + one SequenceSampler and history per sequence: info, step, release."""
 
-    def __init__(self, model, num_blocks: int, block_size: int = 16, name: str = ""):
+    def __init__(self, model, num_blocks: int, block_size: int = 16, name: str = "", kernels: dict | None = None):
         self.model = model
         self.pool = model.new_kv_pool(num_blocks, block_size)
         self.name = name
+        self.kernels = kernels or {}          # drivers.model.kernels.choose's plan
         self._samplers: dict[int, Any] = {}
         self._history: dict[int, list[int]] = {}   # every token fed, by position: the repetition penalty's view
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                  num_blocks: int = 1024, block_size: int = 16, **model_args) -> ModelRunner:
+                  num_blocks: int = 1024, block_size: int = 16, dense_copy: str = "auto",
+                  dense_copy_budget: int = 1 << 30, kv_dtype: str | None = None, **model_args) -> ModelRunner:
+        """Load the model in its own bits, then measure (or recall, from cache_dir) which product runs
+        batched steps here and make the dense copies that won and fit dense_copy_budget bytes."""
+        from drivers.model import kernels
         from drivers.model.llama import Llama
-        return cls(Llama.from_gguf(path, cache_dir, **model_args), num_blocks, block_size, name=str(path))
+        model = Llama.from_gguf(path, kv_dtype=None if kv_dtype in (None, "auto") else kv_dtype, **model_args)
+        plan = kernels.choose(model, cache_dir, dense_copy, dense_copy_budget)
+        return cls(model, num_blocks, block_size, name=str(path), kernels=plan)
 
     def info(self) -> dict[str, Any]:
+        from drivers.model import kernels
         return {"num_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
                 "vocab_size": self.model.config.vocab_size, "context_length": self.model.max_positions,
-                "model": self.name}
+                "model": self.name, "compute_dtype": str(self.model.dtype).removeprefix("torch."),
+                "kv_dtype": str(self.pool.dtype).removeprefix("torch."),
+                "weight_bytes": self.model.weight_bytes(), "dense_copy": self.kernels.get("dense_copy", "never"),
+                "weights": kernels.table(self.model, self.kernels)}
 
     def step(self, batch: list[SeqStep], should_stop=None, should_yield=None) -> list[Sampled]:
         """Raises StepAborted (drivers.model.llama) if should_stop() says so before sampling.

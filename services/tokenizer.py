@@ -97,7 +97,7 @@ class TokenizerService(Service):
     def _build(self, path: Path):
         from drivers.model import ModelError, Tokenizer, read_metadata
         try:
-            return Tokenizer(read_metadata(path, self.registry.cache_dir))
+            return Tokenizer(read_metadata(path))
         except (ModelError, FileNotFoundError) as e:
             raise models.model_error(e, path) from None
         except KeyError as e:
@@ -184,7 +184,7 @@ class TokenizerService(Service):
                    "quantization": None, "context_length": None, "file_size": None,
                    "path": m["path"], "added": m["added"], "default": m["default"], "error": None}
             try:
-                info = describe(Path(m["path"]), self.registry.cache_dir)
+                info = describe(Path(m["path"]))
                 row.update({k: info[k] for k in ("architecture", "parameters", "quantization",
                                                  "context_length", "file_size")})
             except (ModelError, OSError) as e:

@@ -33,7 +33,7 @@ def test_cpu_driver_steps_match_the_library(home):
     # the same greedy decode in this process, through the library the driver wraps
     from drivers.runner import ModelRunner
     from tests.services.drivertest import PROMPT
-    local = ModelRunner.from_gguf(model, num_blocks=64, fp16_single_token=True)
+    local = ModelRunner.from_gguf(model, num_blocks=64)
     blocks = list(range((len(PROMPT) + 8) // 16 + 1))
     want = [local.step([{"seq_id": 1, "tokens": PROMPT, "start": 0, "block_table": blocks,
                          "sample": True, "params": {"temperature": 0.0}}])[0]["token"]]

@@ -28,7 +28,7 @@ def local_greedy(model, prompt: str, max_tokens: int) -> dict:
     from drivers.model import Tokenizer
     from drivers.runner import ModelRunner
     from services.inference import Engine, run_in_process
-    runner = ModelRunner.from_gguf(model, num_blocks=128, fp16_single_token=True)
+    runner = ModelRunner.from_gguf(model, num_blocks=128)
     engine = Engine(runner.info(), Tokenizer.from_gguf(model))
     engine.add(prompt, {"temperature": 0.0}, max_tokens=max_tokens)
     return next(iter(run_in_process(engine, runner).values()))

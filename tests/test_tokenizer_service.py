@@ -56,7 +56,7 @@ def test_fast_header_reads_what_gguf_reads(files):
         reader = gguf._open(path)       # the gguf package's own parse (~4 s on SmolLM2)
         meta, tensors = gguf_header.read_header(path)
         assert meta == gguf._metadata(reader), path
-        assert tensors == [(t.name, [int(d) for d in t.shape], int(t.tensor_type))
+        assert tensors == [(t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset))
                            for t in reader.tensors], path
 
 

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from drivers.model import kernels
 from drivers.model.llama import Chunk, Llama
 
 
@@ -40,16 +41,17 @@ def run(model: Llama, batch: int, prompt_len: int, steps: int, block_size: int =
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="path to a Llama GGUF")
-    ap.add_argument("--cache", default=None, help="weight cache directory (speeds up later runs)")
+    ap.add_argument("--cache", default=None, help="model cache directory (kernel measurements are kept there)")
+    ap.add_argument("--dense-copy", default="auto", choices=("auto", "never", "always"))
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--fp16-single-token", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = Llama.from_gguf(args.model, args.cache, fp16_single_token=args.fp16_single_token)
+    model = Llama.from_gguf(args.model)
+    kernels.choose(model, args.cache, args.dense_copy, budget=1 << 34)
     for b in args.batch:
         r = run(model, b, args.prompt, args.steps)
         print(f"batch {r['batch']:3d}  prompt {r['prompt']}  prefill {r['prefill_tok_s']:7.1f} tok/s  "

@@ -1,37 +1,30 @@
-"""Open a Llama-architecture GGUF file: its config, its metadata and its weights dequantised to fp32.
+"""Open a Llama-architecture GGUF file: its config, its metadata, and a directory of its tensors.
 
-Owns the weight cache under the directory the caller passes in. The first load parses the file with
-gguf.GGUFReader (a few seconds: the reader walks every metadata array) and dequantises every tensor; it then
-writes <cache_dir>/<key>/ holding `weights.pt` (torch.save of the fp32 tensors) and `metadata.json` (all
-metadata, tokenizer arrays included, plus the parsed config). Later loads read only those two files, with
-torch.load(mmap=True), so they take well under a second and several processes share the page cache.
+Nothing here dequantises a model: `load_gguf` parses the header (drivers/model/gguf_header.py, about
+0.1 s; gguf.GGUFReader when that reader meets something it does not handle), checks the config and
+every tensor's presence, shape, type and extent, and returns a `ModelFile` whose `read` hands one
+tensor's block bytes to the caller (drivers/model/quant.py turns them into held matrices, one at a
+time, so the peak is the held model plus one tensor) and whose `memmap` maps one tensor read-only (an
+embedding table, looked up a few rows per step, stays in the page cache and the file's own bits).
 
-torch.save rather than safetensors: torch is already a dependency, weights_only + mmap loading gives the same
-zero-copy safety, and safetensors would be one more package for no gain here.
-
-The cache key is the sha256 of (cache format version, file size, mtime_ns, first 16 MiB of the file). The
-first 16 MiB hold the whole GGUF header (metadata and tensor table) of any ordinary model, so a different
-model never shares a key; size and mtime catch an edited file without hashing gigabytes on every start.
-A copied file (new mtime) is simply dequantised once more.
+The model cache directory (LLMOS_HOME/data/models/cache) keeps no weights: it holds the product
+kernels measured on this machine (drivers/model/kernels.py). Entries of the old fp32 weight cache
+(format 1, ~4 bytes per parameter) are removed by `clean_cache`, which `llmos model clean` runs.
 
 Never: build the model, touch the tokenizer, or write anywhere except the cache directory it is given.
-torch is imported only by the functions that make tensors, so the tokenizer service (which needs only
-read_metadata) does not pay for it.
+torch is not imported here, so the tokenizer service (which needs only read_metadata) does not pay for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,17 +32,12 @@ import gguf as gguflib
 
 from . import gguf_header
 
-if TYPE_CHECKING:
-    import torch
-
 Progress = Callable[[int, int, str], None]   # (done, total, what); done/total count bytes of tensor data
 
-CACHE_FORMAT = 1
-HEADER_HASH_BYTES = 16 << 20
 SUPPORTED_ARCHITECTURES = ("llama",)
 Q = gguflib.GGMLQuantizationType
-SUPPORTED_QUANTS = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-                              Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+SUPPORTED_TYPES = frozenset(int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K))   # quant.TYPES' rows
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -73,7 +61,7 @@ class MissingTensorError(ModelError):
 
 
 class UnsupportedQuantError(ModelError):
-    """A tensor is stored in a quantisation type this library cannot dequantise."""
+    """A tensor is stored in a tensor type this library cannot run."""
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -220,39 +208,30 @@ def _metadata(reader: gguflib.GGUFReader) -> dict[str, Any]:
     return out
 
 
-def dequantize(t: "gguflib.ReaderTensor", where: str | Path = "") -> torch.Tensor:
-    """One tensor of a GGUFReader as fp32 torch, in torch layout (matrices [out, in])."""
-    import torch
-    if t.tensor_type not in SUPPORTED_QUANTS:
-        raise UnsupportedQuantError(f"{where}: tensor {t.name} uses quantisation {t.tensor_type.name}, which is not"
-                                    f" supported ({', '.join(sorted(q.name for q in SUPPORTED_QUANTS))})")
-    array = gguflib.quants.dequantize(t.data, t.tensor_type)
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))   # GGUF lists dims innermost first
-    return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))   # a copy: the reader's map is read-only
-
-
-def _header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
-    """(metadata, [(tensor name, dims, ggml type)]): by the fast reader, else by GGUFReader."""
+def _header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]]]:
+    """(metadata, [(tensor name, dims, ggml type, data offset)]): by the fast reader, else by GGUFReader."""
     try:
         return gguf_header.read_header(path)
     except FileNotFoundError:
         raise ModelError(f"{path}: no such model file") from None
     except gguf_header.TruncatedTensor as e:
         raise CorruptModelError(f"{path}: {e}") from None
+    except gguf_header.UnknownType as e:
+        raise UnsupportedQuantError(f"{path}: {e}") from None
     except (gguf_header.Unexpected, OSError):
         reader = _open(path)
-        return _metadata(reader), [(t.name, [int(d) for d in t.shape], int(t.tensor_type))
+        return _metadata(reader), [(t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset))
                                    for t in reader.tensors]
 
 
-def _summary(path: Path, metadata: dict, tensors: list[tuple[str, list[int], int]]) -> dict:
+def _summary(path: Path, metadata: dict, tensors: list[tuple[str, list[int], int, int]]) -> dict:
     """Works for any GGUF, supported architecture or not, so a listing can say why a model won't load."""
     try:
-        types = [gguflib.GGMLQuantizationType(t).name for _, _, t in tensors]
+        types = [gguflib.GGMLQuantizationType(t).name for _, _, t, _ in tensors]
     except ValueError as e:
         raise UnsupportedQuantError(f"{path}: {e}") from None
     counts = Counter(types)
-    matrix_types = Counter(name for (_, dims, _), name in zip(tensors, types) if len(dims) > 1)
+    matrix_types = Counter(name for (_, dims, _, _), name in zip(tensors, types) if len(dims) > 1)
     try:
         quant = gguflib.LlamaFileType(metadata.get("general.file_type")).name
         quant = quant.removeprefix("MOSTLY_").removeprefix("ALL_")
@@ -264,7 +243,7 @@ def _summary(path: Path, metadata: dict, tensors: list[tuple[str, list[int], int
     return {
         "name": metadata.get("general.name") or path.stem,
         "architecture": arch,
-        "parameters": int(sum(math.prod(dims) for _, dims, _ in tensors)),
+        "parameters": int(sum(math.prod(dims) for _, dims, _, _ in tensors)),
         "quantization": quant,
         "tensor_types": dict(counts),
         "context_length": metadata.get(f"{arch}.context_length"),
@@ -273,81 +252,61 @@ def _summary(path: Path, metadata: dict, tensors: list[tuple[str, list[int], int
     }
 
 
-# ---------------------------------------------------------------------------------------------- cache
-
-def cache_key(path: str | os.PathLike) -> str:
-    path = Path(path)
-    st = path.stat()
-    h = hashlib.sha256(f"llmos-gguf-cache-v{CACHE_FORMAT}:{st.st_size}:{st.st_mtime_ns}:".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(HEADER_HASH_BYTES))
-    return h.hexdigest()
-
-
-def _read_cache(entry: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    import torch
-    try:
-        info = json.loads((entry / "metadata.json").read_text())
-        if info.get("format") != CACHE_FORMAT:
-            return None
-        weights = torch.load(entry / "weights.pt", mmap=True, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError):   # a damaged entry is rebuilt, not trusted
-        return None
-    return info, weights
-
-
-def _write_cache(entry: Path, info: dict, weights: dict[str, torch.Tensor]) -> None:
-    """Write into a private temporary directory, then rename: readers never see a half-written entry."""
-    import torch
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name[:16]}-", dir=entry.parent))
-    try:
-        torch.save(weights, tmp / "weights.pt")
-        (tmp / "metadata.json").write_text(json.dumps(info))
-        try:
-            os.rename(tmp, entry)
-        except OSError:            # another process finished the same entry first; theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------- loading
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in the file: its type, torch-order shape ([out, in]), offset and size."""
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return gguflib.GGMLQuantizationType(self.ggml_type).name
+
 
 @dataclass
 class ModelFile:
-    """A loaded GGUF: parsed config, all metadata (tokenizer included), fp32 weights by GGUF tensor name."""
+    """A checked GGUF: parsed config, all metadata (tokenizer included), and its tensor directory."""
     path: Path
     config: LlamaConfig
     metadata: dict[str, Any]
-    weights: dict[str, torch.Tensor]
+    tensors: dict[str, TensorInfo]
     summary: dict[str, Any]
-    from_cache: bool
-    cache_entry: Path | None
+
+    def read(self, name: str):
+        """One tensor's bytes, read into memory of its own (the file is not kept mapped)."""
+        from .quant import RawTensor
+        t = self.tensors[name]
+        data = np.empty(t.nbytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            if f.readinto(memoryview(data)) != t.nbytes:
+                raise CorruptModelError(f"{self.path}: tensor {name} at offset {t.offset}: the file ended early")
+        return RawTensor(name, t.ggml_type, t.shape, data, t.offset)
+
+    def memmap(self, name: str):
+        """One tensor mapped read-only from the file: pages are read (and kept) only where touched."""
+        from .quant import RawTensor
+        t = self.tensors[name]
+        return RawTensor(name, t.ggml_type, t.shape, np.memmap(self.path, np.uint8, "r", t.offset, (t.nbytes,)),
+                         t.offset)
+
+    @property
+    def matrix_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
 
 
-def load_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-              progress: Progress | None = None) -> ModelFile:
-    """Load a GGUF's config, metadata and fp32 weights, through the cache when cache_dir is given."""
+def load_gguf(path: str | os.PathLike) -> ModelFile:
+    """Parse and check a GGUF: config, metadata, and every tensor the Llama forward pass reads."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
-    entry = Path(cache_dir) / cache_key(path) if cache_dir is not None else None
-    if entry is not None and entry.is_dir():
-        cached = _read_cache(entry)
-        if cached is not None:
-            info, weights = cached
-            config = LlamaConfig.from_dict(info["config"])
-            total = sum(w.numel() * 4 for w in weights.values())
-            if progress:
-                progress(total, total, "loaded from cache")
-            return ModelFile(path, config, info["metadata"], weights, info["summary"], True, entry)
-        shutil.rmtree(entry, ignore_errors=True)      # damaged or from an older format: rebuild it
-
-    reader = _open(path)
-    metadata = _metadata(reader)
-    by_name = {t.name: t for t in reader.tensors}
+    metadata, directory = _header(path)
+    by_name = {name: (dims, kind, offset) for name, dims, kind, offset in directory}
     config = parse_config(metadata, set(by_name), where=str(path))
     shapes = expected_shapes(config)
     for name in shapes:
@@ -357,52 +316,57 @@ def load_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     if unexpected:
         raise UnsupportedArchitectureError(f"{path}: tensors this Llama implementation does not use:"
                                            f" {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    total = sum(int(by_name[n].n_bytes) for n in shapes)
-    done = 0
-    weights = {}
+    tensors = {}
     for name, shape in shapes.items():
-        t = by_name[name]
-        if progress:
-            progress(done, total, f"dequantising {name} ({t.tensor_type.name})")
-        w = dequantize(t, path)
-        if tuple(w.shape) != shape:
-            raise CorruptModelError(f"{path}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
-        weights[name] = w
-        done += int(t.n_bytes)
-    summary = _summary(path, metadata, [(t.name, [int(d) for d in t.shape], int(t.tensor_type))
-                                        for t in reader.tensors])
-    if entry is not None:
-        if progress:
-            progress(done, total, f"writing cache {entry}")
-        info = {"format": CACHE_FORMAT, "config": config.to_dict(), "summary": summary, "metadata": metadata}
-        _write_cache(entry, info, weights)
-    if progress:
-        progress(total, total, "loaded")
-    return ModelFile(path, config, metadata, weights, summary, False, entry)
+        dims, kind, offset = by_name[name]
+        torch_shape = tuple(int(d) for d in reversed(dims))      # GGUF lists dims innermost first
+        if kind not in SUPPORTED_TYPES:
+            raise UnsupportedQuantError(
+                f"{path}: tensor {name} uses quantisation {_type_name(kind)}, which is not supported"
+                f" ({', '.join(sorted(_type_name(q) for q in SUPPORTED_TYPES))})")
+        if torch_shape != shape:
+            raise CorruptModelError(f"{path}: tensor {name} has shape {torch_shape}, expected {shape}")
+        block, type_size = gguflib.GGML_QUANT_SIZES[gguflib.GGMLQuantizationType(kind)]
+        if torch_shape[-1] % block:
+            raise CorruptModelError(f"{path}: tensor {name}: rows of {torch_shape[-1]} are not whole"
+                                    f" {_type_name(kind)} blocks of {block}")
+        tensors[name] = TensorInfo(name, kind, torch_shape, offset, math.prod(torch_shape) // block * type_size)
+    return ModelFile(path, config, metadata, tensors, _summary(path, metadata, directory))
 
 
-def _cached_info(path: Path, cache_dir: str | os.PathLike | None) -> dict | None:
-    """The cache entry's info (config, summary, metadata) for this file, if there is a valid one."""
-    if cache_dir is None or not path.is_file():
-        return None
+def _type_name(kind: int) -> str:
     try:
-        info = json.loads((Path(cache_dir) / cache_key(path) / "metadata.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return info if info.get("format") == CACHE_FORMAT else None
+        return gguflib.GGMLQuantizationType(kind).name
+    except ValueError:
+        return f"type {kind}"
 
 
-def read_metadata(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """All metadata key/values (no weights): from the cache entry if there is one, else from the file."""
-    path = Path(path)
-    info = _cached_info(path, cache_dir)
-    return info["metadata"] if info else _header(path)[0]
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All metadata key/values (no weights), from the file's header."""
+    return _header(Path(path))[0]
 
 
-def describe(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def describe(path: str | os.PathLike) -> dict[str, Any]:
     """name, architecture, parameters, quantization, tensor_types, context_length, file_size, path."""
     path = Path(path)
-    info = _cached_info(path, cache_dir)
-    if info:
-        return info["summary"]
     return _summary(path, *_header(path))
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+def clean_cache(cache_dir: str | os.PathLike) -> int:
+    """Remove what the model cache holds that nothing uses (the old fp32 weight entries); bytes freed."""
+    freed = 0
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return 0
+    for entry in root.iterdir():
+        if entry.is_dir() and (entry / "weights.pt").exists():
+            freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            shutil.rmtree(entry, ignore_errors=True)
+    return freed
+
+
+def cache_bytes(cache_dir: str | os.PathLike) -> int:
+    root = Path(cache_dir)
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0

@@ -29,13 +29,19 @@ class Unexpected(Exception):
     """Something this reader does not handle; gguf's GGUFReader reads the file instead."""
 
 
+class UnknownType(Exception):
+    def __init__(self, name: str, kind: int):
+        super().__init__(f"tensor {name} has tensor type {kind}, which GGUF does not define")
+
+
 class TruncatedTensor(Exception):
     def __init__(self, name: str, end: int, size: int):
         super().__init__(f"truncated: tensor {name} ends at byte {end} but the file has {size} bytes")
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int]]]:
-    """(metadata, [(tensor name, dims innermost first, ggml type)]) of a little-endian GGUF v2/v3.
+def read_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]]]:
+    """(metadata, [(tensor name, dims innermost first, ggml type, data offset in the file)]) of a
+    little-endian GGUF v2/v3.
 
     Raises Unexpected for anything it does not handle (the caller falls back to GGUFReader) and
     TruncatedTensor when a tensor's data would run past the end of the file.
@@ -98,10 +104,13 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], 
             data_start = (at + align - 1) // align * align
             size = len(buf)
             for name, dims, kind, offset in tensors:
-                block, type_size = gguflib.GGML_QUANT_SIZES[gguflib.GGMLQuantizationType(kind)]
+                try:
+                    block, type_size = gguflib.GGML_QUANT_SIZES[gguflib.GGMLQuantizationType(kind)]
+                except (ValueError, KeyError):
+                    raise UnknownType(name, kind) from None
                 end = data_start + offset + math.prod(dims) // block * type_size
                 if end > size:
                     raise TruncatedTensor(name, end, size)
-            return meta, [(name, dims, kind) for name, dims, kind, _ in tensors]
+            return meta, [(name, dims, kind, data_start + offset) for name, dims, kind, offset in tensors]
         except (struct.error, ValueError, UnicodeDecodeError) as e:    # truncated or garbled
             raise Unexpected(str(e)) from None

@@ -7,8 +7,8 @@ all tokens at once; only attention is split, into one batched group for all sing
 group per prompt chunk (prompt chunks are few and long, so a loop over them costs nothing measurable).
 
 Rotary embedding rotates ADJACENT pairs (x[2i], x[2i+1]) because llama.cpp's converter permutes the q/k
-weights; this is what GGUF weights need. `forward_contiguous` is a deliberately separate, plain
-implementation (its own RoPE and attention, no pool) that tests use as the reference.
+weights; this is what GGUF weights need. The reference tests compare with is deliberately separate:
+tests/model/reference.py, plain fp32 from weights the gguf package dequantised, its own RoPE, no pool.
 
 Never: allocate KV blocks (the scheduler does), keep per-sequence state between steps (the block tables
 are the state), or sample.
@@ -16,7 +16,6 @@ are the state), or sample.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,9 +23,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from drivers.model.gguf import LlamaConfig, ModelFile, Progress, load_gguf
+from drivers.model import quant
+from drivers.model.gguf import CorruptModelError, LlamaConfig, ModelFile, Progress, load_gguf
+from drivers.model.quant import Matrix
 
 LOGITS_CHOICES = ("last", "all", "none")
+REFINE = 32             # logits per row recomputed in fp32 (Llama._refine)
 
 
 class StepAborted(RuntimeError):
@@ -42,6 +44,9 @@ class Chunk:
     logits: str = "last"       # "last": logits of the last token; "all": of every token; "none"
 
 
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 class KVPool:
     """Keys and values for every sequence: [layers, 2, num_blocks, block_size, kv_heads, head_dim].
 
@@ -49,14 +54,14 @@ class KVPool:
     """
 
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.config = config
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.data = torch.zeros((config.n_layers, 2, num_blocks, block_size, config.n_kv_heads, config.head_dim),
-                                dtype=torch.float32, device=device)
+                                dtype=dtype, device=device)
         # per-layer views: one row per (block, slot) for writing single tokens, one row per block for
         # gathering a sequence's blocks (whole-block copies are ~1.6x faster than row by row)
         rows = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
@@ -65,56 +70,49 @@ class KVPool:
         self.k_blocks = [self.data[i, 0].view(num_blocks, -1) for i in range(config.n_layers)]
         self.v_blocks = [self.data[i, 1].view(num_blocks, -1) for i in range(config.n_layers)]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
     @staticmethod
-    def block_bytes(config: LlamaConfig, block_size: int = 16) -> int:
-        return config.n_layers * 2 * block_size * config.n_kv_heads * config.head_dim * 4   # fp32
+    def block_bytes(config: LlamaConfig, block_size: int = 16, dtype: torch.dtype = torch.bfloat16) -> int:
+        return config.n_layers * 2 * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
 
     @classmethod
     def for_memory(cls, config: LlamaConfig, max_bytes: int, block_size: int = 16,
-                   device: str | torch.device = "cpu") -> "KVPool":
-        return cls(config, max(1, max_bytes // cls.block_bytes(config, block_size)), block_size, device)
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> "KVPool":
+        return cls(config, max(1, max_bytes // cls.block_bytes(config, block_size, dtype)), block_size, device, dtype)
 
 
-class _Matrix:
-    """One weight matrix w [out, in], called like F.linear(x, w) but faster on CPU.
+class _Embedding:
+    """Token id -> fp32 row. From the output matrix when that is held dense and tied; otherwise from
+    the file's own blocks, mapped read-only and dequantised a few rows at a time."""
+    __slots__ = ("dense", "raw", "device")
 
-    Measured with MKL on 2 AVX2 cores (SmolLM2 shapes): computing (w @ x.T).T is 1.5x faster than x @ w.T
-    for 2..64 rows, and one row is fastest as two identical rows (a one-row GEMV of a row-major matrix is
-    1.3x slower). The fp32 weight is used as loaded, so cached weights stay shared and memory-mapped.
-    With fp16_single_token an fp16 copy serves one-row inputs (single-stream decode): the AVX2 fp16 GEMV is
-    ~2x faster again; fp16 with several rows is far slower, so batches stay fp32.
-    On any other device (a GPU) these tricks do not apply: plain F.linear, fp32, no fp16 copy.
-    """
-    __slots__ = ("w", "h", "cpu")
+    def __init__(self, dense: torch.Tensor | None, raw, device: torch.device):
+        self.dense, self.raw, self.device = dense, raw, device
 
-    def __init__(self, w: torch.Tensor, fp16_single_token: bool):
-        self.w = w
-        self.cpu = w.device.type == "cpu"
-        self.h = w.half() if fp16_single_token and self.cpu else None
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            return F.embedding(tokens, self.dense).float()
+        rows = tokens.cpu().numpy()
+        return torch.from_numpy(self.raw.dequantize(rows)).to(self.device)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, in] -> [rows, out]; the result may be a transposed (non-contiguous) view."""
-        if not self.cpu:
-            return F.linear(x, self.w)
-        if x.shape[0] == 1:
-            if self.h is not None:
-                return F.linear(x.half(), self.h).float()
-            return (self.w @ x.expand(2, -1).contiguous().t())[:, :1].t()
-        return (self.w @ x.t()).t()
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.dense is not None else int(self.raw.data.nbytes)
 
 
 class _Layer:
     __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
 
-    def __init__(self, w: dict[str, torch.Tensor], i: int, fp16: bool):
-        p = f"blk.{i}."
-        self.attn_norm = w[p + "attn_norm.weight"]
-        # fused projections: one matmul instead of three (q, k, v) and two (gate, up) per layer
-        self.wqkv = _Matrix(torch.cat([w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]]), fp16)
-        self.wo = _Matrix(w[p + "attn_output.weight"], fp16)
-        self.ffn_norm = w[p + "ffn_norm.weight"]
-        self.w_gate_up = _Matrix(torch.cat([w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"]]), fp16)
-        self.w_down = _Matrix(w[p + "ffn_down.weight"], fp16)
+    def __init__(self, attn_norm, wqkv: Matrix, wo: Matrix, ffn_norm, w_gate_up: Matrix, w_down: Matrix):
+        self.attn_norm, self.wqkv, self.wo = attn_norm, wqkv, wo
+        self.ffn_norm, self.w_gate_up, self.w_down = ffn_norm, w_gate_up, w_down
+
+    def matrices(self) -> dict[str, Matrix]:
+        return {"attn_qkv": self.wqkv, "attn_output": self.wo, "ffn_gate_up": self.w_gate_up,
+                "ffn_down": self.w_down}
 
 
 @dataclass
@@ -139,55 +137,93 @@ class _Plan:
 
 
 class Llama:
-    """Llama weights plus the forward pass: fp32 weights, activations and K/V, all on `device`.
+    """Llama weights, held in their own bits (drivers/model/quant.py), plus the forward pass.
 
-    Weights are moved to the device once (on the CPU they stay the loaded, memory-mapped tensors); every
-    tensor a step makes is made there, and only token ids and block tables cross from the host.
-
-    fp16_single_token=True adds fp16 copies of the matrices (+50% weight memory) used only when a step
-    computes one row, i.e. one decoding sequence: ~2x single-stream speed on AVX2 CPUs at a KL divergence
-    of ~1e-5 from fp32. Batched steps always run in fp32.
+    Matrices take activations in `dtype`: bf16 whenever a matrix is quantised or half precision (the
+    vectorised int4 kernel and AMX/AVX512-BF16 want it), fp32 for an all-F32 file. The residual stream,
+    norms, rotary embedding and logits stay fp32. K/V live in a pool of `kv_dtype` (default: `dtype`).
+    Every tensor a step makes is made on `device`; only token ids and block tables cross from the host.
     """
 
-    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], max_positions: int | None = None,
-                 fp16_single_token: bool = False, device: str | torch.device = "cpu"):
-        c = self.config = config
+    def __init__(self, mf: ModelFile, max_positions: int | None = None, device: str | torch.device = "cpu",
+                 kv_dtype: str | torch.dtype | None = None, progress: Progress | None = None):
+        c = self.config = mf.config
         self.device = torch.device(device)
-        weights = {name: w.to(self.device) for name, w in weights.items()}
         self.group = c.n_heads // c.n_kv_heads
         if c.n_heads % c.n_kv_heads:
             raise ValueError(f"{c.n_heads} query heads cannot share {c.n_kv_heads} kv heads evenly")
-        self.embed = weights["token_embd.weight"]
-        self.output = _Matrix(self.embed if c.tied_embeddings else weights["output.weight"], fp16_single_token)
-        self.norm = weights["output_norm.weight"]
-        self.layers = [_Layer(weights, i, fp16_single_token) for i in range(c.n_layers)]
+        total, done = mf.matrix_bytes, 0
+
+        def held(*names: str) -> Matrix:
+            nonlocal done
+            if progress:
+                progress(done, total, f"holding {names[0]} ({mf.tensors[names[0]].type_name})")
+            try:
+                m = quant.hold([mf.read(n) for n in names], self.device)
+            except quant.BadTensor as e:
+                raise CorruptModelError(f"{mf.path}: {e}") from None
+            done += sum(mf.tensors[n].nbytes for n in names)
+            return m
+
+        def vector(name: str) -> torch.Tensor:
+            nonlocal done
+            done += mf.tensors[name].nbytes
+            return torch.from_numpy(mf.read(name).dequantize()).reshape(-1).to(self.device)
+
+        out_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
+        self.output = held(out_name)
+        # the output's own blocks, mapped: the few rows whose logits `_refine` recomputes in fp32
+        self.output_rows = mf.memmap(out_name) if self.output.layout != "fp32" else None
+        self.refine = REFINE
+        dense = self.output.w if c.tied_embeddings and isinstance(self.output, quant.Dense) else None
+        self.embed = _Embedding(dense, None if dense is not None else mf.memmap("token_embd.weight"), self.device)
+        if not c.tied_embeddings:
+            done += mf.tensors["token_embd.weight"].nbytes
+        self.norm = vector("output_norm.weight")
+        self.layers = []
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            # fused projections: one product instead of three (q, k, v) and two (gate, up) per layer
+            self.layers.append(_Layer(vector(p + "attn_norm.weight"),
+                                      held(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),
+                                      held(p + "attn_output.weight"), vector(p + "ffn_norm.weight"),
+                                      held(p + "ffn_gate.weight", p + "ffn_up.weight"), held(p + "ffn_down.weight")))
+        layouts = {m.layout for _, m in self.matrices()}
+        self.dtype = torch.float32 if layouts == {"fp32"} else torch.bfloat16
+        self.kv_dtype = KV_DTYPES[kv_dtype] if isinstance(kv_dtype, str) else (kv_dtype or self.dtype)
         self.max_positions = max_positions or c.context_length
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         if c.has_rope_freqs:
-            inv_freq = inv_freq / weights["rope_freqs.weight"].double().cpu()
+            inv_freq = inv_freq / torch.from_numpy(mf.read("rope_freqs.weight").dequantize()).reshape(-1).double()
         self.inv_freq = inv_freq
         angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64) / c.rope_scale, inv_freq)
         self.rope_table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(self.device)
+        if progress:
+            progress(total, total, "loaded")
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                  progress: Progress | None = None, max_positions: int | None = None,
-                  fp16_single_token: bool = False, device: str | torch.device = "cpu") -> "Llama":
-        return cls.from_model_file(load_gguf(path, cache_dir, progress), max_positions, fp16_single_token, device)
+    def from_gguf(cls, path: str | os.PathLike, progress: Progress | None = None, **kwargs) -> "Llama":
+        return cls(load_gguf(path), progress=progress, **kwargs)
 
-    @classmethod
-    def from_model_file(cls, mf: ModelFile, max_positions: int | None = None,
-                        fp16_single_token: bool = False, device: str | torch.device = "cpu") -> "Llama":
-        return cls(mf.config, mf.weights, max_positions, fp16_single_token, device)
+    def matrices(self) -> list[tuple[str, Matrix]]:
+        """Every weight matrix, named as `models` shows them."""
+        out = [("output", self.output)]
+        for i, layer in enumerate(self.layers):
+            out.extend((f"blk.{i}.{name}", m) for name, m in layer.matrices().items())
+        return out
+
+    def weight_bytes(self) -> int:
+        """Memory the held matrices and their dense copies take (a mapped embedding is the file's)."""
+        return sum(m.nbytes + (m.dense.nbytes if m.dense is not None else 0) for _, m in self.matrices())
 
     def new_kv_pool(self, num_blocks: int, block_size: int = 16) -> KVPool:
-        return KVPool(self.config, num_blocks, block_size, self.device)
+        return KVPool(self.config, num_blocks, block_size, self.device, self.kv_dtype)
 
     # ------------------------------------------------------------------------------------------ paged step
 
     @torch.inference_mode()
     def step(self, pool: KVPool, chunks: Sequence[Chunk], should_stop=None) -> torch.Tensor:
-        """Run one step; write every fed token's K/V into the pool; return logits [rows, vocab].
+        """Run one step; write every fed token's K/V into the pool; return fp32 logits [rows, vocab].
 
         Rows follow the chunks' order: one per chunk with logits="last", len(tokens) for "all", none for
         "none". The K/V of positions before each chunk's start must already be in its blocks.
@@ -199,17 +235,18 @@ class Llama:
         T = plan.tokens.numel()
         H, KVH, D, G = c.n_heads, c.n_kv_heads, c.head_dim, self.group
         q_dim, kv_dim = H * D, KVH * D
+        act, kvt = self.dtype, pool.dtype
         rope = plan.rope.unsqueeze(1)
-        x = F.embedding(plan.tokens, self.embed)
-        attn = torch.empty((T, q_dim), dtype=x.dtype, device=x.device)
+        x = self.embed(plan.tokens)                               # the residual stream: fp32
+        attn = torch.empty((T, q_dim), dtype=kvt, device=x.device)
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise StepAborted(f"step aborted before layer {i}")
-            h = F.rms_norm(x, (c.hidden,), layer.attn_norm, c.rms_eps)
-            qkv = layer.wqkv(h).contiguous()
-            qk = _rotate(qkv[:, :q_dim + kv_dim].view(T, H + KVH, D), rope)   # q and k heads in one go
+            h = F.rms_norm(x, (c.hidden,), layer.attn_norm, c.rms_eps).to(act)
+            qkv = layer.wqkv(h)
+            qk = _rotate(qkv[:, :q_dim + kv_dim].float().view(T, H + KVH, D), rope).to(kvt)   # q and k heads
             q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, q_dim + kv_dim:].view(T, KVH, D)
+            v = qkv[:, q_dim + kv_dim:].reshape(T, KVH, D).to(kvt)
             kp, vp = pool.k[i], pool.v[i]
             kp.index_copy_(0, plan.slots, k)
             vp.index_copy_(0, plan.slots, v)
@@ -229,17 +266,33 @@ class Llama:
                 else:
                     ks = pool.k_blocks[i].index_select(0, p.blocks).view(-1, KVH, D)
                     vs = pool.v_blocks[i].index_select(0, p.blocks).view(-1, KVH, D)
-                qs = q[p.rows].view(n, KVH, G, D).permute(1, 2, 0, 3).reshape(1, KVH, G * n, D)
+                qs = q[p.rows].reshape(n, KVH, G, D).permute(1, 2, 0, 3).reshape(1, KVH, G * n, D)
                 out = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0),
                                                      vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask)
                 attn[p.rows] = out.view(KVH, G, n, D).permute(2, 0, 1, 3).reshape(n, q_dim)
-            x = x + layer.wo(attn)
-            h = F.rms_norm(x, (c.hidden,), layer.ffn_norm, c.rms_eps)
+            x = x + layer.wo(attn.to(act))
+            h = F.rms_norm(x, (c.hidden,), layer.ffn_norm, c.rms_eps).to(act)
             gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
             x = x + layer.w_down(F.silu(gate) * up)
         if plan.logit_rows.numel() == 0:
             return torch.empty((0, c.vocab_size), device=self.device)
-        return self.output(F.rms_norm(x[plan.logit_rows], (c.hidden,), self.norm, c.rms_eps)).contiguous()
+        h = F.rms_norm(x[plan.logit_rows], (c.hidden,), self.norm, c.rms_eps)
+        return self._refine(self.output(h.to(act)).float(), h)
+
+    def _refine(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Recompute each row's REFINE highest logits in fp32 from the file's own blocks.
+
+        A bf16 product rounds logits of ~20 to steps of 0.125, which is most of the KL divergence from
+        fp32 and can flip a greedy pick; the probability mass sits in a row's top few tokens, so exact
+        values there (a few hundred row dots) buy fp32's choices at ~1% of a step.
+        """
+        if self.output_rows is None or self.refine == 0:
+            return logits
+        top = logits.topk(min(self.refine, logits.shape[-1]), dim=-1).indices      # [rows, k]
+        ids, where = torch.unique(top, return_inverse=True)
+        w = torch.from_numpy(self.output_rows.dequantize(ids.cpu().numpy())).to(h.device)   # [u, hidden]
+        exact = h @ w.T                                                              # [rows, u]
+        return logits.scatter_(1, top, exact.gather(1, where))
 
     def _plan(self, pool: KVPool, chunks: Sequence[Chunk]) -> _Plan:
         """Check a step's chunks and turn them into the index tensors every layer reuses."""
@@ -318,40 +371,6 @@ class Llama:
                      slots=torch.tensor(slots, device=dev), n_decode=len(decode), decode_blocks=decode_blocks,
                      decode_keys=decode_keys, decode_mask=decode_mask, prefills=prefills,
                      logit_rows=torch.tensor(rows, dtype=torch.long, device=dev))
-
-    # ------------------------------------------------------------------------------------------ reference
-
-    @torch.inference_mode()
-    def forward_contiguous(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Logits [n, vocab] for every position of one sequence, with no cache: the reference tests use."""
-        c = self.config
-        n, H, KVH, D = len(tokens), c.n_heads, c.n_kv_heads, c.head_dim
-        angles = torch.outer(torch.arange(n, dtype=torch.float64) / c.rope_scale, self.inv_freq)
-        cos, sin = angles.cos().float().to(self.device), angles.sin().float().to(self.device)
-
-        def rope(t):                           # t [n, heads, D]; pairs (2i, 2i+1) rotate by angle i
-            even, odd = t[..., 0::2], t[..., 1::2]
-            c_, s_ = cos[:, None, :], sin[:, None, :]
-            return torch.stack((even * c_ - odd * s_, even * s_ + odd * c_), dim=-1).flatten(-2)
-
-        def rms(t, w):
-            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + c.rms_eps) * w
-
-        causal = torch.full((n, n), float("-inf"), device=self.device).triu(1)
-        x = self.embed[torch.tensor(list(tokens), device=self.device)]
-        for layer in self.layers:
-            wq, wk, wv = layer.wqkv.w.split((H * D, KVH * D, KVH * D))
-            h = rms(x, layer.attn_norm)
-            q = rope((h @ wq.T).view(n, H, D)).transpose(0, 1)
-            k = rope((h @ wk.T).view(n, KVH, D)).transpose(0, 1).repeat_interleave(self.group, dim=0)
-            v = (h @ wv.T).view(n, KVH, D).transpose(0, 1).repeat_interleave(self.group, dim=0)
-            scores = q @ k.transpose(1, 2) / math.sqrt(D) + causal
-            out = (scores.softmax(-1) @ v).transpose(0, 1).reshape(n, H * D)
-            x = x + out @ layer.wo.w.T
-            h = rms(x, layer.ffn_norm)
-            wg, wu = layer.w_gate_up.w.chunk(2)
-            x = x + (F.silu(h @ wg.T) * (h @ wu.T)) @ layer.w_down.w.T
-        return rms(x, self.norm) @ self.output.w.T
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

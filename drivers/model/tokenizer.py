@@ -116,8 +116,8 @@ class Tokenizer:
         self._template: jinja2.Template | None = None
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> "Tokenizer":
-        return cls(read_metadata(path, cache_dir))
+    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+        return cls(read_metadata(path))
 
     # ------------------------------------------------------------------------------------------ ids
 

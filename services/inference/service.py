@@ -39,11 +39,9 @@ class Inference(Service):
     async def start(self) -> None:
         from drivers.model import Tokenizer, read_metadata
         from services.inference.engine import Engine
-        from syscalls.runtime.models import Registry
         self.driver = model_driver()        # the driver service that runs the model: cpu, cuda0, ...
         info = await self._driver_info()
-        cache = Registry(self.paths).cache_dir
-        metadata = await asyncio.to_thread(read_metadata, info["model"], cache)
+        metadata = await asyncio.to_thread(read_metadata, info["model"])
         self.tokenizer = Tokenizer(metadata)
         self.model_path = info["model"]
         cfg = Config.load(self.paths.home / "config.toml").scheduler

@@ -7,7 +7,8 @@
     [storage]      value_limit, quota_bytes
     [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum, decode_steps
                    (model work; see services/inference/policy.py)
-    [driver]       device, model, kv_blocks, block_size, threads, fp16_single_token (drivers)
+    [driver]       device, model, kv_blocks, block_size, threads, kv_dtype, dense_copy,
+                   dense_copy_budget (drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
@@ -86,7 +87,46 @@ class DriverConfig:
     kv_blocks: int = 1024           # KV cache blocks of block_size tokens each
     block_size: int = 16
     threads: int = 0                # torch threads; 0: torch's choice
-    fp16_single_token: bool = True  # fp16 weights for one-row steps: ~1.7x single-stream decode
+    kv_dtype: str = "auto"          # auto | bf16 | fp16 | fp32; auto: the model's compute type (bf16
+                                    # for quantised weights, fp32 for an all-F32 file)
+    dense_copy: str = "auto"        # auto | never | always: a bf16 copy of the weights for batched steps
+                                    # (drivers/model/kernels.py); auto keeps it where it measured faster
+    dense_copy_budget: str = "20%"  # at most this much memory for those copies: "20%" of RAM, or
+                                    # bytes ("2GiB", "512MB", "1073741824"); a 7B on 24 GiB gets none
+
+    def check(self) -> None:
+        if self.kv_dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"config: driver.kv_dtype must be auto, bf16, fp16 or fp32, got {self.kv_dtype!r}")
+        if self.dense_copy not in ("auto", "never", "always"):
+            raise ValueError(f"config: driver.dense_copy must be auto, never or always, got {self.dense_copy!r}")
+        parse_budget(self.dense_copy_budget, 1)
+
+    def budget_bytes(self, total: int) -> int:
+        """dense_copy_budget in bytes, given the memory of the device (RAM for the CPU)."""
+        return parse_budget(self.dense_copy_budget, total)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_budget(text: str, total: int) -> int:
+    """ "20%" of total, or a size such as "2GiB", "512MB", "1073741824", as bytes."""
+    t = text.strip().lower().replace(" ", "")
+    try:
+        if t.endswith("%"):
+            share = float(t[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return int(total * share / 100)
+        digits = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = t[len(digits):]
+        if unit not in _UNITS or float(digits) < 0:
+            raise ValueError
+        return int(float(digits) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"config: driver.dense_copy_budget must be a share like \"20%\" or a size like"
+                         f" \"2GiB\", got {text!r}") from None
 
 
 @dataclass
@@ -128,6 +168,7 @@ class Config:
         for section in sections[:5]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
         cfg.scheduler.check()
+        cfg.driver.check()
         services = raw.get("services", {})
         for key in services:
             if key not in ("enabled", "modules"):

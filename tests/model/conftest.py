@@ -7,7 +7,6 @@ transformers reference are loaded once per session, only by the tests that ask f
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
@@ -51,23 +50,15 @@ def smollm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model-cache")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)      # ~540 MB of fp32 weights; pytest keeps old tmp dirs
-
-
-@pytest.fixture(scope="session")
-def smollm_file_loaded(smollm_path, smollm_cache):
-    """The first (dequantising) load, through a fresh cache."""
+def smollm_file_loaded(smollm_path):
     from drivers.model.gguf import load_gguf
-    return load_gguf(smollm_path, smollm_cache)
+    return load_gguf(smollm_path)
 
 
 @pytest.fixture(scope="session")
 def smollm(smollm_file_loaded):
     from drivers.model.llama import Llama
-    return Llama.from_model_file(smollm_file_loaded)
+    return Llama(smollm_file_loaded)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
-"""GGUF loading: dequantisation of each supported type, config parsing, the weight cache, clear errors."""
+"""GGUF loading: the tensor directory, config parsing, no weights on disk, clear errors for bad files.
+
+How each type's blocks become held matrices is tests/model/test_quant.py's subject.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -12,86 +14,8 @@ import torch
 import gguf
 from .tiny_gguf import Q, write_tiny_gguf
 from drivers.model.gguf import (CorruptModelError, MissingTensorError, ModelError, UnsupportedArchitectureError,
-                                UnsupportedQuantError, cache_key, dequantize, describe, load_gguf)
-
-ROWS, COLS = 8, 256     # 256 columns: one K-quant super-block per row
-
-
-def _one_tensor_file(path, data: np.ndarray, qtype: Q | None):
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tensor("t", data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return gguf.GGUFReader(path).tensors[0]
-
-
-def _f16(raw: np.ndarray, offset: int) -> np.ndarray:
-    return raw[:, offset:offset + 2].copy().view(np.float16).astype(np.float32)[:, 0]
-
-
-def _reference(raw: np.ndarray, qtype: Q) -> np.ndarray:
-    """Independent dequantisation of the simple block formats, from the ggml block layouts."""
-    blocks = raw.reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
-    if qtype == Q.Q8_0:
-        d = _f16(blocks, 0)
-        return d[:, None] * blocks[:, 2:].view(np.int8).astype(np.float32)
-    if qtype in (Q.Q4_0, Q.Q4_1):
-        start = 2 if qtype == Q.Q4_0 else 4
-        qs = blocks[:, start:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)     # low nibbles first
-        d = _f16(blocks, 0)[:, None]
-        return (q - 8) * d if qtype == Q.Q4_0 else q * d + _f16(blocks, 2)[:, None]
-    raise AssertionError(qtype)
-
-
-# relative RMS error a round trip through each type may show
-ROUND_TRIP = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q5_0: 0.06, Q.Q5_1: 0.06,
-              Q.Q4_0: 0.12, Q.Q4_1: 0.12}
-
-
-@pytest.mark.parametrize("qtype", list(ROUND_TRIP), ids=lambda q: q.name)
-def test_round_trip_through_gguf_quantize(tmp_path, qtype):
-    original = np.random.default_rng(1).standard_normal((ROWS, COLS)).astype(np.float32)
-    if qtype == Q.F32:
-        data, raw_dtype = original, None
-    elif qtype == Q.F16:
-        data, raw_dtype = original.astype(np.float16), None
-    else:
-        data, raw_dtype = gguf.quants.quantize(original, qtype), qtype
-    tensor = _one_tensor_file(tmp_path / "t.gguf", data, raw_dtype)
-    assert tensor.tensor_type == qtype
-    out = dequantize(tensor)
-    assert out.dtype == torch.float32 and tuple(out.shape) == (ROWS, COLS)
-    rel = float(np.sqrt(np.mean((out.numpy() - original) ** 2) / np.mean(original ** 2)))
-    assert rel <= ROUND_TRIP[qtype] + 1e-9
-    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
-        expected = _reference(np.asarray(data), qtype).reshape(ROWS, COLS)
-        np.testing.assert_array_equal(out.numpy(), expected)
-
-
-def _random_kquant(qtype: Q, rng) -> np.ndarray:
-    """Random K-quant blocks (gguf-py cannot quantise these) with small finite fp16 scales."""
-    size = gguf.GGML_QUANT_SIZES[qtype][1]
-    raw = rng.integers(0, 256, size=(ROWS, size), dtype=np.uint8)
-    scale_offsets = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
-    for off in scale_offsets:
-        raw[:, off:off + 2] = rng.uniform(0.001, 0.05, ROWS).astype(np.float16).view(np.uint8).reshape(ROWS, 2)
-    return raw
-
-
-@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
-def test_k_quants_match_gguf_reference(tmp_path, qtype):
-    # expected values come from gguf-py's own dequantiser: this checks our plumbing (type dispatch, shape,
-    # orientation), not ggml's maths
-    raw = _random_kquant(qtype, np.random.default_rng(2))
-    tensor = _one_tensor_file(tmp_path / "t.gguf", raw, qtype)
-    out = dequantize(tensor)
-    assert tuple(out.shape) == (ROWS, COLS)
-    assert torch.isfinite(out).all()
-    np.testing.assert_array_equal(out.numpy(), gguf.quants.dequantize(raw, qtype).reshape(ROWS, COLS))
-
+                                UnsupportedQuantError, cache_bytes, clean_cache, describe, load_gguf)
+from drivers.model.llama import Llama
 
 def test_unsupported_quant_type_is_named(tmp_path):
     block, size = gguf.GGML_QUANT_SIZES[Q.IQ4_NL]
@@ -109,17 +33,30 @@ def test_config_and_metadata(tiny_path):
     assert (c.architecture, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden, c.ffn) == ("llama", 2, 4, 2, 64, 128)
     assert (c.head_dim, c.context_length, c.vocab_size, c.bos_id, c.eos_id) == (16, 256, 400, 1, 2)
     assert c.rope_theta == 10000.0 and c.rms_eps == pytest.approx(1e-5)
-    assert c.tied_embeddings and "output.weight" not in mf.weights
+    assert c.tied_embeddings and "output.weight" not in mf.tensors
     assert mf.metadata["tokenizer.ggml.model"] == "gpt2"
-    assert mf.weights["blk.0.attn_k.weight"].shape == (2 * 16, 64)
+    k = mf.tensors["blk.0.attn_k.weight"]
+    assert k.shape == (2 * 16, 64) and k.type_name == "F32" and k.nbytes == 2 * 16 * 64 * 4
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
-def test_quantised_model_loads(tmp_path, qtype):
+def test_tensor_directory_points_at_the_bytes(tiny_path):
+    """read() returns exactly the bytes gguf-py finds for each tensor."""
+    mf = load_gguf(tiny_path)
+    for t in gguf.GGUFReader(tiny_path).tensors:
+        raw = mf.read(t.name)
+        assert raw.data.tobytes() == np.asarray(t.data).tobytes(), t.name
+        assert mf.memmap(t.name).data.tobytes() == raw.data.tobytes()
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_1, Q.Q5_0], ids=lambda q: q.name)
+def test_quantised_model_loads_in_its_own_bits(tmp_path, qtype):
     path = write_tiny_gguf(tmp_path / "q.gguf", quant=qtype)
     mf = load_gguf(path)
-    assert all(w.dtype == torch.float32 for w in mf.weights.values())
+    assert {t.type_name for t in mf.tensors.values() if len(t.shape) == 2} == {qtype.name}
     assert describe(path)["quantization"] == qtype.name
+    model = Llama(mf)
+    assert not any(m.layout == "fp32" for _, m in model.matrices())     # never expanded to fp32
+    assert model.weight_bytes() < 2.0 * mf.matrix_bytes
 
 
 def test_describe(tiny_path):
@@ -127,13 +64,13 @@ def test_describe(tiny_path):
     assert d["name"] == "tiny-test-llama" and d["architecture"] == "llama"
     assert d["quantization"] == "F32" and d["context_length"] == 256
     assert d["file_size"] == tiny_path.stat().st_size
-    expected = sum(w.numel() for w in load_gguf(tiny_path).weights.values())
+    expected = sum(int(np.prod(t.shape)) for t in load_gguf(tiny_path).tensors.values())
     assert d["parameters"] == expected
 
 
 def test_progress_reports_reach_total(tiny_path):
     calls = []
-    load_gguf(tiny_path, progress=lambda done, total, what: calls.append((done, total, what)))
+    Llama.from_gguf(tiny_path, progress=lambda done, total, what: calls.append((done, total, what)))
     assert calls[-1][0] == calls[-1][1] > 0
     assert any("blk.1.ffn_down.weight" in what for _, _, what in calls)
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
@@ -141,34 +78,17 @@ def test_progress_reports_reach_total(tiny_path):
 
 # ---------------------------------------------------------------------------------------------- cache
 
-def test_second_load_comes_from_cache_and_is_identical(tiny_path, tmp_path):
-    first = load_gguf(tiny_path, tmp_path)
-    assert not first.from_cache
-    assert (tmp_path / cache_key(tiny_path) / "weights.pt").is_file()
-    second = load_gguf(tiny_path, tmp_path)
-    assert second.from_cache and second.cache_entry == first.cache_entry
-    assert second.config == first.config and second.summary == first.summary
-    assert second.metadata == first.metadata
-    assert second.weights.keys() == first.weights.keys()
-    for name, w in first.weights.items():
-        assert torch.equal(second.weights[name], w), name
-
-
-def test_changed_file_misses_the_cache(tiny_path, tmp_path):
-    copy = tmp_path / "m.gguf"
-    shutil.copy(tiny_path, copy)
-    load_gguf(copy, tmp_path / "cache")
-    st = copy.stat()
-    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert not load_gguf(copy, tmp_path / "cache").from_cache
-
-
-def test_damaged_cache_entry_is_rebuilt(tiny_path, tmp_path):
-    entry = load_gguf(tiny_path, tmp_path).cache_entry
-    (entry / "weights.pt").write_bytes(b"not a torch file")
-    again = load_gguf(tiny_path, tmp_path)
-    assert not again.from_cache
-    assert load_gguf(tiny_path, tmp_path).from_cache
+def test_clean_cache_removes_old_fp32_entries(tmp_path):
+    """The weight cache of earlier versions (fp32, ~4 bytes a parameter) is garbage now: cleaned."""
+    old = tmp_path / ("ab" * 32)
+    old.mkdir()
+    (old / "weights.pt").write_bytes(b"x" * 1000)
+    (old / "metadata.json").write_text("{}")
+    (tmp_path / "kernels.json").write_text("{}")               # what the cache holds now: measurements
+    assert cache_bytes(tmp_path) == 1000 + 2 + 2
+    assert clean_cache(tmp_path) == 1002
+    assert not old.exists() and (tmp_path / "kernels.json").exists()
+    assert clean_cache(tmp_path / "absent") == 0
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -211,6 +131,32 @@ def test_missing_tensor_is_named(tmp_path):
     path = write_tiny_gguf(tmp_path / "m.gguf", drop=("blk.1.ffn_up.weight",))
     with pytest.raises(MissingTensorError, match=r"blk\.1\.ffn_up\.weight"):
         load_gguf(path)
+
+
+def test_a_corrupt_block_names_the_tensor_and_offset(tmp_path):
+    values = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)
+    raw = gguf.quants.quantize(values, Q.Q4_0)
+    raw.reshape(-1)[0:2] = np.array([np.nan], dtype=np.float16).view(np.uint8)
+    path = write_tiny_gguf(tmp_path / "nan.gguf", override={"blk.1.ffn_gate.weight": (raw, Q.Q4_0)})
+    offset = load_gguf(path).tensors["blk.1.ffn_gate.weight"].offset
+    with pytest.raises(CorruptModelError, match=rf"blk\.1\.ffn_gate\.weight \(offset {offset}\)"):
+        Llama.from_gguf(path)
+
+
+def test_an_undefined_type_code_is_refused(tmp_path):
+    path = write_tiny_gguf(tmp_path / "m.gguf")
+    mf = load_gguf(path)
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_up.weight"
+    at = data.index(name) + len(name)
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    type_at = at + 4 + 8 * n_dims
+    data[type_at:type_at + 4] = (250).to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    assert mf.tensors["blk.0.ffn_up.weight"].type_name == "F32"
+    with pytest.raises(UnsupportedQuantError, match=r"blk\.0\.ffn_up\.weight.*250"):
+        load_gguf(bad)
 
 
 def test_errors_are_model_errors():

@@ -8,12 +8,10 @@ The reference model is loaded once per session (~25 s).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from drivers.model.gguf import describe, load_gguf
+from drivers.model.gguf import describe
 from drivers.model.llama import Chunk
 from drivers.model.tokenizer import Tokenizer
 
@@ -27,6 +25,7 @@ STRINGS = [
     "I'm sure they'll've done it, DON'T you think?",
 ]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+KL_BOUND = 5e-3          # measured ~1-2e-3 on this file (docs/performance.md); bf16 logits cost most of it
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +40,22 @@ def test_config(smollm_file_loaded):
     assert c.tied_embeddings
 
 
-def test_describe(smollm_path, smollm_cache, smollm_file_loaded):
-    d = describe(smollm_path, smollm_cache)
+def test_describe(smollm_path):
+    d = describe(smollm_path)
     assert d["architecture"] == "llama" and d["quantization"] == "Q4_1"
     assert d["context_length"] == 8192 and d["file_size"] == smollm_path.stat().st_size
     assert 134_000_000 < d["parameters"] < 136_000_000
 
 
-def test_second_load_is_fast_and_identical(smollm_path, smollm_cache, smollm_file_loaded):
-    assert not smollm_file_loaded.from_cache
-    start = time.perf_counter()
-    again = load_gguf(smollm_path, smollm_cache)
-    elapsed = time.perf_counter() - start
-    assert again.from_cache and elapsed < 2.0, elapsed
-    for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight"):
-        assert torch.equal(again.weights[name], smollm_file_loaded.weights[name])
+def test_weights_are_held_in_their_own_bits(smollm, smollm_path):
+    """Q4_1 layers in torch's int4 layout, the Q8_0 tied embedding as two int4 planes (its output
+    product) and the file's own mapped blocks (its row lookups): about the file's size, no fp32."""
+    layouts = {name.split(".")[-1]: (m.layout, m.types) for name, m in smollm.matrices()}
+    assert layouts["attn_qkv"] == ("int4pack", ("Q4_1",) * 3) and layouts["ffn_down"] == ("int4pack", ("Q4_1",))
+    assert layouts["output"] == ("int4pack", ("Q8_0",)) and smollm.output.planes == 2
+    assert smollm.embed.dense is None and smollm.embed.raw.row.name == "Q8_0"
+    assert smollm.weight_bytes() <= 1.15 * smollm_path.stat().st_size
+    assert smollm.dtype == torch.bfloat16 and smollm.kv_dtype == torch.bfloat16
 
 
 def test_token_ids_match_transformers(tokenizer, hf_reference):
@@ -79,11 +79,15 @@ def test_chat_template_matches_transformers(tokenizer, hf_reference):
 
 
 def test_logits_match_transformers(smollm, tokenizer, hf_reference):
+    """transformers runs the same file in fp32; our bf16 path over int4 weights stays close: a small
+    KL divergence and the same greedy pick at (nearly) every position."""
+    from .reference import kl_divergence
     hf_model, _ = hf_reference
     prompts = [tokenizer.encode_chat(CHAT), tokenizer.encode("The capital of France is"),
                tokenizer.encode("Once upon a time, in a land far away, there lived a"),
                tokenizer.encode("def fibonacci(n):\n    ")]
     pool = smollm.new_kv_pool(64, 16)
+    agree = total = 0
     for ids in prompts:
         with torch.inference_mode():
             expected = hf_model(torch.tensor([ids])).logits[0].float()
@@ -92,8 +96,20 @@ def test_logits_match_transformers(smollm, tokenizer, hf_reference):
         cut = len(ids) // 2
         got = torch.cat([smollm.step(pool, [Chunk(ids[:cut], 0, table, "all")]),
                          smollm.step(pool, [Chunk(ids[cut:], cut, table, "all")])])
-        assert (got - expected).abs().max().item() < 1e-3
-        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        assert kl_divergence(expected, got).item() < KL_BOUND
+        agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(ids)
+    assert agree >= 0.9 * total, (agree, total)
+
+
+def test_kl_from_the_fp32_reference(smollm, smollm_file_loaded, tokenizer):
+    """The bound docs/performance.md reports: KL(fp32 reference || llmos) on a real chat prompt."""
+    from .reference import Reference, kl_divergence
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Write a short poem about the sea and the sky."}])
+    ids += tokenizer.encode("The sea is wide and the sky is blue, the waves they roll and the wind it blew")
+    want = Reference(smollm_file_loaded).logits(ids)
+    got = smollm.step(smollm.new_kv_pool(16, 16), [Chunk(ids, 0, list(range(16)), "all")])
+    assert kl_divergence(want, got).item() < KL_BOUND
 
 
 def test_greedy_alone_and_batched(smollm, tokenizer):
