@@ -165,7 +165,10 @@ class TokenizerService(Service):
             row["device"] = loaded["device"] if here else None
             row["memory"] = {k: loaded.get(k) for k in ("rss", "kv_bytes", "num_blocks",
                                                         "block_size", "threads", "device_name",
-                                                        "memory_total", "memory_used")} if here else None
+                                                        "memory_total", "memory_used", "weight_bytes",
+                                                        "kv_dtype", "compute_dtype",
+                                                        "dense_copy")} if here else None
+            row["weights"] = loaded.get("weights") if here else None   # each kind of matrix as held
         return rows
 
     async def _driver_info(self) -> dict | None:
@@ -181,12 +184,12 @@ class TokenizerService(Service):
         out = []
         for m in self.registry.list():
             row = {"name": m["name"], "architecture": None, "parameters": None,
-                   "quantization": None, "context_length": None, "file_size": None,
+                   "quantization": None, "context_length": None, "file_size": None, "held": None,
                    "path": m["path"], "added": m["added"], "default": m["default"], "error": None}
             try:
                 info = describe(Path(m["path"]))
                 row.update({k: info[k] for k in ("architecture", "parameters", "quantization",
-                                                 "context_length", "file_size")})
+                                                 "context_length", "file_size", "held")})
             except (ModelError, OSError) as e:
                 row["error"] = str(e)
             out.append(row)

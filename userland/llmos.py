@@ -146,8 +146,18 @@ def cmd_models(paths: Paths, args) -> int:
 
 
 def cmd_model(paths: Paths, args) -> int:
+    if args.action == "clean":          # files of this home, like logs: no kernel needed
+        from syscalls.runtime.models import Registry
+        registry = Registry(paths)
+        freed = registry.clean_cache()
+        print(f"llmos: model cache {registry.cache_dir}: freed {freed} bytes, {registry.cache_bytes()} left"
+              " (kernel measurements)")
+        return 0
     with syscalls.connect(paths.home, name="llmos-model", timeout=60) as os_:
-        if args.action == "add":
+        if args.action == "show":
+            from userland.shell.commands.models import find_model, show_model
+            show_model(sys.stdout, find_model(os_.models(), args.name))
+        elif args.action == "add":
             m = os_.model_add(os.path.abspath(args.path), args.name)
             print(f"llmos: added model {m['name']}: {m['path']}")
         else:
@@ -169,13 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", nargs="?")
     p.add_argument("-n", "--lines", type=int, default=50)
     sub.add_parser("models", help="the models llmos knows (* marks the default)")
-    p = sub.add_parser("model", help="add or remove a model (a GGUF file)")
+    p = sub.add_parser("model", help="add, remove or show a model (a GGUF file); clean the model cache")
     action = p.add_subparsers(dest="action", required=True)
     a = action.add_parser("add", help="check a Llama GGUF file and add it under a name")
     a.add_argument("path")
     a.add_argument("--name", help="default: the file's name without .gguf, lowercased")
     a = action.add_parser("rm", help="forget an added model (the file stays)")
     a.add_argument("name")
+    a = action.add_parser("show", help="how a model's weights are held: types, bytes, kernels")
+    a.add_argument("name")
+    action.add_parser("clean", help="remove what the model cache holds that nothing uses")
     args = parser.parse_args(argv)
     paths = Paths.from_env(args.home)
     handler = {"boot": cmd_boot, "status": cmd_status, "shutdown": cmd_shutdown,

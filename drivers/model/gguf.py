@@ -9,7 +9,7 @@ embedding table, looked up a few rows per step, stays in the page cache and the 
 
 The model cache directory (LLMOS_HOME/data/models/cache) keeps no weights: it holds the product
 kernels measured on this machine (drivers/model/kernels.py). Entries of the old fp32 weight cache
-(format 1, ~4 bytes per parameter) are removed by `clean_cache`, which `llmos model clean` runs.
+(~4 bytes per parameter) are removed by `llmos model clean` (syscalls/runtime/models.py).
 
 Never: build the model, touch the tokenizer, or write anywhere except the cache directory it is given.
 torch is not imported here, so the tokenizer service (which needs only read_metadata) does not pay for it.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,13 @@ import numpy as np
 import gguf as gguflib
 
 from . import gguf_header
+from .types import TYPES, RawTensor
 
 Progress = Callable[[int, int, str], None]   # (done, total, what); done/total count bytes of tensor data
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 Q = gguflib.GGMLQuantizationType
-SUPPORTED_TYPES = frozenset(int(t) for t in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-                                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K))   # quant.TYPES' rows
+SUPPORTED_TYPES = frozenset(TYPES)
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -240,12 +239,20 @@ def _summary(path: Path, metadata: dict, tensors: list[tuple[str, list[int], int
     if quant == "GUESSED":
         quant = matrix_types.most_common(1)[0][0] if matrix_types else "unknown"
     arch = metadata.get("general.architecture", "unknown")
+    held: dict[str, dict] = {}           # per type: how many tensors, their bytes, the layout they get
+    for (_, dims, kind, _), name in zip(tensors, types):
+        block, size = gguflib.GGML_QUANT_SIZES[gguflib.GGMLQuantizationType(kind)]
+        row = held.setdefault(name, {"type": name, "tensors": 0, "bytes": 0,
+                                     "layout": TYPES[kind].layout if kind in TYPES else "unsupported"})
+        row["tensors"] += 1
+        row["bytes"] += math.prod(dims) // block * size
     return {
         "name": metadata.get("general.name") or path.stem,
         "architecture": arch,
         "parameters": int(sum(math.prod(dims) for _, dims, _, _ in tensors)),
         "quantization": quant,
         "tensor_types": dict(counts),
+        "held": sorted(held.values(), key=lambda r: -r["bytes"]),
         "context_length": metadata.get(f"{arch}.context_length"),
         "file_size": path.stat().st_size,
         "path": str(path),
@@ -279,7 +286,6 @@ class ModelFile:
 
     def read(self, name: str):
         """One tensor's bytes, read into memory of its own (the file is not kept mapped)."""
-        from .quant import RawTensor
         t = self.tensors[name]
         data = np.empty(t.nbytes, dtype=np.uint8)
         with open(self.path, "rb") as f:
@@ -290,7 +296,6 @@ class ModelFile:
 
     def memmap(self, name: str):
         """One tensor mapped read-only from the file: pages are read (and kept) only where touched."""
-        from .quant import RawTensor
         t = self.tensors[name]
         return RawTensor(name, t.ggml_type, t.shape, np.memmap(self.path, np.uint8, "r", t.offset, (t.nbytes,)),
                          t.offset)
@@ -350,23 +355,3 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     """name, architecture, parameters, quantization, tensor_types, context_length, file_size, path."""
     path = Path(path)
     return _summary(path, *_header(path))
-
-
-# ---------------------------------------------------------------------------------------------- cache
-
-def clean_cache(cache_dir: str | os.PathLike) -> int:
-    """Remove what the model cache holds that nothing uses (the old fp32 weight entries); bytes freed."""
-    freed = 0
-    root = Path(cache_dir)
-    if not root.is_dir():
-        return 0
-    for entry in root.iterdir():
-        if entry.is_dir() and (entry / "weights.pt").exists():
-            freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-            shutil.rmtree(entry, ignore_errors=True)
-    return freed
-
-
-def cache_bytes(cache_dir: str | os.PathLike) -> int:
-    root = Path(cache_dir)
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0

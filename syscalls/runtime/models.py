@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -57,6 +58,23 @@ class Registry:
         self.file = paths.data / "models.json"
         self.cache_dir = paths.data / "models" / "cache"
         self._lock = threading.Lock()      # add and remove run in worker threads
+
+    def cache_bytes(self) -> int:
+        """What the model cache holds: kernel measurements, and any leftovers of older versions."""
+        root = self.cache_dir
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+
+    def clean_cache(self) -> int:
+        """Remove what no version of llmos reads any more (the fp32 weight entries of format 1, ~4
+        bytes a parameter, one directory per file); bytes freed. Measurements stay."""
+        freed = 0
+        if not self.cache_dir.is_dir():
+            return 0
+        for entry in self.cache_dir.iterdir():
+            if entry.is_dir() and (entry / "weights.pt").exists():
+                freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
+        return freed
 
     def _added(self) -> dict[str, dict]:
         try:

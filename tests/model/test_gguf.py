@@ -14,7 +14,7 @@ import torch
 import gguf
 from .tiny_gguf import Q, write_tiny_gguf
 from drivers.model.gguf import (CorruptModelError, MissingTensorError, ModelError, UnsupportedArchitectureError,
-                                UnsupportedQuantError, cache_bytes, clean_cache, describe, load_gguf)
+                                UnsupportedQuantError, describe, load_gguf)
 from drivers.model.llama import Llama
 
 def test_unsupported_quant_type_is_named(tmp_path):
@@ -54,6 +54,9 @@ def test_quantised_model_loads_in_its_own_bits(tmp_path, qtype):
     mf = load_gguf(path)
     assert {t.type_name for t in mf.tensors.values() if len(t.shape) == 2} == {qtype.name}
     assert describe(path)["quantization"] == qtype.name
+    held = {r["type"]: r for r in describe(path)["held"]}
+    assert held[qtype.name]["layout"] == ("fp16" if qtype == Q.F16 else "int4pack")
+    assert held["F32"]["tensors"] == 5                       # the norms: 2 per layer and the output's
     model = Llama(mf)
     assert not any(m.layout == "fp32" for _, m in model.matrices())     # never expanded to fp32
     assert model.weight_bytes() < 2.0 * mf.matrix_bytes
@@ -74,21 +77,6 @@ def test_progress_reports_reach_total(tiny_path):
     assert calls[-1][0] == calls[-1][1] > 0
     assert any("blk.1.ffn_down.weight" in what for _, _, what in calls)
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
-
-
-# ---------------------------------------------------------------------------------------------- cache
-
-def test_clean_cache_removes_old_fp32_entries(tmp_path):
-    """The weight cache of earlier versions (fp32, ~4 bytes a parameter) is garbage now: cleaned."""
-    old = tmp_path / ("ab" * 32)
-    old.mkdir()
-    (old / "weights.pt").write_bytes(b"x" * 1000)
-    (old / "metadata.json").write_text("{}")
-    (tmp_path / "kernels.json").write_text("{}")               # what the cache holds now: measurements
-    assert cache_bytes(tmp_path) == 1000 + 2 + 2
-    assert clean_cache(tmp_path) == 1002
-    assert not old.exists() and (tmp_path / "kernels.json").exists()
-    assert clean_cache(tmp_path / "absent") == 0
 
 
 # ---------------------------------------------------------------------------------------------- errors

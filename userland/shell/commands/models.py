@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from syscalls import errors
+
 from ..builtin import Shell, Streams, Usage, command, for_each, operands, options, size, table
 
 
@@ -70,17 +72,43 @@ def show_models(out, models: list[dict]) -> None:
           rows, right={"PARAMS", "CONTEXT", "SIZE", "MEM"})
 
 
-@command("add PATH [--name NAME]  |  model rm NAME...")
+def show_model(out, m: dict) -> None:
+    """What `model show NAME` prints: the file, and how its weights are held and multiplied."""
+    print(f"{m['name']}: {m['architecture'] or '-'}, {_count(m['parameters'])} parameters, "
+          f"{m['quantization'] or '-'}, file {size(m['file_size']) if m['file_size'] else '-'}: {m['path']}",
+          file=out)
+    if m["error"]:
+        print(f"error: {m['error']}", file=out)
+    mem = m.get("memory")
+    if m.get("weights") and mem:
+        print(f"loaded on {m['device']}: weights {size(mem['weight_bytes'])}, compute {mem['compute_dtype']}, "
+              f"KV cache {mem['kv_dtype']} {size(mem['kv_bytes'])} ({mem['num_blocks']} blocks of "
+              f"{mem['block_size']} tokens), dense copy {mem['dense_copy']}, peak RSS {size(mem['rss'])}",
+              file=out)
+        rows = [[w["matrix"], str(w["count"]), w["types"], w["layout"], size(w["bytes"]), w["batched"]]
+                for w in m["weights"]]
+        table(out, ["MATRIX", "COUNT", "TYPES", "HELD", "BYTES", "BATCHED"], rows,
+              right={"COUNT", "BYTES"})
+    elif m.get("held"):
+        print("not loaded; its tensors would be held as:", file=out)
+        rows = [[h["type"], str(h["tensors"]), size(h["bytes"]), h["layout"]] for h in m["held"]]
+        table(out, ["TYPE", "TENSORS", "SIZE", "HELD"], rows, right={"TENSORS", "SIZE"})
+
+
+@command("add PATH [--name NAME]  |  model rm NAME...  |  model show NAME")
 def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
-    """Add a GGUF model file under a name, or remove added models (their files stay).
+    """Add a GGUF model file under a name, remove added models (their files stay), or show one.
 
     `model add PATH` checks the file (a Llama GGUF whose tokenizer llmos can read) and names
     the model after the file, lowercased and without .gguf, unless --name NAME. Every user
     sees it in `models`; `tokens --model NAME` uses it. `model rm NAME` forgets it; the
-    default model cannot be removed.
+    default model cannot be removed. `model show NAME` says how the model's weights are held:
+    for the loaded model each kind of matrix, its GGUF types, the layout and bytes it is held
+    in and what runs batched steps (a measured bf16 copy, or the held kernel); for others the
+    layout each tensor type would get.
     """
     if not args:
-        raise Usage("missing add or rm")
+        raise Usage("missing add, rm or show")
     sub, rest = args[0], args[1:]
     if sub == "add":
         opts, rest = options(rest, "", ("name=",), anywhere=True)     # model add PATH --name NAME
@@ -88,8 +116,19 @@ def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
         added = sh.call("model_add", path=os.path.abspath(path), name=opts.get("--name"))
         print(f"added model {added['name']}: {added['path']}", file=io.stdout)
         return 0
+    if sub == "show":
+        (name,) = operands(rest, "NAME")
+        show_model(io.stdout, find_model(sh.call("models"), name))
+        return 0
     if sub != "rm":
         raise Usage(f"unknown subcommand {sub!r}")
     if not rest:
         raise Usage("missing NAME")
     return for_each(io, "model", rest, lambda name: sh.call("model_remove", name=name))
+
+
+def find_model(models: list[dict], name: str) -> dict:
+    for m in models:
+        if m["name"] == name:
+            return m
+    raise errors.ENOENT(f"no model named {name!r} (see models)")
