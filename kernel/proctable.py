@@ -5,7 +5,7 @@ spawned (the connection it later opens binds to the same entry). PID 1 is the ke
 adopts orphans and reaps them. The table owns the parent/child links and the life cycle
 (RUNNING/BLOCKED/STOPPED -> ZOMBIE -> gone); it never touches sockets or OS processes itself.
 A RUNNING process with model work is shown as RUNNING (in the batch), READY (waiting for it) or
-SUSPENDED (taken out of it), from what the inference scheduler reports.
+SUSPENDED (taken out of it), from what the service that schedules it reports.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 RUNNING, BLOCKED, STOPPED, ZOMBIE = "RUNNING", "BLOCKED", "STOPPED", "ZOMBIE"
 RESTARTING = "RESTARTING"      # a daemon between two runs, waiting out its backoff
 READY, SUSPENDED = "READY", "SUSPENDED"     # its model work waits for the batch / was taken out of it
-# the inference scheduler's name for a process's model work -> the state ps shows
+# a model scheduler's name for a process's model work -> the state ps shows
 MODEL_STATES = {"running": RUNNING, "ready": READY, "suspended": SUSPENDED, "throttled": SUSPENDED,
                 "stopped": STOPPED}
 KERNEL_PID = 1
@@ -57,8 +57,9 @@ class Process:
     tokens_out: int = 0
     tok_s: float = 0.0                    # generated tokens per second, smoothed over a few seconds
     rate_mark: int = 0                    # tokens_out when tok_s was last computed
-    model: dict = field(default_factory=dict)   # its model work, as the inference service last said:
+    model: dict = field(default_factory=dict)   # its model work, as the service running it last said:
                                           # {state: running|ready|suspended|..., kv_blocks, sequences, contexts}
+    model_by: str | None = None           # that service, told when the process ends
     dropped: int = 0                      # published messages lost to a full mailbox
     # messages
     mailbox: deque = field(default_factory=deque)

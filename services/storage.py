@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from syscalls.runtime.config import Config
-from syscalls.runtime.service import Service, main
+from syscalls.runtime.service import Reply, Service, main
 from syscalls import errors, wire
 
 SCHEMA = """
@@ -42,6 +42,11 @@ def _uid(caller: dict) -> int:
     """The caller's OS uid; -1 stands for a peer whose credentials the kernel could not read."""
     uid = caller.get("uid")
     return uid if isinstance(uid, int) else -1
+
+
+def _stored(result: dict) -> Reply:
+    """A write's result, with the bytes it added (or freed) as the call's usage."""
+    return Reply(result, {"storage_bytes": result["delta"]})
 
 
 class Storage(Service):
@@ -122,11 +127,11 @@ class Storage(Service):
                 "quota": self.quota}
 
     # -- writes ---------------------------------------------------------------------------------
-    async def op_put(self, args: dict, caller: dict) -> dict:
-        return await self._write(self._put, args, caller)
+    async def op_put(self, args: dict, caller: dict) -> Reply:
+        return _stored(await self._write(self._put, args, caller))
 
-    async def op_delete(self, args: dict, caller: dict) -> dict:
-        return await self._write(self._delete, args, caller)
+    async def op_delete(self, args: dict, caller: dict) -> Reply:
+        return _stored(await self._write(self._delete, args, caller))
 
     async def op_ns_create(self, args: dict, caller: dict) -> None:
         return await self._write(self._ns_create, args, caller)

@@ -26,12 +26,14 @@ def render() -> str:
     groups: dict[str, list] = {}
     for s in SYSCALLS:
         groups.setdefault(s.target, []).append(s)
-    out.append("| call | handled by | args | result | privilege | idempotent | stream |")
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("| call | handled by | args | result | privilege | idempotent | stream | "
+               "caller context |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for s in SYSCALLS:
         args = ", ".join(a.name + ("" if a.default is REQUIRED else "?") for a in s.args) or "-"
         out.append(f"| `{s.name}` | {s.target} | {args} | {s.result} | {s.privilege or '-'} | "
-                   f"{'yes' if s.idempotent else 'no'} | {'yes' if s.stream else 'no'} |")
+                   f"{'yes' if s.idempotent else 'no'} | {'yes' if s.stream else 'no'} | "
+                   f"{', '.join(s.caller) or '-'} |")
     for s in SYSCALLS:
         out.append("")
         out.append(f"### `{s.name}`")
@@ -60,6 +62,9 @@ def render() -> str:
         if s.stream:
             flags.append("streams CHUNKs, then END")
         out.append(f"- {'; '.join(flags)}")
+        if s.caller:
+            keys = ", ".join(f"`{key}`" for key in s.caller)
+            out.append(f"- Caller context: {keys} ([the caller map](#the-caller-as-a-service-sees-it))")
     out.append("")
     out.append("### Errors of every call")
     out.append("")

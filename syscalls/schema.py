@@ -131,6 +131,18 @@ def _describe(value: Any) -> str:
     return name or type(value).__name__
 
 
+# What the kernel may add to the caller map of a call it forwards, beyond pid, uid, privileged and
+# txid: the names a row's ``caller`` lists, each with the words docs/abi.md and the table use.
+CALLER_CONTEXT: dict[str, str] = {
+    "priority": "the process's priority now (-20 .. 19)",
+    "stopped": "true while the process is stopped (kill -STOP)",
+    "limits": "its model limits that are set: a map of kv_blocks, sequences, tokens_per_minute "
+              "to integers",
+    "storage_allowance": "{pid, limit, left} when the process has a storage_bytes limit: the limit "
+                         "and the bytes it may still add",
+}
+
+
 @dataclass(frozen=True)
 class Syscall:
     """One row of the syscall table."""
@@ -144,10 +156,14 @@ class Syscall:
     privilege: str | None = None     # "admin": only a privileged process may make the call
     idempotent: bool = False         # safe to run twice: retried once if its service dies mid-call
     stream: bool = False             # answered by CHUNK messages and an END
+    caller: tuple[str, ...] = ()     # caller context the handler needs (keys of CALLER_CONTEXT)
     by_name: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.by_name.update({a.name: a for a in self.args})
+        unknown = set(self.caller) - set(CALLER_CONTEXT)
+        if unknown:
+            raise TypeError(f"syscall {self.name}: unknown caller context {sorted(unknown)}")
 
     def check_args(self, args: Any) -> dict:
         """Validate a call's arguments; fill in defaults; reject unknown and missing ones."""

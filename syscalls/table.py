@@ -2,8 +2,10 @@
 
 Each row names the call, its arguments (kinds, defaults, limits), its result, the errors it can
 return, the privilege it needs, whether it is idempotent (so the kernel may retry it once when its
-service dies mid-call), whether it streams, and its handler: ``target`` "kernel" means the kernel's
-``sys_<name>`` method, any other target is the service of that name, whose ``op_<name>`` answers.
+service dies mid-call), whether it streams, the caller context its handler needs (what the kernel
+adds to the caller map it forwards), and its handler: ``target`` "kernel" means the trap
+``sys_<name>`` in kernel/traps.py, any other target is the service of that name, whose
+``op_<name>`` answers.
 
 The client stubs (``syscalls.client``), the kernel's dispatch and ``docs/abi.md`` are all derived
 from this table; tests fail when any of them disagrees with it.
@@ -46,6 +48,8 @@ _GENERATION = (
 )
 _topic = Arg("topic", "str", max_len=256)
 _model = Arg("model", "str", None, max_len=64, doc="a model's name (see models); null: the default")
+# what a scheduler needs to place a request: the kernel also sends them again when they change
+_SCHED_INPUTS = ("priority", "stopped", "limits")
 
 SYSCALLS: tuple[Syscall, ...] = (
     # -- processes ------------------------------------------------------------------------------
@@ -156,7 +160,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall("generate", "inference", (Arg("prompt", "str", max_len=MAX_PROMPT), *_GENERATION),
             result="CHUNKs {text, tokens[, logprobs]}, then END {finish, stop_reason, error, "
                    "prompt_tokens, cached_tokens, generated_tokens, ttft_s, decode_s, preemptions}",
-            errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"), stream=True,
+            errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"), stream=True, caller=_SCHED_INPUTS,
             doc="Generate text from a prompt, streamed as it is produced. finish is stop (a stop "
                 "string, stop id or end of text), length (max_tokens or the context window), "
                 "cancelled or error. Sampling defaults follow llama.cpp's."),
@@ -166,6 +170,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                                            "appended to it with the reply"),
     ), result="as generate, and cached_tokens: prompt tokens the context's cache spared",
         errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT", "EBADF"), stream=True,
+        caller=_SCHED_INPUTS,
         doc="generate, from chat messages ({role, content}) rendered with the model's chat "
             "template. With ctx, the conversation so far is the context's, whose KV cache is "
             "reused: only the new turn is computed; one turn at a time (EAGAIN)."),
@@ -208,7 +213,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         _ns,
     ), result="{version, size, delta}",
         errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT", "EINVAL", "EIO"),
-        idempotent=True,
+        idempotent=True, caller=("storage_allowance",),
         doc="Store a value (any msgpack value). Durable once acknowledged. Idempotent: the kernel "
             "tags each call with an id that storage records, so a retried put is applied once."),
     Syscall("get", "storage", (_key, _ns), result="{value, version}",

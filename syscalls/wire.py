@@ -9,6 +9,7 @@ type; the third is the id of the call it belongs to (0 where none):
     ERR    [V, ERR,    id, code, message]         the one reply of a failed call, or a stream's end
     CHUNK  [V, CHUNK,  id, value]                 one piece of a streaming call ...
     END    [V, END,    id, value]                 ... and its last message
+    OK, CHUNK, END  [..., value, usage]           from a service: what the call used (USAGE)
     CANCEL [V, CANCEL, id]                        the caller gives up on call id
     PING   [V, PING,   seq]  /  PONG [V, PONG, seq]   liveness, answered by the receiver's own loop
     HELLO  [V, HELLO,  0, name, info]             a service announces itself (info holds its token)
@@ -37,6 +38,14 @@ MAX_MESSAGE = 8 << 20
 MAX_ARRAY = 1 << 20        # a prompt of a million token ids is already absurd
 MAX_MAP = 4096
 MAX_NAME = 64              # syscall names and service names
+
+# What a service's reply may say a call used, in its usage item: the kernel adds each to the
+# calling process's counters (ps) without knowing which service answered. Programs never see it.
+USAGE = {
+    "tokens_in": "prompt tokens the call had the model read (ps: tokens_in)",
+    "tokens_out": "tokens it generated (ps: tokens_out, and tok_s)",
+    "storage_bytes": "the change in bytes it stores, negative when it freed some (ps: bytes_stored)",
+}
 
 _MIN_LEN = {CALL: 5, OK: 4, ERR: 5, CHUNK: 4, END: 4, CANCEL: 3, PING: 3, PONG: 3, HELLO: 5,
             EVENT: 5}
@@ -102,20 +111,24 @@ def service_call(cid: int, name: str, args: dict, caller: dict) -> bytes:
     return pack([VERSION, CALL, cid, name, args, caller])
 
 
-def ok(cid: int, value: Any) -> bytes:
-    return pack([VERSION, OK, cid, value])
+def _answer(kind: int, cid: int, value: Any, usage: dict | None) -> bytes:
+    return pack([VERSION, kind, cid, value] if usage is None else [VERSION, kind, cid, value, usage])
+
+
+def ok(cid: int, value: Any, usage: dict | None = None) -> bytes:
+    return _answer(OK, cid, value, usage)
 
 
 def err(cid: int, code: str, message: str) -> bytes:
     return pack([VERSION, ERR, cid, code, message])
 
 
-def chunk(cid: int, value: Any) -> bytes:
-    return pack([VERSION, CHUNK, cid, value])
+def chunk(cid: int, value: Any, usage: dict | None = None) -> bytes:
+    return _answer(CHUNK, cid, value, usage)
 
 
-def end(cid: int, value: Any) -> bytes:
-    return pack([VERSION, END, cid, value])
+def end(cid: int, value: Any, usage: dict | None = None) -> bytes:
+    return _answer(END, cid, value, usage)
 
 
 def cancel(cid: int) -> bytes:

@@ -1,13 +1,15 @@
 """The syscall table is the single source: the kernel, the services, the stubs and the doc agree."""
 
 import inspect
+import re
 
-from kernel.kernel import Kernel
+from kernel import accounting
+from kernel.kernel import TRAPS
 from services.inference.service import Inference
 from services.storage import Storage
 from services.tokenizer import TokenizerService
-from syscalls import abi, client, errors
-from syscalls.schema import REQUIRED
+from syscalls import abi, client, errors, wire
+from syscalls.schema import CALLER_CONTEXT, REQUIRED
 from syscalls.table import SYSCALLS
 
 SERVICE_CLASSES = {"storage": Storage, "tokenizer": TokenizerService, "inference": Inference}
@@ -15,8 +17,7 @@ SERVICE_CLASSES = {"storage": Storage, "tokenizer": TokenizerService, "inference
 
 def test_every_kernel_syscall_has_a_handler_and_every_handler_a_syscall():
     kernel_calls = {s.name for s in SYSCALLS if s.target == "kernel"}
-    handlers = {n[4:] for n in dir(Kernel) if n.startswith("sys_")}
-    assert kernel_calls == handlers
+    assert kernel_calls == set(TRAPS)
 
 
 def test_every_service_syscall_is_answered_by_its_service():
@@ -78,7 +79,28 @@ def test_doc_lists_every_key_of_the_caller_the_kernel_sends():
                     isinstance(n.value, ast.Name) and n.value.id == "caller":
                 keys.add(n.slice.value)
     assert {"pid", "uid", "privileged", "txid"} <= keys, "the test no longer finds the caller map"
-    section = abi.DOC.read_text().split("### The caller, as a service sees it", 1)[1].split("\n## ", 1)[0]
-    documented = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    # the rest is the caller context rows ask for, each read off the process by accounting.CONTEXT
+    assert set(accounting.CONTEXT) == set(CALLER_CONTEXT)
+    keys |= set(CALLER_CONTEXT)
+    documented = _documented("### The caller, as a service sees it")
     assert keys == documented, f"undocumented: {sorted(keys - documented)}; " \
                                f"documented but never sent: {sorted(documented - keys)}"
+    section = abi.DOC.read_text().split("### The caller, as a service sees it", 1)[1]
+    for key in CALLER_CONTEXT:
+        present = next(line for line in section.splitlines() if line.startswith(f"| `{key}` |"))
+        named = set(re.findall(r"\w+", present.split("|")[2]))
+        for s in SYSCALLS:
+            assert (s.name in named) == (key in s.caller), \
+                f"docs/abi.md: `{key}` is present for the calls whose row names it; {s.name}?"
+
+
+def test_doc_lists_every_usage_key_and_the_kernel_counts_each():
+    assert set(accounting.CHARGED) == set(wire.USAGE)
+    documented = _documented("### Usage, as a service reports it")
+    assert documented == set(wire.USAGE), f"docs/abi.md's usage table says {sorted(documented)}"
+
+
+def _documented(heading: str) -> set[str]:
+    """The keys in the first column of the table under a heading of docs/abi.md."""
+    section = abi.DOC.read_text().split(heading, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}

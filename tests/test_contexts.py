@@ -145,6 +145,8 @@ def test_saved_context_is_restored_after_a_reboot():
             first, _ = turn(c, ctx, "hello there")
             saved = c.save_context(ctx, "chats/one")
             assert saved["version"] == 1 and saved["size"] > 0
+            # the put the inference service made on its behalf is counted as the caller's
+            assert c.ps(pid=c.pid)[0]["bytes_stored"] == saved["size"]
             with pytest.raises(errors.EINVAL, match="does not hold a saved context"):
                 c.put("not-a-context", [1, 2, 3])
                 c.load_context("not-a-context")

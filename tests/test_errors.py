@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from kernel.kernel import Kernel
+from kernel.kernel import TRAPS, Kernel
+from kernel.routing import Router
 from raised import Raised, codes, dynamic
 from services.inference.service import Inference
 from services.storage import Storage
@@ -27,9 +28,9 @@ DYNAMIC = {
 UNREACHABLE = {
     ("save_context", "ECONFLICT"): "it puts with if_version null, which never conflicts",
 }
-# Where the kernel and the service runtime answer calls without a handler.
-KERNEL_DISPATCH = ("_on_program", "_async_done", "service_ready", "service_down", "_housekeeping",
-                   "_shutdown")
+# Where the kernel, its routing to services and the service runtime answer calls without a handler.
+KERNEL_DISPATCH = ("_on_program", "_async_done", "_housekeeping", "_shutdown")
+ROUTER_DISPATCH = ("service_ready", "service_down")
 RUNTIME_DISPATCH = ("_on_message", "_done")
 
 
@@ -40,7 +41,7 @@ def raised():
 
 def handler(spec):
     if spec.target == "kernel":
-        return Kernel, getattr(Kernel, f"sys_{spec.name}")
+        return None, TRAPS[spec.name]          # a trap is a function, not a method
     cls = SERVICE_CLASSES[spec.target]
     return cls, getattr(cls, f"op_{spec.name}")
 
@@ -78,7 +79,8 @@ def test_every_exception_is_still_needed(raised):
 def test_the_dispatch_answers_only_with_the_documented_errors(raised):
     runtime = sys.modules[Storage.__mro__[1].__module__].Runtime     # the base Service's module
     found = set()
-    for cls, names in ((Kernel, KERNEL_DISPATCH), (runtime, RUNTIME_DISPATCH)):
+    for cls, names in ((Kernel, KERNEL_DISPATCH), (Router, ROUTER_DISPATCH),
+                       (runtime, RUNTIME_DISPATCH)):
         for name in names:
             assert hasattr(cls, name), f"{cls.__name__}.{name} is gone: update the lists above"
             f = raised.of(getattr(cls, name), cls)

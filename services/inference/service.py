@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from services.inference.policy import Policy
 from syscalls import errors, wire
 from syscalls.runtime.config import Config
 from syscalls.runtime.devices import model_driver
-from syscalls.runtime.service import Service
+from syscalls.runtime.service import Reply, Service
 
 DRIVER_RETRIES = 3          # consecutive failed steps before the batch's requests are failed
 REPORT_S = 0.2             # the kernel hears of changes in model work at most this often while busy
@@ -155,10 +155,10 @@ class Inference(Service):
                 q.put_nowait(ev)
 
     # -- the ops -------------------------------------------------------------------------------
-    async def op_generate(self, args: dict, caller: dict, emit: Callable[[Any], None]) -> dict:
+    async def op_generate(self, args: dict, caller: dict, emit: Callable[..., None]) -> Reply:
         return await self._stream(args["prompt"], args, emit, "generate", caller)
 
-    async def op_chat(self, args: dict, caller: dict, emit: Callable[[Any], None]) -> dict:
+    async def op_chat(self, args: dict, caller: dict, emit: Callable[..., None]) -> Reply:
         ctx = None if args.get("ctx") is None else self._context(args["ctx"], caller, "chat")
         messages = (ctx.messages if ctx else []) + args["messages"]
         prompt = self._render(messages, "chat", "messages")
@@ -270,8 +270,8 @@ class Inference(Service):
             if self.in_flight is not None and self.in_flight[2]:     # decoding ahead: decide again now
                 self.spawn(self.runtime.call(self.driver, "abort", {"id": self.in_flight[0], "mode": "yield"}))
 
-    async def _stream(self, prompt: str, args: dict, emit: Callable[[Any], None], call: str,
-                      caller: dict, ctx=None, conversation: list | None = None) -> dict:
+    async def _stream(self, prompt: str, args: dict, emit: Callable[..., None], call: str,
+                      caller: dict, ctx=None, conversation: list | None = None) -> Reply:
         from services.inference.engine import ContextBusy, QueueFull, QuotaExceeded, RequestError
         self._check_model(args.get("model"), call)
         sampling = {k: args[k] for k in SAMPLING if args.get(k) is not None}
@@ -294,7 +294,7 @@ class Inference(Service):
         self.queues[seq_id] = queue
         self.wake.set()
         self._abort_for(pid)
-        reply = []
+        reply, streamed = [], 0
         try:
             while True:
                 ev = await queue.get()
@@ -303,14 +303,19 @@ class Inference(Service):
                 if "logprobs" in ev:
                     piece["logprobs"] = ev["logprobs"]
                 if ev["text"] or ev["tokens"]:
-                    emit(piece)
+                    # counted as they come, so ps and top see a long generation grow
+                    emit(piece, {"tokens_out": len(ev["tokens"])} if ev["tokens"] else None)
+                    streamed += len(ev["tokens"])
                 if "finish" in ev:
                     if ev["finish"] == "error":
                         raise errors.from_wire(ev.get("error_code", "EIO"), f"{call}: {ev['error']}")
                     if ctx is not None and ev["finish"] in ("stop", "length"):
                         ctx.messages = conversation + [{"role": "assistant", "content": "".join(reply)}]
-                    return {k: v for k, v in ev.items() if k not in ("seq_id", "text", "tokens",
-                                                                     "logprobs", "error_code")}
+                    counts = {k: v for k, v in ev.items() if k not in ("seq_id", "text", "tokens",
+                                                                       "logprobs", "error_code")}
+                    return Reply(counts, {
+                        "tokens_in": int(counts.get("prompt_tokens") or 0),
+                        "tokens_out": max(0, int(counts.get("generated_tokens") or 0) - streamed)})
         except asyncio.CancelledError:
             self.engine.cancel(seq_id)
             self.wake.set()

@@ -10,7 +10,10 @@ loop is noticed) and hands each CALL to ``op_<name>(args, caller)``:
 - a coroutine method runs as a task, so a slow call does not hold up pings or other calls, and a
   CANCEL from the kernel cancels it;
 - a streaming op is a coroutine taking ``emit`` as a keyword: each ``emit(value)`` is a CHUNK, and
-  its return value is the END.
+  its return value is the END;
+- what a call used (tokens read or generated, bytes stored) is said with the value it belongs to:
+  ``return Reply(value, usage)`` or ``emit(value, usage)``, ``usage`` a map of ``wire.USAGE``
+  keys. The kernel adds it to the calling process's counters; the program gets the value alone.
 
 A service reaches another only through the kernel: ``await self.runtime.call("storage", "get",
 {...})``. The kernel routes it like a syscall (waiting while the target restarts) but never
@@ -26,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvloop
 import zmq
@@ -38,6 +41,13 @@ from syscalls import errors, wire
 from syscalls.errors import LLMOSError
 
 KERNEL_SILENCE = 15.0   # no ping from the kernel for this long: it is gone, and so is this service
+
+
+class Reply(NamedTuple):
+    """An op's value together with what the call used (keys of ``wire.USAGE``)."""
+
+    value: Any
+    usage: dict
 
 
 class Service:
@@ -161,7 +171,7 @@ class Runtime:
             return
         if not inspect.iscoroutinefunction(op):
             try:
-                self.send(wire.ok(kid, op(args, caller)))
+                self.send(_answer(wire.ok, kid, op(args, caller)))
             except LLMOSError as e:
                 self.send(wire.err(kid, e.code, e.message))
             except Exception as e:
@@ -170,7 +180,7 @@ class Runtime:
             return
         streaming = "emit" in inspect.signature(op).parameters
         if streaming:
-            coro = op(args, caller, emit=lambda value: self.send(wire.chunk(kid, value)))
+            coro = op(args, caller, emit=lambda value, usage=None: self.send(wire.chunk(kid, value, usage)))
         else:
             coro = op(args, caller)
         task = self.loop.create_task(coro)
@@ -183,12 +193,19 @@ class Runtime:
             return
         e = task.exception()
         if e is None:
-            self.send((wire.end if streaming else wire.ok)(kid, task.result()))
+            self.send(_answer(wire.end if streaming else wire.ok, kid, task.result()))
         elif isinstance(e, LLMOSError):
             self.send(wire.err(kid, e.code, e.message))
         else:
             self.service.log.error("op_failed", op=name, error=repr(e), exc_info=e)
             self.send(wire.err(kid, "EIO", f"{name}: {self.service.name} failed: {e!r}"))
+
+
+def _answer(make, kid: int, result: Any) -> bytes:
+    """The OK or END frame of an op's result, with its usage when it reported one."""
+    if isinstance(result, Reply):
+        return make(kid, result.value, result.usage)
+    return make(kid, result)
 
 
 def main(cls: type[Service]) -> None:
