@@ -15,7 +15,7 @@ Each measurement runs in a process of its own (`measure`): llama.cpp's OpenMP th
 in one process slowed both by 10x here, each runtime's workers spinning while the other computed.
 Model loading is not timed. Results have bench/engine.py's keys: aggregate_tok_s (all tokens over
 the wall time), stream_tok_s (tokens after the first over the decode time, median), ttft_p50_ms,
-ttft_p99_ms.
+ttft_p99_ms, and peak_rss_mb, the measuring process's peak RSS (bench/memory.py's baseline).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -37,10 +38,10 @@ import llama_cpp as L  # noqa: E402
 from bench.engine import pct  # noqa: E402
 
 
-def measure(model: str, prompt: list[int], n: int, tokens: int, threads: int) -> dict:
-    """One llama.cpp run of n streams, in a fresh process."""
+def measure(model: str, prompt: list[int], n: int, tokens: int, threads: int, n_ctx: int = 0) -> dict:
+    """One llama.cpp run of n streams, in a fresh process; n_ctx (one stream only) sizes its KV cache."""
     out = subprocess.run([sys.executable, "-m", "bench.llamacpp", model, "--n", str(n), "--tokens", str(tokens),
-                          "--threads", str(threads), "--prompt", json.dumps(prompt)],
+                          "--threads", str(threads), "--prompt", json.dumps(prompt), "--n-ctx", str(n_ctx)],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -56,11 +57,13 @@ class LlamaCpp:
         L.llama_backend_init()
         self.path, self.threads = path, threads
 
-    def run(self, prompt: list[int], n: int, tokens: int) -> dict:
-        return self._single(prompt, tokens) if n == 1 else self._batched(prompt, n, tokens)
+    def run(self, prompt: list[int], n: int, tokens: int, n_ctx: int = 0) -> dict:
+        out = self._single(prompt, tokens, n_ctx) if n == 1 else self._batched(prompt, n, tokens)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return out
 
-    def _single(self, prompt: list[int], tokens: int) -> dict:
-        llm = L.Llama(self.path, n_ctx=len(prompt) + tokens + 16, n_batch=512, n_threads=self.threads,
+    def _single(self, prompt: list[int], tokens: int, n_ctx: int = 0) -> dict:
+        llm = L.Llama(self.path, n_ctx=n_ctx or len(prompt) + tokens + 16, n_batch=512, n_threads=self.threads,
                       n_threads_batch=self.threads, verbose=False)
         start = time.perf_counter()
         first = None
@@ -137,8 +140,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--prompt", required=True, help="the prompt's token ids, a JSON list")
+    ap.add_argument("--n-ctx", type=int, default=0, help="one stream's context size (0: just enough)")
     args = ap.parse_args()
-    print(json.dumps(LlamaCpp(args.model, args.threads).run(json.loads(args.prompt), args.n, args.tokens)))
+    print(json.dumps(LlamaCpp(args.model, args.threads).run(json.loads(args.prompt), args.n, args.tokens,
+                                                            args.n_ctx)))
 
 
 if __name__ == "__main__":

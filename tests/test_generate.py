@@ -5,6 +5,7 @@ import pytest
 from conftest import FAST_CONFIG, Booted
 from model.tiny_gguf import write_tiny_gguf
 from syscalls import errors
+from tiny_system import tiny_system  # noqa: F401
 
 MODEL_SERVICES = '[services]\nenabled = ["storage", "tokenizer", "cpu", "inference"]\n'
 
@@ -109,14 +110,16 @@ def test_the_real_model_answers(home):
         system.shutdown()
 
 
-def test_a_generation_survives_a_crash_of_the_driver(tiny_llmos):
+def test_a_generation_survives_a_crash_of_the_driver(tiny_system):  # noqa: F811
     """kill -9 of the cpu driver mid-generation: the request is recomputed on the new driver and
-    its tokens are exactly those of an uninterrupted run."""
+    its tokens are exactly those of an uninterrupted run. 2,000 tokens (the long-context tiny model
+    of tiny_system) take seconds, so the kill after the first chunk lands mid-generation."""
     import os
     import signal
 
     from conftest import wait_until
-    prompt, n = "the crash test", 200
+    prompt, n = "the crash test", 2000
+    tiny_llmos = tiny_system
     with tiny_llmos.connect() as c:
         want = [t for ch in c.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
                                        repetition_penalty=3.0) for t in ch.tokens]

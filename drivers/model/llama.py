@@ -239,7 +239,8 @@ class Llama:
         act, kvt = self.dtype, pool.dtype
         rope = plan.rope.unsqueeze(1)
         x = self.embed(plan.tokens)                               # the residual stream: fp32
-        attn = torch.empty((T, q_dim), dtype=kvt, device=x.device)
+        only_decode = not plan.prefills            # then attention's output is the whole batch's, as is
+        attn = None if only_decode else torch.empty((T, q_dim), dtype=kvt, device=x.device)
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise StepAborted(f"step aborted before layer {i}")
@@ -259,7 +260,10 @@ class Llama:
                 # query heads h = kv * G + g share kv head `kv`: fold the G heads into the query-length axis
                 out = F.scaled_dot_product_attention(q[:nd].reshape(nd, KVH, G, D), ks, vs,
                                                      attn_mask=plan.decode_mask)
-                attn[:nd] = out.reshape(nd, q_dim)
+                if only_decode:
+                    attn = out.reshape(nd, q_dim)
+                else:
+                    attn[:nd] = out.reshape(nd, q_dim)
             for p in plan.prefills:
                 n = p.rows.stop - p.rows.start
                 if p.blocks is None:

@@ -58,22 +58,45 @@ class Matrix:
         return self.product(x)
 
 
+CHUNK_ROWS = 2048          # rows unpacked at a time while packing
+
+
 class Int4Pack(Matrix):
     """torch's CPU int4 layout, one bf16 scale and zero per 32 weights; 5- and 8-bit types use two
     planes stacked along the output dimension, whose products add up to the weight's."""
     layout = "int4pack"
     __slots__ = ("packed", "scales_zeros", "planes")
 
-    def __init__(self, shape, types, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, planes: int):
-        """q uint8 [planes * out, in], scale and zero [planes * out, in / 32], plane-major."""
+    def __init__(self, shape, types, parts: Sequence[RawTensor]):
+        """Pack `parts` (stacked along the output dimension) plane-major: every part's high plane,
+        then every part's low plane, so each plane's product is one contiguous slice of the output."""
         super().__init__(shape, types)
-        self.planes = planes
-        # torch packs 64 rows at a time, so packing 2048-row pieces gives the same bytes as packing all
-        # at once, while the int32 copy the kernel wants exists for one piece at a time
-        self.packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            torch.from_numpy(q[i:i + 2048].astype(np.int32)), 1) for i in range(0, q.shape[0], 2048)])
-        sz = np.stack([scale.T, zero.T], axis=-1)                 # [in / 32, planes * out, 2]
-        self.scales_zeros = torch.from_numpy(np.ascontiguousarray(sz, dtype=np.float32)).to(torch.bfloat16)
+        rows, inp = shape
+        self.planes = parts[0].row.planes
+        self.packed = torch.empty((self.planes * rows, inp // 2), dtype=torch.uint8)
+        sz = np.empty((inp // GROUP, self.planes * rows, 2), dtype=np.float32)
+        # torch packs 64 rows at a time, so packing 64-row-aligned pieces in place gives the bytes of
+        # packing the whole at once, while the unpacked values exist for one piece at a time (the
+        # peak while loading is the held model plus a few MB); other row counts are packed whole
+        aligned = all(t.shape[0] % 64 == 0 for t in parts)
+        whole = None if aligned else np.empty((self.planes * rows, inp), dtype=np.uint8)
+        at = 0
+        for t in parts:
+            blocks = t.blocks()
+            for r in range(0, t.shape[0], CHUNK_ROWS):
+                u, scale, offset = t.row.unpack(blocks[r:r + CHUNK_ROWS])
+                _check_finite(t, r, scale, offset)
+                for k, (q, s, z) in enumerate(int4_planes(u, t.row.bits, scale, offset)):
+                    dest = slice(k * rows + at + r, k * rows + at + r + len(q))
+                    sz[:, dest, 0], sz[:, dest, 1] = s.T, z.T
+                    if aligned:
+                        self.packed[dest] = _pack(q)
+                    else:
+                        whole[dest] = q
+            at += t.shape[0]
+        if whole is not None:
+            self.packed = _pack(whole)
+        self.scales_zeros = torch.from_numpy(sz).to(torch.bfloat16)
 
     @property
     def nbytes(self) -> int:
@@ -165,6 +188,17 @@ def layout_for(t: RawTensor, device: torch.device) -> str:
     return layout
 
 
+def _pack(q: np.ndarray) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
+
+
+def _check_finite(t: RawTensor, first_row: int, scale: np.ndarray, offset: np.ndarray) -> None:
+    finite = np.isfinite(scale) & np.isfinite(offset)
+    if not finite.all():
+        bad = first_row + int(np.argwhere(~finite)[0][0])
+        raise BadTensor(f"tensor {t.name} (offset {t.offset}): row {bad} has a scale that is not a finite number")
+
+
 def hold(parts: Sequence[RawTensor], device: torch.device) -> Matrix:
     """One matrix made of `parts` stacked along the output dimension, each in its best layout here."""
     layouts = [layout_for(t, device) for t in parts]
@@ -175,19 +209,7 @@ def hold(parts: Sequence[RawTensor], device: torch.device) -> Matrix:
     shape = (sum(t.shape[0] for t in parts), inp)
     types = tuple(t.row.name for t in parts)
     if layout == "int4pack":
-        per_part = []
-        for t in parts:
-            u, scale, offset = t.row.unpack(t.blocks())
-            finite = np.isfinite(scale) & np.isfinite(offset)
-            if not finite.all():
-                bad = int(np.argwhere(~finite)[0][0])
-                raise BadTensor(f"tensor {t.name} (offset {t.offset}): row {bad} has a scale that is not a"
-                                " finite number")
-            per_part.append(int4_planes(u, t.row.bits, scale, offset))
-        n_planes = len(per_part[0])
-        # plane-major: every part's high plane, then every part's low plane
-        q, scale, zero = (np.concatenate([pp[k][i] for k in range(n_planes) for pp in per_part]) for i in range(3))
-        return Int4Pack(shape, types, q, scale, zero, n_planes)
+        return Int4Pack(shape, types, parts)
     dense = [_dense_of(t, device) for t in parts]
     if layout == "bf16":
         dense = [w.to(torch.bfloat16) for w in dense]

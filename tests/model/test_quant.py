@@ -128,3 +128,17 @@ def test_a_non_finite_scale_names_the_tensor():
     t.name, t.offset = "blk.0.ffn_up.weight", 4096
     with pytest.raises(quant.BadTensor, match=r"blk\.0\.ffn_up\.weight \(offset 4096\): row 3"):
         quant.hold([t], CPU)
+
+
+def test_packing_in_pieces_gives_the_bytes_of_packing_whole(monkeypatch):
+    """Rows are unpacked and packed CHUNK_ROWS at a time (a low peak while loading); with 64-row
+    alignment that must be the very layout packing everything at once gives."""
+    parts = [raw_tensor(Q.Q8_0, 192, 512, 1), raw_tensor(Q.Q8_0, 128, 512, 2)]
+    whole = quant.hold(parts, CPU)
+    monkeypatch.setattr(quant, "CHUNK_ROWS", 64)
+    pieces = quant.hold(parts, CPU)
+    assert torch.equal(whole.packed, pieces.packed) and torch.equal(whole.scales_zeros, pieces.scales_zeros)
+    unaligned = quant.hold([raw_tensor(Q.Q4_0, 96, 512, 3), raw_tensor(Q.Q4_0, 48, 512, 4)], CPU)
+    x = torch.randn(2, 512)
+    want = x @ torch.cat([reference(raw_tensor(Q.Q4_0, 96, 512, 3)), reference(raw_tensor(Q.Q4_0, 48, 512, 4))]).T
+    assert ((unaligned(x.bfloat16()).float() - want).norm() / want.norm()).item() < 1e-2

@@ -64,6 +64,37 @@ def _encode(array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q | None]:
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
+def llama_writer(path: Path, *, arch: str = "llama", name: str, n_layers: int, context: int, hidden: int,
+                 ffn: int, heads: int, kv_heads: int, file_type: int, tokens: list[str], merges: list[str],
+                 rope_theta: float = 10000.0, chat_template: str | None = CHATML_TEMPLATE,
+                 pre: str = "smollm") -> gguf.GGUFWriter:
+    """A GGUFWriter holding a Llama's metadata and a byte-level BPE vocabulary; add the tensors, then
+    write_header_to_file, write_kv_data_to_file, write_tensors_to_file and close."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_block_count(n_layers)
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(file_type)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    return w
+
+
 def write_tiny_gguf(path: Path, *, arch: str = "llama", quant: Q = Q.F32, n_layers: int = 2, hidden: int = 64,
                     heads: int = 4, kv_heads: int = 2, ffn: int = 128, context: int = 256, tied: bool = True,
                     seed: int = 0, drop: tuple[str, ...] = (), override: dict | None = None,
@@ -100,29 +131,11 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", quant: Q = Q.F32, n_laye
             p + "ffn_down.weight": mat(hidden, ffn),
         })
 
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny-test-llama")
-    w.add_block_count(n_layers)
-    w.add_context_length(context)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(rope_theta)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
     file_type = "ALL_F32" if quant == Q.F32 else f"MOSTLY_{quant.name}"
-    w.add_file_type(int(getattr(gguf.LlamaFileType, file_type, gguf.LlamaFileType.GUESSED)))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    if chat_template is not None:
-        w.add_chat_template(chat_template)
+    w = llama_writer(path, arch=arch, name="tiny-test-llama", n_layers=n_layers, context=context, hidden=hidden,
+                     ffn=ffn, heads=heads, kv_heads=kv_heads, rope_theta=rope_theta,
+                     file_type=int(getattr(gguf.LlamaFileType, file_type, gguf.LlamaFileType.GUESSED)),
+                     tokens=tokens, merges=merges, chat_template=chat_template, pre=pre)
     override = override or {}
     for name, array in tensors.items():
         if name in drop:
