@@ -133,6 +133,31 @@ class LlamaCpp:
             raise RuntimeError(f"llama_decode failed with {rc}")
 
 
+def greedy_and_logits(model: str, prompt: list[int], tokens: int, out: Path) -> list[int]:
+    """llama.cpp's greedy continuation of prompt, and its logits at every prompt position (saved to
+    out, .npy), from a fresh process: bench/fidelity.py's baseline."""
+    subprocess.run([sys.executable, "-m", "bench.llamacpp", model, "--n", "1", "--tokens", str(tokens),
+                    "--threads", "2", "--prompt", json.dumps(prompt), "--logits", str(out)],
+                   cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def _greedy_and_logits(path: str, prompt: list[int], tokens: int, out: Path, threads: int) -> None:
+    import numpy as np
+    L.llama_log_set(_quiet, ctypes.c_void_p())
+    llm = L.Llama(path, n_ctx=len(prompt) + tokens + 16, n_batch=512, n_threads=threads, logits_all=True,
+                  verbose=False)
+    llm.eval(prompt)
+    np.save(out, np.asarray(llm.scores[:len(prompt)], dtype=np.float32))
+    llm.reset()
+    produced = []
+    for t in llm.generate(prompt, temp=0.0, reset=True):
+        produced.append(int(t))
+        if len(produced) == tokens:
+            break
+    out.with_suffix(".json").write_text(json.dumps(produced))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="one llama.cpp measurement; prints its result as JSON")
     ap.add_argument("model")
@@ -141,7 +166,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--prompt", required=True, help="the prompt's token ids, a JSON list")
     ap.add_argument("--n-ctx", type=int, default=0, help="one stream's context size (0: just enough)")
+    ap.add_argument("--logits", default=None, help="instead: save prompt logits here (.npy), greedy ids beside")
     args = ap.parse_args()
+    if args.logits:
+        _greedy_and_logits(args.model, json.loads(args.prompt), args.tokens, Path(args.logits), args.threads)
+        return
     print(json.dumps(LlamaCpp(args.model, args.threads).run(json.loads(args.prompt), args.n, args.tokens,
                                                             args.n_ctx)))
 

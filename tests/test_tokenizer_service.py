@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import Booted, wait_until
@@ -44,7 +45,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (d / "header-cut.gguf").write_bytes(data[:3000])           # ends inside the metadata
     (d / "data-cut.gguf").write_bytes(data[:len(data) - 4096])  # ends inside the tensor data
     (d / "text.gguf").write_text("not a model at all\n" * 100)
+    import gguf
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
+    iq = np.zeros((128, 64 // block * size), dtype=np.uint8)           # ffn_up is [ffn=128, hidden=64]
     return {"tiny": tiny, "qwen": write_tiny_gguf(d / "qwen.gguf", arch="qwen2"),
+            "iq4": write_tiny_gguf(d / "iq4.gguf", override={"blk.0.ffn_up.weight":
+                                                             (iq, gguf.GGMLQuantizationType.IQ4_NL)}),
             "header-cut": d / "header-cut.gguf", "data-cut": d / "data-cut.gguf",
             "text": d / "text.gguf", "dir": d}
 
@@ -159,7 +165,10 @@ def test_tokens_and_chat_template_of_the_default_model(llmos):
                           "parameters": info["parameters"], "quantization": "Q4_1",
                           "context_length": 8192, "file_size": info["file_size"],
                           "path": str(models.default_path()), "added": None, "default": True,
-                          "error": None, "device": None, "memory": None}
+                          "error": None, "device": None, "memory": None, "weights": None,
+                          "held": info["held"]}
+        assert {h["type"]: h["layout"] for h in listed["held"]} == {"Q4_1": "int4pack", "Q8_0": "int4pack",
+                                                                     "F32": "fp32"}
 
 
 def test_models_added_used_and_removed(llmos, files):
@@ -195,6 +204,9 @@ def test_models_added_used_and_removed(llmos, files):
         assert fails("ENOENT", files["dir"] / "missing.gguf").endswith("missing.gguf: no such file")
         assert "architecture 'qwen2' is not supported (supported: llama)" in fails("EINVAL", files["qwen"])
         assert "not a readable GGUF file" in fails("EINVAL", files["header-cut"])
+        # refused at model_add, not when a driver first loads it: the type and tensor are named
+        assert "tensor blk.0.ffn_up.weight uses quantisation IQ4_NL, which is not supported" in \
+            fails("EINVAL", files["iq4"])
         assert "data-cut.gguf: truncated: tensor" in fails("EINVAL", files["data-cut"])
         assert "not a readable GGUF file" in fails("EINVAL", files["text"])
         assert "is not absolute" in fails("EINVAL", "relative/model.gguf")
