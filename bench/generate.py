@@ -72,6 +72,54 @@ async def kernel_run(home: Path, n: int, tokens: int) -> dict:
             "ttft_p99_ms": pct([r["ttft"] for r in results], 99) * 1000}
 
 
+LONG_TEXT = ("The history of computing is a story of layers: hardware, then operating systems, then languages "
+             "and libraries, each hiding the one below. ")
+
+
+def long_prompt(tokenizer, n: int) -> str:
+    """A user message whose chat prompt is about n tokens."""
+    text = LONG_TEXT
+    while len(tokenizer.encode_chat([{"role": "user", "content": text}])) < n:
+        text += LONG_TEXT
+    return text
+
+
+def prefill_rows(home: Path, runner, tokenizer, model: str, n: int, repeat: int, llamacpp: bool,
+                 threads: int) -> None:
+    """Prompt tok/s of one ~n-token prompt: through syscalls (its time to first token), in-process,
+    and llama.cpp's evaluation of the same ids; the best of `repeat` each."""
+    from services.inference import Engine, run_in_process
+    text = long_prompt(tokenizer, n)
+    ids = tokenizer.encode_chat([{"role": "user", "content": text}])
+
+    async def kernel() -> float:
+        conn = await syscalls.connect_async(home, name="bench-prefill")
+        t0 = time.perf_counter()
+        stream = await conn.chat([{"role": "user", "content": text}], max_tokens=1, temperature=0.0)
+        async for _ in stream:
+            break
+        ttft = time.perf_counter() - t0
+        await conn.close()
+        return len(ids) / ttft
+
+    def in_process() -> float:
+        engine = Engine(runner.info(), tokenizer)
+        engine.add(ids, {"temperature": 0}, max_tokens=1)
+        t0 = time.perf_counter()
+        run_in_process(engine, runner)
+        return len(ids) / (time.perf_counter() - t0)
+
+    paths = {"kernel": lambda: asyncio.run(kernel()), "in-proc": in_process}
+    if llamacpp:
+        from bench.llamacpp import prefill
+        paths["llama.cpp"] = lambda: prefill(model, ids, threads)
+    best = {name: max(run() for _ in range(repeat)) for name, run in paths.items()}
+    print(f"prefill of a {len(ids)}-token prompt, prompt tok/s: " +
+          ", ".join(f"{name} {v:.0f}" for name, v in best.items()))
+    if llamacpp:
+        print(f"prefill ratio kernel / llama.cpp: {best['kernel'] / best['llama.cpp']:.2f}  (floor 0.8, goal 1.0)")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -84,11 +132,15 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--dense-copy", default="auto", choices=("auto", "never", "always"),
+                    help="[driver] dense_copy for the booted llmos and the in-process runner")
+    ap.add_argument("--prefill", type=int, default=1000,
+                    help="also time the prefill of a prompt of about this many tokens (0: skip)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each path per N, interleaved; the best (by aggregate) is shown")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="llmos-bench-", dir="/tmp"))
-    (home / "config.toml").write_text(f"[driver]\nkv_blocks = {KV_BLOCKS}\n")
+    (home / "config.toml").write_text(f'[driver]\nkv_blocks = {KV_BLOCKS}\ndense_copy = "{args.dense_copy}"\n')
     env = dict(os.environ, LLMOS_HOME=str(home), PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-m", "userland.llmos", "boot"], env=env, check=True)
     try:
@@ -97,7 +149,8 @@ def main() -> None:
         from drivers.runner import ModelRunner
         model = smollm_path()
         cache = home / "data" / "models" / "cache"
-        runner = ModelRunner.from_gguf(model, cache, num_blocks=KV_BLOCKS)
+        runner = ModelRunner.from_gguf(model, cache, num_blocks=KV_BLOCKS, dense_copy=args.dense_copy,
+                                       dense_copy_budget=1 << 34)
         tokenizer = Tokenizer.from_gguf(model)
         with syscalls.connect(home) as c:
             driver_pid = next(s["pid"] for s in c.services() if is_driver(s["name"]))
@@ -127,6 +180,9 @@ def main() -> None:
                     print(f"{n:>3} {'ratio':<10} {k['aggregate_tok_s'] / b['aggregate_tok_s']:>10.2f} "
                           f"{k['stream_tok_s'] / b['stream_tok_s']:>13.2f}   (kernel / {base}; {note})",
                           flush=True)
+        if args.prefill:
+            prefill_rows(home, runner, tokenizer, model, args.prefill, args.repeat,
+                         "llama.cpp" in paths, torch.get_num_threads())
         print(f"driver peak RSS: {rss_mb(driver_pid):.0f} MiB")
         if "llama.cpp" not in paths:
             print("llama.cpp: not compared (.venv/bin/pip install llama-cpp-python to add it)")

@@ -142,6 +142,25 @@ def greedy_and_logits(model: str, prompt: list[int], tokens: int, out: Path) -> 
     return json.loads(out.with_suffix(".json").read_text())
 
 
+def prefill(model: str, prompt: list[int], threads: int) -> float:
+    """llama.cpp's prompt tok/s on prompt (one llama_eval of it, n_batch 512), in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "bench.llamacpp", model, "--n", "1", "--tokens", "1",
+                          "--threads", str(threads), "--prompt", json.dumps(prompt), "--prefill"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["prompt_tok_s"]
+
+
+def _prefill(path: str, prompt: list[int], threads: int) -> dict:
+    L.llama_log_set(_quiet, ctypes.c_void_p())
+    llm = L.Llama(path, n_ctx=len(prompt) + 16, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                  verbose=False)
+    llm.eval(prompt[:16])                      # warm: the first evaluation pays one-off set-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    return {"prompt_tok_s": len(prompt) / (time.perf_counter() - start)}
+
+
 def _greedy_and_logits(path: str, prompt: list[int], tokens: int, out: Path, threads: int) -> None:
     import numpy as np
     L.llama_log_set(_quiet, ctypes.c_void_p())
@@ -167,7 +186,11 @@ def main() -> None:
     ap.add_argument("--prompt", required=True, help="the prompt's token ids, a JSON list")
     ap.add_argument("--n-ctx", type=int, default=0, help="one stream's context size (0: just enough)")
     ap.add_argument("--logits", default=None, help="instead: save prompt logits here (.npy), greedy ids beside")
+    ap.add_argument("--prefill", action="store_true", help="instead: time one evaluation of the prompt")
     args = ap.parse_args()
+    if args.prefill:
+        print(json.dumps(_prefill(args.model, json.loads(args.prompt), args.threads)))
+        return
     if args.logits:
         _greedy_and_logits(args.model, json.loads(args.prompt), args.tokens, Path(args.logits), args.threads)
         return

@@ -60,6 +60,8 @@ def boot_and_measure(model: Path, dense_copy: str, tokens: int) -> dict:
                    stdout=subprocess.DEVNULL)
     try:
         with syscalls.connect(home, name="bench-memory", timeout=600) as c:
+            if not any(m["path"] == str(model) for m in c.models()):
+                c.model_add(str(model), "measured")          # so that models shows what its driver holds
             pid = next(s["pid"] for s in c.services() if is_driver(s["name"]))
             reply = c.chat([{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0.0,
                            ignore_eos=True)
