@@ -177,7 +177,10 @@ class Llama:
         self.output_rows = mf.memmap(out_name) if self.output.layout != "fp32" else None
         self.refine = REFINE_MAX
         dense = self.output.w if c.tied_embeddings and isinstance(self.output, quant.Dense) else None
-        self.embed = _Embedding(dense, None if dense is not None else mf.memmap("token_embd.weight"), self.device)
+        embed_rows = None
+        if dense is None:                # one mapping when both read the same tensor: pages count once
+            embed_rows = self.output_rows if c.tied_embeddings and self.output_rows else mf.memmap("token_embd.weight")
+        self.embed = _Embedding(dense, embed_rows, self.device)
         if not c.tied_embeddings:
             done += mf.tensors["token_embd.weight"].nbytes
         self.norm = vector("output_norm.weight")
