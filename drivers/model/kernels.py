@@ -1,8 +1,8 @@
 """Which product runs each weight matrix on this machine: measured at first load, recorded, shown.
 
-The layout a matrix is held in comes from the type table (drivers/model/quant.py). What differs
+The layout a matrix is held in comes from the type table (drivers/model/types.py). What differs
 between machines is the batched step: on an AMX Xeon a bf16 dense product of 32 rows is ~4x faster
-than the int4 kernel, on an AVX2 EPYC the order may differ. So for each kind of matrix (layout,
+than the int4 kernel, on an AVX2 EPYC the order may differ. So for each kind of int4 matrix (layout,
 types, shape) `choose` times the held product against a bf16 dense copy at 1..32 rows and keeps a
 copy, for steps of at least the crossover rows, only where it measured faster and the copies fit
 the budget (`[driver] dense_copy = "auto"`). "never" keeps none (the lean setting for a large model);
@@ -112,7 +112,8 @@ def choose(model, cache_dir: str | os.PathLike | None, dense_copy: str = "auto",
     mine = record.setdefault(plan["machine"], {})
     kinds: dict[str, list[Matrix]] = {}
     for _, m in matrices:
-        if m.layout not in ("bf16",):          # a bf16 matrix is its own dense copy
+        # only int4 matrices get copies: a dense one is its own, and an fp32 file's products stay fp32
+        if "int4pack" in m.layout:
             kinds.setdefault(matrix_key(m), []).append(m)
     changed = False
     for key, group in kinds.items():
@@ -121,8 +122,9 @@ def choose(model, cache_dir: str | os.PathLike | None, dense_copy: str = "auto",
             changed = True
     if changed:
         _save_record(cache, record)
-    # biggest saving per byte first: the matrices a step spends most time in
-    order = sorted(kinds, key=lambda k: -mine[k]["held_us"]["32"] * len(kinds[k]) / group_bytes(kinds[k]))
+    # the biggest saving of a 32-row step per byte of copy first
+    order = sorted(kinds, key=lambda k: -(mine[k]["held_us"]["32"] - mine[k]["dense_us"]["32"])
+                   * len(kinds[k]) / group_bytes(kinds[k]))
     used = 0
     for key in order:
         m = mine[key]
