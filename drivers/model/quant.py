@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .types import GROUP, TYPES, Q, RawTensor, TensorType, int4_planes   # noqa: F401 (re-exported)
+from .types import GROUP, TYPES, Q, RawTensor, int4_planes   # noqa: F401 (TYPES: re-exported)
 
 
 # ---------------------------------------------------------------------------------------------- matrices
