@@ -81,7 +81,10 @@ def show_model(out, m: dict) -> None:
         print(f"error: {m['error']}", file=out)
     mem = m.get("memory")
     if m.get("weights") and mem:
-        print(f"loaded on {m['device']}: weights {size(mem['weight_bytes'])}, compute {mem['compute_dtype']}, "
+        held = sum(w["bytes"] for w in m["weights"] if w["layout"] != "file blocks (mapped)")
+        copies = sum(w["dense_bytes"] for w in m["weights"])
+        print(f"loaded on {m['device']}: weights {size(held)} + bf16 copies {size(copies)}, "
+              f"compute {mem['compute_dtype']}, "
               f"KV cache {mem['kv_dtype']} {size(mem['kv_bytes'])} ({mem['num_blocks']} blocks of "
               f"{mem['block_size']} tokens), dense copy {mem['dense_copy']}, peak RSS {size(mem['rss'])}",
               file=out)
