@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
+
+import gguf
 
 from drivers.model import kernels
 from drivers.model.llama import Chunk, KVPool, Llama
@@ -234,3 +237,41 @@ def test_kv_written_where_the_table_says(tiny_model):
 def test_step_rejects_bad_chunks(tiny_model, chunks, message):
     with pytest.raises(ValueError, match=message):
         tiny_model.step(tiny_model.new_kv_pool(8, BLOCK), chunks)
+
+
+def _kquant_blocks(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random K-quant blocks whose weights are of order 1/sqrt(cols): gguf-py cannot quantise these."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = np.float16(1.0 / np.sqrt(cols) / {Q.Q4_K: 8 * 32, Q.Q5_K: 16 * 32, Q.Q6_K: 32 * 64}[qtype])
+    for at in {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]:
+        raw[..., at:at + 2] = np.array([scale], dtype=np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M"])
+def test_k_quant_mixes_run_against_the_fp32_reference(tmp_path, mix):
+    """Q4_K_M and Q5_K_M files mix K-quant types inside one fused product (v in Q6_K beside q and k):
+    they load, run, and stay close to fp32 from the same blocks."""
+    main = Q.Q4_K if mix == "Q4_K_M" else Q.Q5_K
+    hidden, ffn, heads, kv_heads = 256, 512, 4, 2
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * 64, hidden), "attn_v": (kv_heads * 64, hidden),
+              "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
+              "ffn_down": (hidden, ffn)}
+    override = {}
+    for i in range(2):
+        for j, (part, (rows, cols)) in enumerate(shapes.items()):
+            qtype = Q.Q6_K if part in ("attn_v", "ffn_down") else main
+            override[f"blk.{i}.{part}.weight"] = (_kquant_blocks(qtype, rows, cols, 10 * i + j), qtype)
+    override["output.weight"] = (_kquant_blocks(Q.Q6_K, 400, hidden, 99), Q.Q6_K)
+    path = write_tiny_gguf(tmp_path / "mix.gguf", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                           tied=False, quant=Q.Q8_0, override=override)
+    model = Llama.from_gguf(path)
+    layouts = {name.split(".")[-1]: m.layout for name, m in model.matrices()}
+    assert layouts["attn_qkv"] == "int4pack+int4pack+bf16" and layouts["ffn_down"] == "bf16"
+    assert layouts["ffn_gate_up"] == "int4pack" and layouts["output"] == "bf16"
+    tokens = prompt(24, seed=5)
+    got, want = paged_logits(model, tokens, cuts=[9]), Reference(str(path)).logits(tokens)
+    assert torch.isfinite(want).all() and want.std() > 0.1         # the synthetic weights do something
+    assert kl_divergence(want, got).item() < 2e-3
