@@ -68,8 +68,8 @@ class KVPool:
         rows = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
         self.k = [self.data[i, 0].view(rows) for i in range(config.n_layers)]
         self.v = [self.data[i, 1].view(rows) for i in range(config.n_layers)]
-        self.k_blocks = [self.data[i, 0].view(num_blocks, -1) for i in range(config.n_layers)]
-        self.v_blocks = [self.data[i, 1].view(num_blocks, -1) for i in range(config.n_layers)]
+        # one row per block, K and V side by side: a sequence's blocks gathered in one index_select
+        self.kv_blocks = [self.data[i].view(2, num_blocks, -1) for i in range(config.n_layers)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -258,8 +258,8 @@ class Llama:
             if plan.n_decode:
                 nd, blocks = plan.n_decode, plan.decode_blocks.view(-1)
                 keys = plan.decode_keys
-                ks = pool.k_blocks[i].index_select(0, blocks).view(nd, -1, KVH, D)[:, :keys].transpose(1, 2)
-                vs = pool.v_blocks[i].index_select(0, blocks).view(nd, -1, KVH, D)[:, :keys].transpose(1, 2)
+                kv = pool.kv_blocks[i].index_select(1, blocks).view(2, nd, -1, KVH, D)[:, :, :keys].transpose(2, 3)
+                ks, vs = kv[0], kv[1]
                 # query heads h = kv * G + g share kv head `kv`: fold the G heads into the query-length axis
                 out = F.scaled_dot_product_attention(q[:nd].reshape(nd, KVH, G, D), ks, vs,
                                                      attn_mask=plan.decode_mask)
@@ -272,8 +272,8 @@ class Llama:
                 if p.blocks is None:
                     ks, vs = k[p.rows], v[p.rows]
                 else:
-                    ks = pool.k_blocks[i].index_select(0, p.blocks).view(-1, KVH, D)
-                    vs = pool.v_blocks[i].index_select(0, p.blocks).view(-1, KVH, D)
+                    kv = pool.kv_blocks[i].index_select(1, p.blocks).view(2, -1, KVH, D)
+                    ks, vs = kv[0], kv[1]
                 qs = q[p.rows].reshape(n, KVH, G, D).permute(1, 2, 0, 3).reshape(1, KVH, G * n, D)
                 out = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0),
                                                      vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask)
