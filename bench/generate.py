@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import syscalls  # noqa: E402
-from bench.engine import PROMPT, pct, run as run_engine, smollm_path  # noqa: E402
+from bench.engine import PROMPT, pct, proc_status, run as run_engine, smollm_path  # noqa: E402
 from syscalls.runtime.devices import is_driver  # noqa: E402
 
 KV_BLOCKS = 1024
@@ -120,13 +120,6 @@ def prefill_rows(home: Path, runner, tokenizer, model: str, n: int, repeat: int,
         print(f"prefill ratio kernel / llama.cpp: {best['kernel'] / best['llama.cpp']:.2f}  (floor 0.8, goal 1.0)")
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -183,7 +176,7 @@ def main() -> None:
         if args.prefill:
             prefill_rows(home, runner, tokenizer, model, args.prefill, args.repeat,
                          "llama.cpp" in paths, torch.get_num_threads())
-        print(f"driver peak RSS: {rss_mb(driver_pid):.0f} MiB")
+        print(f"driver peak RSS: {proc_status(driver_pid)['VmHWM'] / 2**20:.0f} MiB")
         if "llama.cpp" not in paths:
             print("llama.cpp: not compared (.venv/bin/pip install llama-cpp-python to add it)")
     finally:

@@ -31,22 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import syscalls  # noqa: E402
-from bench.engine import PROMPT, smollm_path  # noqa: E402
+from bench.engine import PROMPT, proc_status, smollm_path  # noqa: E402
 from bench.synthetic import TINYLLAMA, write_synthetic  # noqa: E402
 from syscalls.runtime.devices import is_driver  # noqa: E402
 
 POOL_TOKENS = 2048
 BLOCK = 16
-
-
-def status(pid: int) -> dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssFile of a process, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def boot_and_measure(model: Path, dense_copy: str, tokens: int) -> dict:
@@ -68,7 +58,7 @@ def boot_and_measure(model: Path, dense_copy: str, tokens: int) -> dict:
             reply.text                                 # the whole answer: the stream has ended
             generated = reply.result["generated_tokens"]
             loaded = next(m for m in c.models() if m.get("memory"))["memory"]
-        return {**status(pid), "generated": generated, "kv_bytes": loaded["kv_bytes"],
+        return {**proc_status(pid), "generated": generated, "kv_bytes": loaded["kv_bytes"],
                 "weight_bytes": loaded["weight_bytes"]}
     finally:
         subprocess.run([sys.executable, "-m", "userland.llmos", "shutdown"], env=env, stdout=subprocess.DEVNULL)
