@@ -17,7 +17,6 @@ torch is not imported here, so the tokenizer service (which needs only read_meta
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections import Counter
@@ -85,13 +84,6 @@ class LlamaConfig:
     eos_id: int | None
     tied_embeddings: bool      # no output.weight: the output layer reuses token_embd.weight
     has_rope_freqs: bool       # rope_freqs.weight divides the rotary frequencies (Llama 3.1 style)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
-        return cls(**d)
 
 
 def parse_config(metadata: dict, tensor_names: set[str], where: str = "model") -> LlamaConfig:

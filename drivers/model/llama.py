@@ -199,7 +199,6 @@ class Llama:
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         if c.has_rope_freqs:
             inv_freq = inv_freq / torch.from_numpy(mf.read("rope_freqs.weight").dequantize()).reshape(-1).double()
-        self.inv_freq = inv_freq
         angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64) / c.rope_scale, inv_freq)
         self.rope_table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(self.device)
         if progress:
