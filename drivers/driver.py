@@ -59,7 +59,7 @@ class Driver(Service):
         self.runner = await asyncio.to_thread(
             ModelRunner.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
             block_size=cfg.block_size, progress=progress, kv_dtype=cfg.kv_dtype,
-            dense_copy=cfg.dense_copy, dense_copy_budget=budget, device=self.torch_device())
+            dense_copy=cfg.dense_copy, dense_copy_budget=budget, native=cfg.native, device=self.torch_device())
         self.lock = asyncio.Lock()
         self.current = self.abort_id = self.yield_id = None   # the step running; those asked to stop
         self.steps = 0

@@ -58,13 +58,19 @@ class ModelRunner:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                   num_blocks: int = 1024, block_size: int = 16, dense_copy: str = "auto",
-                  dense_copy_budget: int = 1 << 30, kv_dtype: str | None = None, **model_args) -> ModelRunner:
-        """Load the model in its own bits, then measure (or recall, from cache_dir) which product runs
-        batched steps here and make the dense copies that won and fit dense_copy_budget bytes."""
+                  dense_copy_budget: int = 1 << 30, kv_dtype: str | None = None, native: str = "auto",
+                  **model_args) -> ModelRunner:
+        """Load the model in its own bits, each matrix where it measured fastest at one row (llmos's
+        compiled kernel or torch's, `native`); then measure (or recall, from cache_dir) which product
+        runs batched steps here and make the dense copies that won and fit dense_copy_budget bytes."""
         from drivers.model import kernels
+        from drivers.model.gguf import load_gguf
         from drivers.model.llama import Llama
         _steady_heap()
-        model = Llama.from_gguf(path, kv_dtype=None if kv_dtype in (None, "auto") else kv_dtype, **model_args)
+        mf = load_gguf(path)
+        device = str(model_args.get("device", "cpu"))
+        choice = kernels.prefer_native(mf, cache_dir, native) if device.startswith("cpu") else None
+        model = Llama(mf, kv_dtype=None if kv_dtype in (None, "auto") else kv_dtype, native=choice, **model_args)
         plan = kernels.choose(model, cache_dir, dense_copy, dense_copy_budget)
         _give_back_heap()
         return cls(model, num_blocks, block_size, name=str(path), kernels=plan)
@@ -76,6 +82,7 @@ class ModelRunner:
                 "model": self.name, "compute_dtype": str(self.model.dtype).removeprefix("torch."),
                 "kv_dtype": str(self.pool.dtype).removeprefix("torch."),
                 "weight_bytes": self.model.weight_bytes(), "dense_copy": self.kernels.get("dense_copy", "never"),
+                "native": kernels.native_status(self.model),
                 "weights": kernels.table(self.model, self.kernels)}
 
     def step(self, batch: list[SeqStep], should_stop=None, should_yield=None) -> list[Sampled]:

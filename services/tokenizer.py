@@ -167,7 +167,7 @@ class TokenizerService(Service):
                                                         "block_size", "threads", "device_name",
                                                         "memory_total", "memory_used", "weight_bytes",
                                                         "kv_dtype", "compute_dtype",
-                                                        "dense_copy")} if here else None
+                                                        "dense_copy", "native")} if here else None
             row["weights"] = loaded.get("weights") if here else None   # each kind of matrix as held
         return rows
 

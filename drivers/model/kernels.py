@@ -11,7 +11,12 @@ never won). The measurements are recorded in the model cache directory under thi
 (CPU model and flags, torch version, threads), so later loads skip them; `table` is what `models`
 shows.
 
-Never: change a matrix's held layout, or keep a copy that does not fit the budget.
+Before the model is held, `prefer_native` decides the same way which tensors run on llmos's compiled
+kernel (drivers/model/native.py) instead of the table's layout: for each kind of tensor it can run
+(type and shape) it times both on the tensor's first rows at one row of activations, the single
+stream's case, and keeps native only where it took at most FASTER of the other's time.
+
+Never: change a matrix's held layout after loading, or keep a copy that does not fit the budget.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from typing import Any
 
 import torch
 
-from .quant import Matrix
+from . import native as native_lib
+from .quant import Matrix, hold
 
 ROWS = (1, 2, 4, 8, 16, 32)
 RECORD = "kernels.json"
 DENSE_CHOICES = ("auto", "never", "always")
+NATIVE_CHOICES = ("auto", "never", "always")
 FASTER = 0.9                 # a dense copy must take at most 90% of the held product's time to be kept
 
 
@@ -79,6 +86,71 @@ def measure(m: Matrix, dtype: torch.dtype) -> dict[str, Any]:
     return {"held_us": held, "dense_us": copy, "crossover": crossover}
 
 
+MEASURE_ROWS = 4096          # a big matrix is timed on its first rows: the products are linear in rows
+
+
+class NativeChoice:
+    """Which tensor kinds (type:rows x cols) run on the compiled kernel; what quant.hold asks."""
+
+    def __init__(self, lib, kinds: set[str]):
+        self.lib, self.kinds = lib, kinds
+
+    def wants(self, t) -> bool:
+        return tensor_key(t) in self.kinds
+
+
+def tensor_key(t) -> str:
+    """type:rows x cols of a RawTensor or a TensorInfo."""
+    return f"{native_lib.Q(int(t.ggml_type)).name}:{t.shape[0]}x{t.shape[1]}"
+
+
+@torch.inference_mode()
+def measure_native(t, lib) -> dict[str, float]:
+    """Microseconds of one row through native.c and through the table's layout, on t's first rows."""
+    part = type(t)(t.name, t.ggml_type, (min(t.shape[0], MEASURE_ROWS), t.shape[1]),
+                   t.data[:min(t.shape[0], MEASURE_ROWS) * t.row.nbytes * (t.shape[1] // t.row.block)], t.offset)
+    x = torch.randn(1, t.shape[1])
+    mine = hold([part], torch.device("cpu"), NativeChoice(lib, {tensor_key(part)}))
+    theirs = hold([part], torch.device("cpu"))
+    return {"native_us": _time(lambda: mine(x)) * 1e6, "held_us": _time(lambda: theirs(x)) * 1e6,
+            "held_layout": theirs.layout, "rows": part.shape[0]}
+
+
+def prefer_native(mf, cache_dir: str | os.PathLike | None, mode: str = "auto") -> NativeChoice | None:
+    """Measure (or recall) native.c against the table's layout for every kind of matrix it can run."""
+    if mode not in NATIVE_CHOICES:
+        raise ValueError(f"native must be one of {', '.join(NATIVE_CHOICES)}, not {mode!r}")
+    if mode == "never":
+        return None
+    lib = native_lib.library()
+    if lib is None:
+        return None
+    kinds: dict[str, str] = {}                  # kind -> the first tensor of that kind
+    for name, info in mf.tensors.items():
+        held = len(info.shape) == 2 and (name != "token_embd.weight" or mf.config.tied_embeddings)
+        if held and int(info.ggml_type) in native_lib.TYPES:
+            kinds.setdefault(tensor_key(info), name)
+    if mode == "always":
+        return NativeChoice(lib, set(kinds))
+    cache = Path(cache_dir) if cache_dir is not None else None
+    record = _load_record(cache)
+    mine = record.setdefault(machine_key(), {}).setdefault("native", {})
+    missing = [k for k in kinds if k not in mine]
+    for key in missing:
+        mine[key] = measure_native(mf.memmap(kinds[key]), lib)
+    if missing:
+        _save_record(cache, record)
+    return NativeChoice(lib, {k for k in kinds if mine[k]["native_us"] <= FASTER * mine[k]["held_us"]})
+
+
+def native_status(model) -> str:
+    """What `models` says of the compiled kernels: in use (where), or why not."""
+    if model.ops is None:
+        return f"off ({native_lib.why_not()})" if native_lib.why_not() else "off"
+    used = sum(1 for _, m in model.matrices() if "native" in m.layout)
+    return f"on ({model.ops.simd}-bit, {model.ops.threads} threads): {used} matrices, RMS norm, decode attention"
+
+
 def _load_record(cache_dir: Path | None) -> dict:
     if cache_dir is None:
         return {}
@@ -113,7 +185,7 @@ def choose(model, cache_dir: str | os.PathLike | None, dense_copy: str = "auto",
     kinds: dict[str, list[Matrix]] = {}
     for _, m in matrices:
         # only int4 matrices get copies: a dense one is its own, and an fp32 file's products stay fp32
-        if "int4pack" in m.layout:
+        if "int4pack" in m.layout or "native" in m.layout:
             kinds.setdefault(matrix_key(m), []).append(m)
     changed = False
     for key, group in kinds.items():

@@ -133,6 +133,7 @@ class _Plan:
     decode_blocks: torch.Tensor | None   # [n_decode, nblocks] block tables, padded with block 0
     decode_keys: int                     # longest decoding sequence, in tokens
     decode_mask: torch.Tensor | None     # [n_decode, 1, 1, decode_keys], or None when all are that long
+    decode_lengths: torch.Tensor | None  # [n_decode] int32 keys of each decoding sequence
     prefills: list[_Prefill]
     logit_rows: torch.Tensor      # rows (internal order) whose logits are returned, in the caller's order
 
@@ -147,7 +148,7 @@ class Llama:
     """
 
     def __init__(self, mf: ModelFile, max_positions: int | None = None, device: str | torch.device = "cpu",
-                 kv_dtype: str | torch.dtype | None = None, progress: Progress | None = None):
+                 kv_dtype: str | torch.dtype | None = None, progress: Progress | None = None, native=None):
         c = self.config = mf.config
         self.device = torch.device(device)
         self.group = c.n_heads // c.n_kv_heads
@@ -160,7 +161,9 @@ class Llama:
             if progress:
                 progress(done, total, f"holding {names[0]} ({mf.tensors[names[0]].type_name})")
             try:
-                m = quant.hold([mf.read(n) for n in names], self.device)
+                # a natively run tensor is the file's own blocks, mapped; the others are read and repacked
+                m = quant.hold([mf.memmap(n) if native is not None and native.wants(mf.tensors[n]) else mf.read(n)
+                                for n in names], self.device, native)
             except quant.BadTensor as e:
                 raise CorruptModelError(f"{mf.path}: {e}") from None
             done += sum(mf.tensors[n].nbytes for n in names)
@@ -175,7 +178,11 @@ class Llama:
         self.output = held(out_name)
         # the output's own blocks, mapped: the few rows whose logits `_refine` recomputes in fp32
         self.output_rows = mf.memmap(out_name) if self.output.layout != "fp32" else None
-        self.refine = REFINE_MAX
+        if isinstance(self.output, quant.Native):   # already mapped: one mapping, its pages counted once
+            self.output_rows = self.output.parts[0]
+        self.refine = 0 if self.output.exact else REFINE_MAX
+        # the compiled small ops (RMS norm, decode attention over the pool) when native.c runs here
+        self.ops = native.lib if native is not None and self.device.type == "cpu" else None
         dense = self.output.w if c.tied_embeddings and isinstance(self.output, quant.Dense) else None
         embed_rows = None
         if dense is None:                # one mapping when both read the same tensor: pages count once
@@ -192,9 +199,11 @@ class Llama:
                                       held(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),
                                       held(p + "attn_output.weight"), vector(p + "ffn_norm.weight"),
                                       held(p + "ffn_gate.weight", p + "ffn_up.weight"), held(p + "ffn_down.weight")))
-        layouts = {m.layout for _, m in self.matrices()}
-        self.dtype = torch.float32 if layouts == {"fp32"} else torch.bfloat16
-        self.kv_dtype = KV_DTYPES[kv_dtype] if isinstance(kv_dtype, str) else (kv_dtype or self.dtype)
+        layouts = {part for _, m in self.matrices() for part in m.layout.split("+")}
+        # what most products take; each product casts its input to what its kernel wants
+        self.dtype = torch.float32 if layouts <= {"fp32", "native"} else torch.bfloat16
+        default_kv = torch.float32 if layouts == {"fp32"} else torch.bfloat16
+        self.kv_dtype = KV_DTYPES[kv_dtype] if isinstance(kv_dtype, str) else (kv_dtype or default_kv)
         self.max_positions = max_positions or c.context_length
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         if c.has_rope_freqs:
@@ -205,8 +214,15 @@ class Llama:
             progress(total, total, "loaded")
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike, progress: Progress | None = None, **kwargs) -> "Llama":
-        return cls(load_gguf(path), progress=progress, **kwargs)
+    def from_gguf(cls, path: str | os.PathLike, progress: Progress | None = None, native=None,
+                  cache_dir: str | os.PathLike | None = None, **kwargs) -> "Llama":
+        """native: None (torch's kernels only), "auto" | "always" | "never" (kernels.prefer_native, its
+        measurements recorded in cache_dir), or a kernels.NativeChoice."""
+        mf = load_gguf(path)
+        if isinstance(native, str):
+            from drivers.model import kernels
+            native = kernels.prefer_native(mf, cache_dir, native) if torch.device(kwargs.get("device", "cpu")).type == "cpu" else None
+        return cls(mf, progress=progress, native=native, **kwargs)
 
     def matrices(self) -> list[tuple[str, Matrix]]:
         """Every weight matrix, named as `models` shows them."""
@@ -238,23 +254,34 @@ class Llama:
         T = plan.tokens.numel()
         H, KVH, D, G = c.n_heads, c.n_kv_heads, c.head_dim, self.group
         q_dim, kv_dim = H * D, KVH * D
-        act, kvt = self.dtype, pool.dtype
+        kvt = pool.dtype
         rope = plan.rope.unsqueeze(1)
+        ops, eps, scale = self.ops, c.rms_eps, D ** -0.5
+        norm = (lambda v, w: ops.rms_norm(v, w, eps)) if ops is not None else \
+            (lambda v, w: F.rms_norm(v, (c.hidden,), w, eps))
         x = self.embed(plan.tokens)                               # the residual stream: fp32
         only_decode = not plan.prefills            # then attention's output is the whole batch's, as is
         attn = None if only_decode else torch.empty((T, q_dim), dtype=kvt, device=x.device)
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise StepAborted(f"step aborted before layer {i}")
-            h = F.rms_norm(x, (c.hidden,), layer.attn_norm, c.rms_eps).to(act)
+            h = norm(x, layer.attn_norm)
             qkv = layer.wqkv(h)
-            qk = _rotate(qkv[:, :q_dim + kv_dim].float().view(T, H + KVH, D), rope).to(kvt)   # q and k heads
-            q, k = qk[:, :H], qk[:, H:]
+            qk = _rotate(qkv[:, :q_dim + kv_dim].float().view(T, H + KVH, D), rope)   # q and k heads, fp32
+            k = qk[:, H:].to(kvt)
+            q = qk[:, :H] if ops is not None and only_decode else qk[:, :H].to(kvt)
             v = qkv[:, q_dim + kv_dim:].reshape(T, KVH, D).to(kvt)
             kp, vp = pool.k[i], pool.v[i]
             kp.index_copy_(0, plan.slots, k)
             vp.index_copy_(0, plan.slots, v)
-            if plan.n_decode:
+            if plan.n_decode and ops is not None:        # straight from the pool's blocks, in fp32
+                out = ops.attend(q[:plan.n_decode].float().contiguous(), pool.data[i, 0], pool.data[i, 1],
+                                 plan.decode_blocks, plan.decode_lengths, scale)
+                if only_decode:
+                    attn = out.view(plan.n_decode, q_dim)
+                else:
+                    attn[:plan.n_decode] = out.view(plan.n_decode, q_dim)
+            elif plan.n_decode:
                 nd, blocks = plan.n_decode, plan.decode_blocks.view(-1)
                 keys = plan.decode_keys
                 kv = pool.kv_blocks[i].index_select(1, blocks).view(2, nd, -1, KVH, D)[:, :, :keys].transpose(2, 3)
@@ -277,14 +304,14 @@ class Llama:
                 out = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0),
                                                      vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask)
                 attn[p.rows] = out.view(KVH, G, n, D).permute(2, 0, 1, 3).reshape(n, q_dim)
-            x = x + layer.wo(attn.to(act))
-            h = F.rms_norm(x, (c.hidden,), layer.ffn_norm, c.rms_eps).to(act)
+            x = x + layer.wo(attn)
+            h = norm(x, layer.ffn_norm)
             gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
             x = x + layer.w_down(F.silu(gate) * up)
         if plan.logit_rows.numel() == 0:
             return torch.empty((0, c.vocab_size), device=self.device)
-        h = F.rms_norm(x[plan.logit_rows], (c.hidden,), self.norm, c.rms_eps)
-        return self._refine(self.output(h.to(act)).float(), h)
+        h = norm(x[plan.logit_rows].contiguous(), self.norm)
+        return self._refine(self.output(h).float(), h)
 
     def _refine(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Recompute in fp32, from the file's own blocks, each row's logits within REFINE_MARGIN of its
@@ -348,7 +375,7 @@ class Llama:
         if len(set(slots)) != len(slots):      # two chunks writing one KV slot: a block-sharing bug upstream
             raise ValueError("two tokens of this step would write the same KV slot (shared block not copied?)")
 
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_mask = decode_lengths = None
         decode_keys = 0
         if decode:
             lengths = [chunks[i].start + 1 for i in decode]
@@ -356,6 +383,7 @@ class Llama:
             nblocks = (decode_keys + bs - 1) // bs
             tables = [list(chunks[i].block_table[:(n + bs - 1) // bs]) for i, n in zip(decode, lengths)]
             decode_blocks = torch.tensor([t + [0] * (nblocks - len(t)) for t in tables], device=dev)
+            decode_lengths = torch.tensor(lengths, dtype=torch.int32, device=dev)
             if min(lengths) != decode_keys:     # a mask costs SDPA time; equal lengths need none
                 keys = torch.arange(decode_keys, device=dev)
                 decode_mask = (keys < torch.tensor(lengths, device=dev).unsqueeze(1)).view(len(decode), 1, 1, -1)
@@ -383,7 +411,8 @@ class Llama:
         return _Plan(tokens=torch.tensor(tokens, device=dev),
                      rope=self.rope_table[torch.tensor(positions, device=dev)],
                      slots=torch.tensor(slots, device=dev), n_decode=len(decode), decode_blocks=decode_blocks,
-                     decode_keys=decode_keys, decode_mask=decode_mask, prefills=prefills,
+                     decode_keys=decode_keys, decode_mask=decode_mask, decode_lengths=decode_lengths,
+                     prefills=prefills,
                      logit_rows=torch.tensor(rows, dtype=torch.long, device=dev))
 
 

@@ -2,8 +2,9 @@
 
 The forward pass never switches on a type by name; it calls a `Matrix`, which is whatever `hold`
 built from the type's row: `Int4Pack` (torch's `_weight_int4pack_mm_for_cpu`, whose bf16 path is the
-vectorised one: one plane for 4-bit types, two for 5- and 8-bit), `Dense` (bf16, fp16 or fp32), or
-`Stacked` when the parts of a fused product are held differently (a Q4_K_M file's q and k in Q4_K,
+vectorised one: one plane for 4-bit types, two for 5- and 8-bit), `Native` (the file's own Q4_0, Q4_1 or Q8_0 blocks, mapped,
+multiplied by llmos's compiled kernel with fp32 activations: drivers/model/native.py, where measured
+faster), `Dense` (bf16, fp16 or fp32), or `Stacked` when the parts of a fused product are held differently (a Q4_K_M file's q and k in Q4_K,
 v in Q6_K). A matrix may also carry a bf16 dense copy for batched steps (`dense`), which
 drivers/model/kernels.py makes only when it measured one faster and it fits the budget.
 
@@ -28,11 +29,15 @@ class BadTensor(ValueError):
 
 
 class Matrix:
-    """One weight matrix [out, in] as held; called on x [rows, in] (bf16, or fp32 for an fp32 matrix) -> [rows, out].
+    """One weight matrix [out, in] as held; called on x [rows, in] -> [rows, out].
 
-    `dense`, when set, is a bf16 copy used for steps of at least `dense_rows` rows.
+    Each product takes the activations in the dtype its kernel wants (bf16 for int4pack and bf16
+    weights, fp32 for native and fp32 ones) and casts what it is given; results come in that dtype.
+    `exact` products compute in fp32 from the file's values. `dense`, when set, is a bf16 copy used
+    for steps of at least `dense_rows` rows.
     """
     layout = ""
+    exact = False
     __slots__ = ("shape", "types", "dense", "dense_rows")
 
     def __init__(self, shape: tuple[int, int], types: tuple[str, ...]):
@@ -54,7 +59,7 @@ class Matrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] >= self.dense_rows:
-            return F.linear(x, self.dense)
+            return F.linear(x.to(torch.bfloat16), self.dense)
         return self.product(x)
 
 
@@ -103,7 +108,7 @@ class Int4Pack(Matrix):
         return self.packed.nbytes + self.scales_zeros.nbytes
 
     def product(self, x):
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
         if self.planes == 1:
             return y
         hi, lo = y.chunk(2, dim=-1)
@@ -114,12 +119,41 @@ class Int4Pack(Matrix):
         return torch.cat([self.product(eye[i:i + 512]) for i in range(0, self.shape[1], 512)]).t().contiguous()
 
 
+class Native(Matrix):
+    """The file's own blocks (mapped), multiplied by native.c: fp32 in, fp32 out, exact weights."""
+    layout = "native"
+    exact = True
+    __slots__ = ("parts", "lib", "args")
+
+    def __init__(self, shape, types, parts: Sequence[RawTensor], lib):
+        super().__init__(shape, types)
+        for t in parts:
+            _check_scales(t)
+        self.parts, self.lib = list(parts), lib
+        self.args = lib.prepare(self.parts)
+
+    @property
+    def nbytes(self):
+        return sum(int(t.data.nbytes) for t in self.parts)
+
+    def product(self, x):
+        x = x.to(torch.float32).contiguous()
+        return self.lib.gemm(self.args, x, torch.empty((x.shape[0], self.shape[0]), dtype=torch.float32))
+
+    def to_dense(self):
+        return torch.cat([torch.from_numpy(t.dequantize()).to(torch.bfloat16) for t in self.parts])
+
+
 class Dense(Matrix):
     __slots__ = ("w",)
 
     def __init__(self, shape, types, w: torch.Tensor):
         super().__init__(shape, types)
         self.w = w
+
+    @property
+    def exact(self):
+        return self.w.dtype == torch.float32
 
     @property
     def layout(self):
@@ -180,8 +214,11 @@ def _dense_of(t: RawTensor, device: torch.device) -> torch.Tensor:
     return w.to(device)
 
 
-def layout_for(t: RawTensor, device: torch.device) -> str:
-    """The layout this tensor gets on this device: the table's, unless its kernel cannot run it here."""
+def layout_for(t: RawTensor, device: torch.device, native=None) -> str:
+    """The layout this tensor gets on this device: native where `native` (kernels.NativeChoice) says it
+    measured faster, else the table's, unless its kernel cannot run it here."""
+    if native is not None and device.type == "cpu" and native.wants(t) and int(t.ggml_type) in native.lib.types:
+        return "native"
     layout = t.row.layout
     if layout == "int4pack" and (device.type != "cpu" or t.shape[1] % GROUP or t.shape[0] % 16):
         return "bf16"
@@ -199,15 +236,29 @@ def _check_finite(t: RawTensor, first_row: int, scale: np.ndarray, offset: np.nd
         raise BadTensor(f"tensor {t.name} (offset {t.offset}): row {bad} has a scale that is not a finite number")
 
 
-def hold(parts: Sequence[RawTensor], device: torch.device) -> Matrix:
-    """One matrix made of `parts` stacked along the output dimension, each in its best layout here."""
-    layouts = [layout_for(t, device) for t in parts]
+def _check_scales(t: RawTensor) -> None:
+    """A natively run tensor's fp16 block scales (and Q4_1's mins) must be finite numbers."""
+    blocks = t.blocks()
+    fields = 2 if t.row.name == "Q4_1" else 1
+    scales = np.ascontiguousarray(blocks[..., :2 * fields]).view(np.float16)
+    finite = np.isfinite(scales).reshape(scales.shape[0], -1).all(-1)
+    if not finite.all():
+        bad = int(np.argwhere(~finite)[0][0])
+        raise BadTensor(f"tensor {t.name} (offset {t.offset}): row {bad} has a scale that is not a finite number")
+
+
+def hold(parts: Sequence[RawTensor], device: torch.device, native=None) -> Matrix:
+    """One matrix made of `parts` stacked along the output dimension, each in its best layout here;
+    `native` (kernels.NativeChoice or None) says which run on the compiled kernel."""
+    layouts = [layout_for(t, device, native) for t in parts]
     planes = {t.row.planes for t in parts}
     if len(set(layouts)) > 1 or (layouts[0] == "int4pack" and len(planes) > 1):
-        return Stacked([hold([t], device) for t in parts])
+        return Stacked([hold([t], device, native) for t in parts])
     layout, inp = layouts[0], parts[0].shape[1]
     shape = (sum(t.shape[0] for t in parts), inp)
     types = tuple(t.row.name for t in parts)
+    if layout == "native":
+        return Native(shape, types, parts, native.lib)
     if layout == "int4pack":
         return Int4Pack(shape, types, parts)
     dense = [_dense_of(t, device) for t in parts]

@@ -21,10 +21,22 @@ def tiny_path(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tiny_path):
+def native_or_skip(kind: str):
+    """None for torch's kernels; "always" for llmos's compiled ones (skipped, saying why, where they
+    cannot be built: no C compiler)."""
+    if kind == "torch":
+        return None
+    from drivers.model import native
+    if native.library() is None:
+        pytest.skip(f"llmos's compiled kernels cannot run here: {native.why_not()}")
+    return "always"
+
+
+@pytest.fixture(scope="session", params=["torch", "native"])
+def tiny_model(request, tiny_path):
+    """The tiny model on torch's kernels, and again on llmos's compiled ones (norms, decode attention)."""
     from drivers.model.llama import Llama
-    return Llama.from_gguf(tiny_path)
+    return Llama.from_gguf(tiny_path, native=native_or_skip(request.param))
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +67,11 @@ def smollm_file_loaded(smollm_path):
     return load_gguf(smollm_path)
 
 
-@pytest.fixture(scope="session")
-def smollm(smollm_file_loaded):
+@pytest.fixture(scope="session", params=["torch", "native"])
+def smollm(request, smollm_path):
+    """SmolLM2 on torch's int4 kernel, and with every matrix on llmos's compiled kernel."""
     from drivers.model.llama import Llama
-    return Llama(smollm_file_loaded)
+    return Llama.from_gguf(smollm_path, native=native_or_skip(request.param))
 
 
 @pytest.fixture(scope="session")

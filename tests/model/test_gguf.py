@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gguf
+from .conftest import native_or_skip
 from .tiny_gguf import Q, write_tiny_gguf
 from drivers.model.gguf import (CorruptModelError, MissingTensorError, ModelError, UnsupportedArchitectureError,
                                 UnsupportedQuantError, describe, load_gguf)
@@ -121,14 +122,15 @@ def test_missing_tensor_is_named(tmp_path):
         load_gguf(path)
 
 
-def test_a_corrupt_block_names_the_tensor_and_offset(tmp_path):
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_a_corrupt_block_names_the_tensor_and_offset(tmp_path, kernel):
     values = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)
     raw = gguf.quants.quantize(values, Q.Q4_0)
     raw.reshape(-1)[0:2] = np.array([np.nan], dtype=np.float16).view(np.uint8)
     path = write_tiny_gguf(tmp_path / "nan.gguf", override={"blk.1.ffn_gate.weight": (raw, Q.Q4_0)})
     offset = load_gguf(path).tensors["blk.1.ffn_gate.weight"].offset
     with pytest.raises(CorruptModelError, match=rf"blk\.1\.ffn_gate\.weight \(offset {offset}\)"):
-        Llama.from_gguf(path)
+        Llama.from_gguf(path, native=native_or_skip(kernel))
 
 
 def test_an_undefined_type_code_is_refused(tmp_path):

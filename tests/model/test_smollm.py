@@ -48,14 +48,23 @@ def test_describe(smollm_path):
 
 
 def test_weights_are_held_in_their_own_bits(smollm, smollm_path):
-    """Q4_1 layers in torch's int4 layout, the Q8_0 tied embedding as two int4 planes (its output
-    product) and the file's own mapped blocks (its row lookups): about the file's size, no fp32."""
+    """On torch's kernels: Q4_1 layers in its int4 layout, the Q8_0 tied embedding as two int4 planes
+    (its output product) and the file's own mapped blocks (its row lookups). On llmos's compiled
+    kernel: every matrix is the file's mapped blocks, the output sharing the embedding's mapping.
+    Either way about the file's size, no fp32."""
     layouts = {name.split(".")[-1]: (m.layout, m.types) for name, m in smollm.matrices()}
-    assert layouts["attn_qkv"] == ("int4pack", ("Q4_1",) * 3) and layouts["ffn_down"] == ("int4pack", ("Q4_1",))
-    assert layouts["output"] == ("int4pack", ("Q8_0",)) and smollm.output.planes == 2
     assert smollm.embed.dense is None and smollm.embed.raw.row.name == "Q8_0"
-    assert smollm.weight_bytes() <= 1.15 * smollm_path.stat().st_size
-    assert smollm.dtype == torch.bfloat16 and smollm.kv_dtype == torch.bfloat16
+    assert smollm.kv_dtype == torch.bfloat16
+    if smollm.ops is None:
+        assert layouts["attn_qkv"] == ("int4pack", ("Q4_1",) * 3) and layouts["ffn_down"] == ("int4pack", ("Q4_1",))
+        assert layouts["output"] == ("int4pack", ("Q8_0",)) and smollm.output.planes == 2
+        assert smollm.weight_bytes() <= 1.15 * smollm_path.stat().st_size
+        assert smollm.dtype == torch.bfloat16
+    else:
+        assert layouts["attn_qkv"] == ("native", ("Q4_1",) * 3) and layouts["output"] == ("native", ("Q8_0",))
+        assert smollm.output.parts[0].data is smollm.embed.raw.data      # one mapping for both
+        assert smollm.weight_bytes() <= smollm_path.stat().st_size
+        assert smollm.dtype == torch.float32 and smollm.refine == 0
 
 
 def test_token_ids_match_transformers(tokenizer, hf_reference):

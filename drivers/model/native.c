@@ -1,0 +1,425 @@
+/* llmos native products: y = x . W^T straight from GGUF blocks, fp32 activations, fp32 results.
+ *
+ * Built at first load by drivers/model/native.py with the machine's compiler (-O3 -march=native) and
+ * loaded with ctypes; when there is no compiler, or the build or its self-test fails, llmos runs
+ * torch's kernels instead. Nothing here allocates per call or keeps model state.
+ *
+ * Weights are read in the file's own blocks (Q4_0, Q4_1, Q8_0), so a matrix held this way costs its
+ * file bytes and no more. Each block is expanded to exact fp32 weights in registers (d*q, d*(q-8),
+ * d*q+m: the products are exact in fp32, a single rounding where gguf-py rounds once), then dotted
+ * with up to TILE activation rows, so at one row the loop is bound by memory and at a few rows each
+ * block is expanded once for all of them.
+ *
+ * Threads: torch's own OpenMP team (see split), work split by output rows.
+ */
+#define _GNU_SOURCE
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define ABI 1
+#define TILE 4                 /* activation rows dotted per pass over a weight row */
+#define MAX_PARTS 8
+
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };   /* GGML type numbers */
+
+static int block_bytes(int type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q8_0: return 34;
+    default: return 0;
+    }
+}
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* ------------------------------------------------------------------------------------ row products */
+/* One weight row (nb blocks) against r <= TILE activation rows x[j*ldx ...]; results to out[j]. */
+
+#if defined(__AVX512F__)
+#define VEC 16
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vset(a) _mm512_set1_ps(a)
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, a) _mm512_storeu_ps(p, a)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vsum(a) _mm512_reduce_add_ps(a)
+/* 16 bytes -> 16 floats */
+static inline vf u8x16(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+static inline vf i8x16(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+/* a block of 32 weights as two (or four, AVX2) vectors */
+#define HALVES 2
+static inline void nibbles(const uint8_t *qs, vf *w) {
+    __m128i b = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(0x0F);
+    w[0] = u8x16(_mm_and_si128(b, m));
+    w[1] = u8x16(_mm_and_si128(_mm_srli_epi16(b, 4), m));
+}
+static inline void bytes(const uint8_t *qs, vf *w) { w[0] = i8x16(qs); w[1] = i8x16(qs + 16); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VEC 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vset(a) _mm256_set1_ps(a)
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, a) _mm256_storeu_ps(p, a)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vadd(a, b) _mm256_add_ps(a, b)
+static inline float vsum(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vf u8x8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+#define HALVES 4
+static inline void nibbles(const uint8_t *qs, vf *w) {
+    __m128i b = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    w[0] = u8x8(lo);
+    w[1] = u8x8(_mm_srli_si128(lo, 8));
+    w[2] = u8x8(hi);
+    w[3] = u8x8(_mm_srli_si128(hi, 8));
+}
+static inline void bytes(const uint8_t *qs, vf *w) {
+    for (int h = 0; h < 4; h++)
+        w[h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * h))));
+}
+#endif
+
+#ifdef VEC
+#define NATIVE_SIMD 1
+/* Q8_0 at one row, the output projection's case: scale once per block after the block's dot */
+static float q8_0_dot1(const uint8_t *w, int nb, const float *x) {
+    vf acc0 = vzero(), acc1 = vzero();
+    for (int b = 0; b + 1 < nb; b += 2, w += 68, x += 64) {
+        vf q[HALVES], p[HALVES];
+        bytes(w + 2, q);
+        bytes(w + 36, p);
+        vf t0 = vzero(), t1 = vzero();
+        for (int h = 0; h < HALVES; h++) {
+            t0 = vfma(q[h], vload(x + h * VEC), t0);
+            t1 = vfma(p[h], vload(x + 32 + h * VEC), t1);
+        }
+        acc0 = vfma(vset(f16(w)), t0, acc0);
+        acc1 = vfma(vset(f16(w + 34)), t1, acc1);
+    }
+    if (nb & 1) {
+        vf q[HALVES], t0 = vzero();
+        bytes(w + 2, q);
+        for (int h = 0; h < HALVES; h++) t0 = vfma(q[h], vload(x + h * VEC), t0);
+        acc0 = vfma(vset(f16(w)), t0, acc0);
+    }
+    return vsum(vadd(acc0, acc1));
+}
+
+/* One block's 32 weights as exact fp32: d*q (Q8_0), d*(q-8) (Q4_0), d*q+m (Q4_1) */
+static inline void expand_block(int type, const uint8_t *w, vf *q) {
+    const float d = f16(w);
+    if (type == T_Q8_0) {
+        bytes(w + 2, q);
+        for (int h = 0; h < HALVES; h++) q[h] = vmul(q[h], vset(d));
+    } else if (type == T_Q4_0) {
+        nibbles(w + 2, q);
+        for (int h = 0; h < HALVES; h++) q[h] = vfma(q[h], vset(d), vset(-8.0f * d));
+    } else {
+        nibbles(w + 4, q);
+        for (int h = 0; h < HALVES; h++) q[h] = vfma(q[h], vset(d), vset(f16(w + 2)));
+    }
+}
+
+/* A weight row expanded to fp32 once, for products of many activation rows (prefill) */
+static void expand_row(int type, const uint8_t *w, int nb, float *restrict dst) {
+    const int bs = block_bytes(type);
+    for (int b = 0; b < nb; b++, w += bs) {
+        vf q[HALVES];
+        expand_block(type, w, q);
+        for (int h = 0; h < HALVES; h++) vstore(dst + b * 32 + h * VEC, q[h]);
+    }
+}
+
+static void expanded_dots(const float *restrict wf, int K, const float *x, int ldx, int r, float *out) {
+    vf acc[TILE];
+    for (int j = 0; j < r; j++) acc[j] = vzero();
+    for (int k = 0; k < K; k += VEC) {
+        vf wv = vload(wf + k);
+        for (int j = 0; j < r; j++) acc[j] = vfma(wv, vload(x + (long)j * ldx + k), acc[j]);
+    }
+    for (int j = 0; j < r; j++) out[j] = vsum(acc[j]);
+}
+#define HAVE_EXPAND 1
+
+static void row_dot(int type, const uint8_t *w, int nb, const float *x, int ldx, int r, float *out) {
+    if (r == 1 && type == T_Q8_0) {
+        out[0] = q8_0_dot1(w, nb, x);
+        return;
+    }
+    vf acc[TILE][2];
+    for (int j = 0; j < r; j++) acc[j][0] = acc[j][1] = vzero();
+    const int bs = block_bytes(type);
+    for (int b = 0; b < nb; b++, w += bs) {
+        vf q[HALVES];
+        expand_block(type, w, q);
+        const float *xb = x + b * 32;
+        for (int j = 0; j < r; j++)
+            for (int h = 0; h < HALVES; h++)
+                acc[j][h & 1] = vfma(q[h], vload(xb + j * ldx + h * VEC), acc[j][h & 1]);
+    }
+    for (int j = 0; j < r; j++) out[j] = vsum(vadd(acc[j][0], acc[j][1]));
+}
+#else
+#define NATIVE_SIMD 0
+static void row_dot(int type, const uint8_t *w, int nb, const float *x, int ldx, int r, float *out) {
+    const int bs = block_bytes(type);
+    for (int j = 0; j < r; j++) out[j] = 0.0f;
+    for (int b = 0; b < nb; b++, w += bs) {
+        float d = f16(w), q[32];
+        if (type == T_Q8_0) {
+            for (int i = 0; i < 32; i++) q[i] = d * (float)(int8_t)w[2 + i];
+        } else {
+            const uint8_t *qs = w + (type == T_Q4_0 ? 2 : 4);
+            float m = type == T_Q4_0 ? -8.0f * d : f16(w + 2);
+            for (int i = 0; i < 16; i++) {
+                q[i] = d * (float)(qs[i] & 15) + m;
+                q[i + 16] = d * (float)(qs[i] >> 4) + m;
+            }
+        }
+        for (int j = 0; j < r; j++) {
+            float s = 0.0f;
+            for (int i = 0; i < 32; i++) s += q[i] * x[j * ldx + b * 32 + i];
+            out[j] += s;
+        }
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------- jobs */
+
+struct job {
+    int nparts, K, R, ldy;
+    int types[MAX_PARTS], rows[MAX_PARTS];
+    const uint8_t *w[MAX_PARTS];
+    const float *x;
+    float *y;
+    long total;
+};
+
+#ifdef HAVE_EXPAND
+static _Thread_local float *scratch;      /* one expanded weight row, per thread */
+static _Thread_local int scratch_len;
+
+static int ensure_scratch(int K) {
+    if (scratch_len >= K) return 1;
+    free(scratch);
+    scratch = malloc(sizeof(float) * (size_t)K);
+    scratch_len = scratch ? K : 0;
+    return scratch != NULL;
+}
+#endif
+
+static int run_rows(const struct job *jb, long first, long last) {
+    const int nb = jb->K / 32;
+    long base = 0;
+    for (int p = 0; p < jb->nparts; base += jb->rows[p], p++) {
+        long lo = first > base ? first : base, hi = last < base + jb->rows[p] ? last : base + jb->rows[p];
+        if (lo >= hi) continue;
+        const long stride = (long)nb * block_bytes(jb->types[p]);
+        for (long n = lo; n < hi; n++) {
+            const uint8_t *w = jb->w[p] + (n - base) * stride;
+#ifdef HAVE_EXPAND
+            if (jb->R > TILE) {                 /* expand the row once, then dot it with every row */
+                if (!ensure_scratch(jb->K)) return -2;
+                expand_row(jb->types[p], w, nb, scratch);
+            }
+#endif
+            for (int j = 0; j < jb->R; j += TILE) {
+                int r = jb->R - j < TILE ? jb->R - j : TILE;
+                float out[TILE];
+#ifdef HAVE_EXPAND
+                if (jb->R > TILE)
+                    expanded_dots(scratch, jb->K, jb->x + (long)j * jb->K, jb->K, r, out);
+                else
+#endif
+                    row_dot(jb->types[p], w, nb, jb->x + (long)j * jb->K, jb->K, r, out);
+                for (int i = 0; i < r; i++) jb->y[(long)(j + i) * jb->ldy + n] = out[i];
+            }
+        }
+    }
+    return 0;
+}
+
+/* --------------------------------------------------------------------------------------- threads */
+/* OpenMP, linked against the libgomp torch has already loaded (the same soname): our products run on
+ * torch's own worker threads, so the two never spin against each other for the machine's cores, and
+ * torch.set_num_threads sets ours too. Built without OpenMP, the products run on the caller alone. */
+
+static int split(const struct job *jb) {
+    int failed = 0;
+    long groups = (jb->total + 15) / 16;      /* shares of whole 16-row groups: no shared lines of y */
+#ifdef _OPENMP
+    int n = omp_get_max_threads();
+    if ((long)jb->total * jb->K * jb->R < (1L << 16)) n = 1;   /* not worth a fork */
+#pragma omp parallel num_threads(n)
+    {
+        int i = omp_get_thread_num(), t = omp_get_num_threads();
+        long first = groups * i / t * 16, last = groups * (i + 1) / t * 16;
+        if (last > jb->total) last = jb->total;
+        if (first < last && run_rows(jb, first, last)) {
+#pragma omp atomic write
+            failed = -2;
+        }
+    }
+#else
+    failed = run_rows(jb, 0, groups * 16 > jb->total ? jb->total : groups * 16);
+#endif
+    return failed;
+}
+
+int llmos_abi(void) { return ABI; }
+
+/* SIMD width in bits of the build (512, 256), 0 for the scalar fallback */
+int llmos_simd(void) {
+#ifdef VEC
+    return VEC * 32;
+#else
+    return 0;
+#endif
+}
+
+/* Threads the products use: torch's OpenMP team size, or 1 without OpenMP. */
+int llmos_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* y[r*ldy + n] = sum_k x[r*K + k] * W[n, k] for the parts stacked along n. Returns 0, or -1 for a bad
+ * argument (an unknown type, K not a multiple of 32, too many parts), -2 out of memory. */
+int llmos_gemm(int nparts, const int *types, const void *const *w, const int *rows, int K,
+               const float *x, int R, float *y, int ldy) {
+    if (nparts < 1 || nparts > MAX_PARTS || K % 32 || R < 1) return -1;
+    struct job jb = {.nparts = nparts, .K = K, .R = R, .ldy = ldy, .x = x, .y = y, .total = 0};
+    for (int p = 0; p < nparts; p++) {
+        if (!block_bytes(types[p]) || rows[p] < 0) return -1;
+        jb.types[p] = types[p];
+        jb.rows[p] = rows[p];
+        jb.w[p] = w[p];
+        jb.total += rows[p];
+    }
+    return split(&jb);
+}
+
+/* ------------------------------------------------------------------------------ the small ops of a step */
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, fp32 throughout (torch's rms_norm, in one call). */
+void llmos_rms_norm(const float *restrict x, const float *restrict w, int R, int K, float eps, float *restrict out) {
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + (long)r * K;
+        float *o = out + (long)r * K;
+        float ss = 0.0f;
+#pragma GCC ivdep
+        for (int k = 0; k < K; k++) ss += xr[k] * xr[k];
+        float inv = 1.0f / sqrtf(ss / (float)K + eps);
+        for (int k = 0; k < K; k++) o[k] = xr[k] * inv * w[k];
+    }
+}
+
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+
+static inline void kv_row(const void *base, long at, int kind, int D, float *restrict out) {
+    if (kind == KV_F32) {
+        memcpy(out, (const float *)base + at, sizeof(float) * D);
+    } else if (kind == KV_BF16) {
+        const uint16_t *src = (const uint16_t *)base + at;
+        for (int d = 0; d < D; d++) {
+            uint32_t u = (uint32_t)src[d] << 16;
+            memcpy(out + d, &u, 4);
+        }
+    } else {
+        const uint16_t *src = (const uint16_t *)base + at;
+        for (int d = 0; d < D; d++) out[d] = _cvtsh_ss(src[d]);
+    }
+}
+
+/* Decode attention over the paged KV pool, one query token per sequence: for sequence n and query
+ * head h (sharing kv head h / G), softmax(scale * q . k_p) over positions p < lengths[n], times v_p.
+ * k and v are one layer's pool halves [blocks, block_size, KVH, D]; tables[n * max_blocks + i] is the
+ * block holding positions i*block_size ...; q and out are [nd, H, D] fp32. The keys are read where
+ * they lie, so no gathered copy is made. Returns 0, -1 for a bad argument, -2 out of memory. */
+int llmos_attend(const float *q, int nd, int H, int KVH, int D, const void *k, const void *v, int kind,
+                 int block_size, const int64_t *tables, int max_blocks, const int32_t *lengths, float scale,
+                 float *out) {
+    if (nd < 1 || KVH < 1 || H % KVH || D < 1 || D > 512 || block_size < 1 || (kind < 0 || kind > 2)) return -1;
+    const int G = H / KVH;
+    int longest = 0;
+    for (int n = 0; n < nd; n++) {
+        if (lengths[n] < 1 || lengths[n] > (long)max_blocks * block_size) return -1;
+        if (lengths[n] > longest) longest = lengths[n];
+    }
+    const int tasks = nd * KVH;
+    int threads = 1;
+#ifdef _OPENMP
+    if ((long)longest * tasks * D >= (1L << 15)) threads = omp_get_max_threads();
+#endif
+    float *buffer = malloc(sizeof(float) * (size_t)threads * G * longest);   /* scores, per thread */
+    if (!buffer) return -2;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (int task = 0; task < tasks; task++) {
+        const int n = task / KVH, kvh = task % KVH, len = lengths[n];
+#ifdef _OPENMP
+        float (*scores)[longest] = (float (*)[longest])(buffer + (size_t)omp_get_thread_num() * G * longest);
+#else
+        float (*scores)[longest] = (float (*)[longest])buffer;
+#endif
+        float row[512], acc[G][D];
+        const float *qn = q + ((long)n * H + (long)kvh * G) * D;
+        for (int p = 0; p < len; p++) {
+            long at = ((tables[(long)n * max_blocks + p / block_size] * block_size + p % block_size) * KVH + kvh) * D;
+            kv_row(k, at, kind, D, row);
+            for (int g = 0; g < G; g++) {
+                float s = 0.0f;
+                for (int d = 0; d < D; d++) s += qn[g * D + d] * row[d];
+                scores[g][p] = s * scale;
+            }
+        }
+        float total[G];
+        for (int g = 0; g < G; g++) {
+            float m = scores[g][0];
+            for (int p = 1; p < len; p++) m = scores[g][p] > m ? scores[g][p] : m;
+            float t = 0.0f;
+            for (int p = 0; p < len; p++) t += (scores[g][p] = expf(scores[g][p] - m));
+            total[g] = t;
+            for (int d = 0; d < D; d++) acc[g][d] = 0.0f;
+        }
+        for (int p = 0; p < len; p++) {
+            long at = ((tables[(long)n * max_blocks + p / block_size] * block_size + p % block_size) * KVH + kvh) * D;
+            kv_row(v, at, kind, D, row);
+            for (int g = 0; g < G; g++) {
+                const float wgt = scores[g][p];
+                for (int d = 0; d < D; d++) acc[g][d] += wgt * row[d];
+            }
+        }
+        float *o = out + ((long)n * H + (long)kvh * G) * D;
+        for (int g = 0; g < G; g++)
+            for (int d = 0; d < D; d++) o[g * D + d] = acc[g][d] / total[g];
+    }
+    free(buffer);
+    return 0;
+}
