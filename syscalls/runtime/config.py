@@ -8,7 +8,7 @@
     [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum, decode_steps
                    (model work; see services/inference/policy.py)
     [driver]       device, model, kv_blocks, block_size, threads, kv_dtype, dense_copy,
-                   dense_copy_budget (drivers)
+                   dense_copy_budget, native (drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
@@ -93,6 +93,8 @@ class DriverConfig:
                                     # (drivers/model/kernels.py); auto keeps it where it measured faster
     dense_copy_budget: str = "20%"  # at most this much memory for those copies: "20%" of RAM, or
                                     # bytes ("2GiB", "512MB", "1073741824"); a 7B on 24 GiB gets none
+    native: str = "auto"            # auto | never | always: llmos's compiled kernels (drivers/model/native.c,
+                                    # built with the machine's C compiler); auto uses them where measured faster
 
     def check(self) -> None:
         if self.kv_dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -100,6 +102,8 @@ class DriverConfig:
         if self.dense_copy not in ("auto", "never", "always"):
             raise ValueError(f"config: driver.dense_copy must be auto, never or always, got {self.dense_copy!r}")
         parse_budget(self.dense_copy_budget, 1)
+        if self.native not in ("auto", "never", "always"):
+            raise ValueError(f"config: driver.native must be auto, never or always, got {self.native!r}")
 
     def budget_bytes(self, total: int) -> int:
         """dense_copy_budget in bytes, given the memory of the device (RAM for the CPU)."""
