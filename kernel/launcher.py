@@ -66,6 +66,7 @@ class Launcher:
         proc.restarts += 1
         proc.state = RESTARTING
         proc.os_pid = None
+        proc.advertised = {}            # what the last run served went with it
         # Its connection died with it, whether or not the kernel has noticed yet: let go of it,
         # so that the next run's connection binds to this entry (mailbox and subscriptions kept).
         self.on_detach(proc)

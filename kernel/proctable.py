@@ -61,6 +61,7 @@ class Process:
                                           # {state: running|ready|suspended|..., kv_blocks, sequences, contexts}
     model_by: str | None = None           # that service, told when the process ends
     dropped: int = 0                      # published messages lost to a full mailbox
+    advertised: dict = field(default_factory=dict)   # what it says it serves (advertise), for ps
     # messages
     mailbox: deque = field(default_factory=deque)
     mailbox_bytes: int = 0
@@ -98,6 +99,7 @@ class Process:
             "restart": self.restart, "restarts": self.restarts,
             "mailbox": len(self.mailbox), "dropped": self.dropped,
             "exit_status": self.exit_status, "exit_signal": self.exit_signal,
+            "advertised": self.advertised,
         }
 
 

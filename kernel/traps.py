@@ -19,7 +19,7 @@ import signal as signals
 import time
 
 from syscalls import errors, wire
-from syscalls.table import MODEL_LIMITS, RESOURCES
+from syscalls.table import MAX_ADVERTISED_VALUE, MODEL_LIMITS, RESOURCES
 
 from . import __version__
 from .launcher import ENDING_SIGNALS
@@ -192,6 +192,14 @@ async def sys_wait(kernel, proc: Process, a: dict) -> dict:
 def sys_exit(kernel, proc: Process, a: dict) -> None:
     # The reply still reaches the connection that asked: _syscall holds its routing id.
     kernel.end_process(proc, a["status"], None)
+
+
+def sys_advertise(kernel, proc: Process, a: dict) -> None:
+    for key, value in a["info"].items():
+        if len(key) > MAX_ADVERTISED_VALUE or len(value) > MAX_ADVERTISED_VALUE:
+            raise errors.EINVAL(f"advertise: argument 'info': entry {key[:64]!r} is longer than "
+                                f"{MAX_ADVERTISED_VALUE} characters")
+    proc.advertised = dict(a["info"])
 
 
 # == priorities and limits =========================================================================

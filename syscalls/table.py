@@ -24,6 +24,8 @@ MAX_TIMEOUT = 86400.0
 MAX_TEXT = 4 << 20         # characters of text to tokenize (a frame holds at most 8 MiB)
 MAX_IDS = 1 << 20          # token ids in one call (wire.MAX_ARRAY)
 MAX_MESSAGES = 4096        # messages in one conversation
+MAX_ADVERTISED = 16        # entries a process may advertise (advertise)
+MAX_ADVERTISED_VALUE = 1024
 
 _timeout = Arg("timeout", "float", None, min=0, max=MAX_TIMEOUT,
                doc="seconds to wait; null waits forever")
@@ -72,7 +74,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("pid", "int", None, min=1, doc="only this process"),
     ), result="[{pid, ppid, uid, name, argv, state, priority, started, syscalls, bytes_stored, "
               "tokens_in, tokens_out, tok_s, kv_blocks, sequences, contexts, privileged, daemon, os_pid, "
-              "restart, restarts, mailbox, dropped, exit_status, exit_signal}]", errors=("ESRCH",),
+              "restart, restarts, mailbox, dropped, exit_status, exit_signal, advertised}]", errors=("ESRCH",),
         idempotent=True,
         doc="The process table, the kernel itself (pid 1) first. state is RUNNING (a sequence of "
             "it is in the model's batch, or it has no model work), READY (its requests wait for a "
@@ -106,6 +108,13 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "killed by a signal, then named in signal)."),
     Syscall("exit", "kernel", (Arg("status", "int", 0, min=0, max=255),),
             doc="End the calling process with an exit status; the connection may be closed after."),
+    Syscall("advertise", "kernel", (
+        Arg("info", "{str:str}", max_len=MAX_ADVERTISED,
+            doc=f"at most {MAX_ADVERTISED} entries, each value at most {MAX_ADVERTISED_VALUE} characters"),
+    ), errors=("EINVAL",), idempotent=True,
+        doc="Say what the caller serves and how it is doing, as ps shows it (advertised) and "
+            "llmos status prints it: the gateway says {state, url} or {state, error}, like a "
+            "daemon's proctitle. Replaces what it advertised before; cleared when a daemon restarts."),
     # -- priorities and limits ------------------------------------------------------------------
     Syscall("nice", "kernel", (Arg("increment", "int", 1, min=-39, max=39),), result="int",
             errors=("EPERM",),
@@ -158,12 +167,15 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="Stop every program and service, then the kernel."),
     # -- the model ------------------------------------------------------------------------------
     Syscall("generate", "inference", (Arg("prompt", "str", max_len=MAX_PROMPT), *_GENERATION),
-            result="CHUNKs {text, tokens[, logprobs]}, then END {finish, stop_reason, error, "
-                   "prompt_tokens, cached_tokens, generated_tokens, ttft_s, decode_s, preemptions}",
+            result="CHUNKs {text, tokens[, logprobs: [{token, logprob, bytes, top: [[token, "
+                   "logprob, bytes]]}]]}, then END {finish, stop_reason, error, prompt_tokens, "
+                   "cached_tokens, generated_tokens, ttft_s, decode_s, preemptions}",
             errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"), stream=True, caller=_SCHED_INPUTS,
             doc="Generate text from a prompt, streamed as it is produced. finish is stop (a stop "
                 "string, stop id or end of text), length (max_tokens or the context window), "
-                "cancelled or error. Sampling defaults follow llama.cpp's."),
+                "cancelled or error. Sampling defaults follow llama.cpp's. With logprobs = n, "
+                "each token of a CHUNK comes with its logprob under the model's own distribution, "
+                "its bytes, and the n likeliest tokens at that place (top)."),
     Syscall("chat", "inference", (
         Arg("messages", "[message]", max_len=4096), *_GENERATION,
         Arg("ctx", "int", None, min=1, doc="a context (open_context): messages are the new turn, "

@@ -20,7 +20,7 @@ import syscalls  # noqa: E402
 from syscalls.paths import Paths  # noqa: E402
 
 # Fast supervision so that failure tests finish in seconds; the defaults are in syscalls/runtime/config.py.
-FAST_CONFIG = """
+FAST_SUPERVISION = """
 [supervisor]
 ping_interval = 0.2
 ping_timeout = 1.0
@@ -29,6 +29,9 @@ backoff_max = 1.0
 max_restarts = 5
 restart_window = 30.0
 """
+# The HTTP gateway is on by default (on 127.0.0.1:8790); tests that want it turn it on themselves
+# (tests/test_gateway.py), on a port of their own, so that test boots never fight over one.
+FAST_CONFIG = FAST_SUPERVISION + "\n[gateway]\nenabled = false\n"
 # Most tests need no model: they run without the driver and inference services, which load one.
 LIGHT_SERVICES = '[services]\nenabled = ["storage", "tokenizer"]\n'
 

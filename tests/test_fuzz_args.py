@@ -94,7 +94,12 @@ def out_of_range(a: Arg) -> st.SearchStrategy | None:
     # (no longer than the wire carries: a longer one is refused there, with EPROTO)
     if a.max_len is not None and a.max_len < (wire.MAX_MESSAGE // 2 if a.kind == "str" else wire.MAX_ARRAY):
         too_long = a.max_len + 1
-        choices.append(st.just("x" * too_long if a.kind == "str" else [base(a)[0]] * too_long))
+        if a.kind == "str":
+            choices.append(st.just("x" * too_long))
+        elif a.kind.startswith("{"):        # a map: entries of a value its kind admits
+            choices.append(st.just({str(i): "v" if a.kind == "{str:str}" else 1 for i in range(too_long)}))
+        else:
+            choices.append(st.just([base(a)[0]] * too_long))
     if a.choices is not None:
         choices.append(TEXT.filter(lambda v: v not in a.choices))
     return st.one_of(*choices) if choices else None

@@ -15,6 +15,7 @@ from syscalls import errors
 from syscalls.paths import Paths
 
 BOOT_TIMEOUT = 600.0    # loading a large model can take minutes; progress is shown meanwhile
+GATEWAY_WAIT = 10.0     # after the services are ready, how long boot waits to say the gateway's URL
 
 
 def _fmt_uptime(seconds: float) -> str:
@@ -60,6 +61,7 @@ def cmd_boot(paths: Paths, args) -> int:
                 if all(s["state"] == "READY" for s in services):
                     print(f"llmos: booted in {paths.home} (kernel pid {proc.pid}, "
                           f"{len(services)} services ready)")
+                    _show_gateway(paths, deadline)
                     return 0
                 line = "; ".join(_progress(s) for s in services if s["state"] != "READY")
                 if line != shown and sys.stderr.isatty():
@@ -69,6 +71,26 @@ def cmd_boot(paths: Paths, args) -> int:
     print(f"\nllmos: not ready after {args.timeout:.0f}s; see `llmos status` and `llmos logs`",
           file=sys.stderr)
     return 1
+
+
+def _show_gateway(paths: Paths, deadline: float) -> None:
+    """Where the gateway listens, once it says (it starts beside the services, within a second)."""
+    until = min(deadline, time.monotonic() + GATEWAY_WAIT)
+    with syscalls.connect(paths.home, name="llmos-boot", timeout=5) as os_:
+        while True:
+            gateway = next((p for p in os_.ps() if p["daemon"] and p["name"] == "gateway"), None)
+            if gateway is None or gateway["advertised"] or time.monotonic() > until:
+                break
+            time.sleep(0.05)
+    if gateway is not None:
+        print(f"llmos: gateway {_advertised(gateway['advertised'])}")
+
+
+def _advertised(info: dict) -> str:
+    """What a daemon advertised, in a line: its state, then its url or error."""
+    if not info:
+        return "(starting)"
+    return " ".join(v for v in (info.get("state"), info.get("url"), info.get("error")) if v)
 
 
 def _progress(svc: dict) -> str:
@@ -94,6 +116,12 @@ def cmd_status(paths: Paths, args) -> int:
     for s in services:
         print(f"{s['name']:<12} {s['pid'] or '-':>7} {s['state']:<9} {s['restarts']:>8} "
               f"{_fmt_uptime(s['uptime']):>8}  {s['last_exit'] or ''}")
+    daemons = [p for p in procs if p["daemon"]]
+    if daemons:
+        print(f"{'DAEMON':<12} {'PID':>7} {'STATE':<10} {'RESTARTS':>8}  ADVERTISED")
+    for p in daemons:
+        print(f"{p['name']:<12} {p['pid']:>7} {p['state']:<10} {p['restarts']:>8}  "
+              f"{_advertised(p['advertised'])}")
     return 0
 
 

@@ -270,6 +270,14 @@ class Inference(Service):
             if self.in_flight is not None and self.in_flight[2]:     # decoding ahead: decide again now
                 self.spawn(self.runtime.call(self.driver, "abort", {"id": self.in_flight[0], "mode": "yield"}))
 
+    def _spelled(self, logprobs: list[dict]) -> list[dict]:
+        """Each token's bytes beside its id, so that a program (the HTTP gateway) can show a
+        token's logprob without a detokenize call per token, and a token that is part of a UTF-8
+        character is still told apart from its neighbours."""
+        spell = self.tokenizer.token_bytes
+        return [{"token": lp["token"], "logprob": lp["logprob"], "bytes": spell(lp["token"]),
+                 "top": [[t, p, spell(t)] for t, p in lp["top"]]} for lp in logprobs]
+
     async def _stream(self, prompt: str, args: dict, emit: Callable[..., None], call: str,
                       caller: dict, ctx=None, conversation: list | None = None) -> Reply:
         from services.inference.engine import ContextBusy, QueueFull, QuotaExceeded, RequestError
@@ -301,7 +309,7 @@ class Inference(Service):
                 reply.append(ev["text"])
                 piece = {"text": ev["text"], "tokens": ev["tokens"]}
                 if "logprobs" in ev:
-                    piece["logprobs"] = ev["logprobs"]
+                    piece["logprobs"] = self._spelled(ev["logprobs"])
                 if ev["text"] or ev["tokens"]:
                     # counted as they come, so ps and top see a long generation grow
                     emit(piece, {"tokens_out": len(ev["tokens"])} if ev["tokens"] else None)

@@ -76,7 +76,12 @@ class ClientCore:
         if self._lost is not None:
             raise errors.ECONNREFUSED(f"{name}: {self._lost}")
         cid = next(self._ids)
-        call = Call(cid, name, wire.call(cid, name, args))
+        frame = wire.call(cid, name, args)
+        if len(frame) > wire.MAX_MESSAGE:
+            # libzmq would drop the whole connection (every call on it) rather than this frame
+            raise errors.E2BIG(f"{name}: the call is {len(frame)} bytes, more than one message "
+                               f"holds ({wire.MAX_MESSAGE})")
+        call = Call(cid, name, frame)
         self._open[cid] = call
         return call
 

@@ -12,12 +12,16 @@
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
+    [gateway]      enabled, listen, require_key: the HTTP gateway (userland/gateway), a daemon
+                   like the others (``Config.load`` adds it to ``daemons``), on by default
 
 An unknown section or key is an error, so a typo never silently leaves a default in force.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -144,6 +148,47 @@ class DaemonConfig:
     privileged: bool = False
 
 
+GATEWAY_MODULE = "userland.gateway"
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """ "127.0.0.1:8790" or "[::1]:8790" as (host, port); ValueError saying what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"config: gateway.listen must be HOST:PORT (port 0..65535; 0: any free "
+                         f"port), e.g. \"127.0.0.1:8790\" or \"[::1]:8790\", got {text!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host names this machine only: 127.0.0.0/8, ::1 or localhost. A name that needs
+    resolving (other than localhost) is not taken for loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class GatewayConfig:
+    enabled: bool = True              # the OpenAI/Ollama HTTP gateway, started at boot
+    listen: str = "127.0.0.1:8790"    # HOST:PORT; port 0 takes a free one (ps shows which)
+    require_key: bool = False         # off a loopback address the gateway refuses to run without
+
+    def check(self) -> None:
+        split_listen(self.listen)
+
+    def daemon(self) -> DaemonConfig:
+        """The gateway as a daemon: restarted whenever it exits, until llmos's kill."""
+        argv = [sys.executable, "-m", GATEWAY_MODULE, "--listen", self.listen]
+        return DaemonConfig(name="gateway", argv=argv + ["--require-key"] * self.require_key,
+                            restart="always")
+
+
 @dataclass
 class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
@@ -154,25 +199,26 @@ class Config:
     services: list[str] = field(default_factory=lambda: ["storage", "tokenizer", MODEL_DRIVER,
                                                          "inference"])
     daemons: list[DaemonConfig] = field(default_factory=list)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     modules: dict[str, str] = field(default_factory=lambda: dict(SERVICE_MODULES))
 
     @classmethod
     def load(cls, path: Path) -> "Config":
         cfg = cls()
-        if not path.exists():
-            return cfg
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text()) if path.exists() else {}
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config: {path} is not valid TOML: {e}") from None
-        sections = ("kernel", "supervisor", "storage", "scheduler", "driver", "services", "daemons")
+        sections = ("kernel", "supervisor", "storage", "scheduler", "driver", "gateway", "services",
+                    "daemons")
         for name in raw:
             if name not in sections or not isinstance(raw[name], list if name == "daemons" else dict):
                 raise ValueError(f"config: unknown section [{name}] (known: {', '.join(sections)})")
-        for section in sections[:5]:
+        for section in sections[:6]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
         cfg.scheduler.check()
         cfg.driver.check()
+        cfg.gateway.check()
         services = raw.get("services", {})
         for key in services:
             if key not in ("enabled", "modules"):
@@ -196,6 +242,11 @@ class Config:
             cfg.services = enabled
         cfg.services += [name for name in extra if name not in cfg.services]
         cfg.daemons = [_daemon(i, d) for i, d in enumerate(raw.get("daemons", []))]
+        if cfg.gateway.enabled:
+            if any(d.name == "gateway" for d in cfg.daemons):
+                raise ValueError("config: a daemon named 'gateway' clashes with the gateway "
+                                 "([gateway] enabled = false to run one of your own)")
+            cfg.daemons.append(cfg.gateway.daemon())
         return cfg
 
 

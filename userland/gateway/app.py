@@ -1,0 +1,101 @@
+"""The gateway's ASGI application: the routes of both APIs, the errors every route shares, the one
+llmos connection requests are made on, and the start of a generation that both APIs stream.
+
+A request is made as the gateway's own llmos process (``ps`` shows its tokens). ``Gateway.caller``
+is the one place that decides which process a request runs as, so that API keys, each a process
+of its own, slot in there. What both APIs do with a generation is in generation.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from syscalls import AsyncConnection
+from syscalls.errors import LLMOSError
+
+from . import ollama_api, openai_api
+from .responses import OLLAMA, OPENAI, ApiError, from_llmos
+
+
+class Gateway:
+    """What every request shares: the connection to llmos, the log, and whether it is stopping."""
+
+    def __init__(self, conn: AsyncConnection, log, require_key: bool = False):
+        self.conn, self.log, self.require_key = conn, log, require_key
+        self.stopping = False
+        self.started = time.time()
+
+    def caller(self, request: Request) -> AsyncConnection:
+        """The llmos process a request runs as; refuses it (ApiError) when it may not run."""
+        if self.stopping:
+            raise ApiError(503, "the gateway is shutting down", code="shutting_down", retry_after=5)
+        if self.require_key:
+            raise ApiError(401, "this gateway requires an API key (require_key = true), and llmos "
+                                "has no API keys yet; set require_key = false and listen on a "
+                                "loopback address", code="invalid_api_key")
+        return self.conn
+
+    async def models(self) -> list[dict]:
+        """The models llmos knows that can be read; ``device`` is set for those loaded."""
+        try:
+            return [m for m in await self.conn.models() if not m.get("error")]
+        except LLMOSError as e:
+            raise from_llmos(e) from None
+
+
+def build(gateway: Gateway) -> Starlette:
+    def flavor(request: Request) -> str:
+        return OLLAMA if request.url.path.startswith("/api/") else OPENAI
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        what = {404: f"no such endpoint: {request.method} {request.url.path}",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+        e = ApiError(exc.status_code, what.get(exc.status_code, str(exc.detail)),
+                     code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(e.body(flavor(request)), e.status)
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return JSONResponse(exc.body(flavor(request)), exc.status, exc.headers())
+
+    async def bug(request: Request, exc: Exception) -> Response:
+        gateway.log.error("gateway_bug", path=request.url.path, error=repr(exc), exc_info=exc)
+        e = ApiError(500, f"internal error in the gateway ({type(exc).__name__}); see "
+                          f"`llmos logs gateway`", code="internal_error")
+        return JSONResponse(e.body(flavor(request)), 500)
+
+    async def root(request: Request) -> Response:
+        return PlainTextResponse("llmos gateway: the OpenAI API under /v1, Ollama's under /api\n")
+
+    routes = [Route("/", root, methods=["GET", "HEAD"]),
+              *openai_api.routes(gateway), *ollama_api.routes(gateway)]
+    app = Starlette(routes=routes, exception_handlers={
+        HTTPException: http_error, ApiError: api_error, Exception: bug})
+    return RequestLog(app, gateway.log)
+
+
+class RequestLog:
+    """One log line per request when its answer ends: method, path, status, milliseconds."""
+
+    def __init__(self, app, log):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        began, status = time.monotonic(), [0]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.log.info("request", method=scope["method"], path=scope["path"], status=status[0],
+                          ms=round((time.monotonic() - began) * 1000, 1))
