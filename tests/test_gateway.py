@@ -139,7 +139,7 @@ def test_off_loopback_without_keys_it_refuses_and_says_why(home):
 def test_config_makes_the_gateway_a_daemon_unless_disabled(tmp_path):
     from syscalls.runtime.config import Config
     (daemon,) = Config.load(tmp_path / "absent.toml").daemons
-    assert daemon.name == "gateway" and daemon.restart == "always"
+    assert daemon.name == "gateway" and daemon.restart == "always" and daemon.privileged
     assert daemon.argv[1:] == ["-m", "userland.gateway", "--listen", "127.0.0.1:8790"]
     (tmp_path / "off.toml").write_text("[gateway]\nenabled = false\n")
     assert Config.load(tmp_path / "off.toml").daemons == []
@@ -388,6 +388,75 @@ def test_ollama_errors_are_ollama_shaped(gw):
     with pytest.raises(ollama.ResponseError) as e:
         ollama.Client(host=gw.url).chat(model="nonesuch", messages=CHAT)
     assert e.value.status_code == 404
+
+
+# -- API keys ---------------------------------------------------------------------------------------
+def add_key(home: Path, name: str, *options: str) -> str:
+    r = run_cli(home, "keys", "add", name, *options)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()[-1]
+
+
+def test_a_key_runs_as_its_own_process_with_its_limits(gw, idle):
+    import hashlib
+    key = add_key(gw.home, "alice", "--priority", "5", "--limit", "tokens_per_minute=10")
+    assert key.startswith("llmos-") and len(key) > 40
+    with gw.connect(privileged=True) as root:
+        stored = root.get("keys/alice", ns="gateway")["value"]
+    assert stored["hash"] == hashlib.sha256(key.encode()).hexdigest() and key not in repr(stored)
+    listed = run_cli(gw.home, "keys", "list").stdout
+    assert "alice" in listed and "tokens_per_minute=10" in listed and key not in listed
+    alice = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    r = alice.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 10
+    with gw.connect() as c:
+        proc = next(p for p in c.ps() if p["name"] == "key:alice")
+        assert proc["priority"] == 5 and proc["tokens_out"] == 10
+        assert c.getrlimit(pid=proc["pid"])["tokens_per_minute"] == 10
+    with pytest.raises(openai.RateLimitError) as e:          # its minute's tokens are spent
+        alice.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5)
+    assert 1 <= int(e.value.response.headers["retry-after"]) <= 60 and "tokens_per_minute" in e.value.message
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=gw.url, headers={"Authorization": f"Bearer {key}"}).generate(
+            model="tiny", prompt="hi")
+    assert e.value.status_code == 429
+    assert run_cli(gw.home, "keys", "rm", "alice").returncode == 0
+    with gw.connect() as c:
+        wait_until(lambda: all(p["name"] != "key:alice" for p in c.ps()), 5, "alice's process to end")
+    with pytest.raises(openai.AuthenticationError) as e:
+        alice.models.list()
+    assert e.value.code == "invalid_api_key"
+
+
+def test_keys_cli_refuses_what_it_cannot_keep(gw):
+    for args, why in ((["add", "bad name"], "key name 'bad name'"),
+                      (["add", "bob", "--limit", "storage_bytes=5"], "resources are"),
+                      (["add", "bob", "--limit", "sequences"], "RESOURCE=N"),
+                      (["rm", "nobody"], "no key named 'nobody'")):
+        r = run_cli(gw.home, "keys", *args)
+        assert r.returncode != 0 and why in r.stderr, (args, r.stderr)
+    add_key(gw.home, "carol")
+    r = run_cli(gw.home, "keys", "add", "carol")
+    assert r.returncode == 1 and "a key named 'carol' exists" in r.stderr
+    assert run_cli(gw.home, "keys", "rm", "carol").returncode == 0
+
+
+def test_require_key_listens_anywhere_and_answers_only_keys(home):
+    (home / "config.toml").write_text(FAST_SUPERVISION + LIGHT_SERVICES +
+                                      '[gateway]\nlisten = "0.0.0.0:0"\nrequire_key = true\n')
+    system = Booted(home).boot()
+    try:
+        url = advertised(system)["advertised"]["url"].replace("0.0.0.0", "127.0.0.1")
+        for headers in ({}, {"Authorization": "Bearer sk-placeholder"}, {"Authorization": "Bearer llmos-wrong"}):
+            r = httpx.get(url + "/v1/models", headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), headers
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(url + "/api/tags").json()["error"].startswith("this gateway requires an llmos API key")
+        key = add_key(home, "dave")
+        assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert ollama.Client(host=url, headers={"Authorization": f"Bearer {key}"}).list().models
+    finally:
+        system.shutdown()
 
 
 # -- shutting down ----------------------------------------------------------------------------------

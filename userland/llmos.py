@@ -1,4 +1,5 @@
-"""The ``llmos`` command: boot, status, shutdown and logs of the llmos in LLMOS_HOME, and its models."""
+"""The ``llmos`` command: boot, status, shutdown and logs of the llmos in LLMOS_HOME, its models,
+and the HTTP gateway's API keys."""
 
 from __future__ import annotations
 
@@ -194,6 +195,39 @@ def cmd_model(paths: Paths, args) -> int:
     return 0
 
 
+def cmd_keys(paths: Paths, args) -> int:
+    from userland.gateway import keys
+    with syscalls.connect(paths.home, name="llmos-keys", privileged=True, timeout=30) as os_:
+        try:
+            if args.action == "add":
+                limits = dict(_limit(text) for text in args.limit)
+                key = keys.add(os_, args.name, args.priority, limits)
+                shown = ", ".join(f"{r}={n}" for r, n in limits.items()) or "none"
+                print(f"llmos: added key {args.name} (priority {args.priority}, limits {shown}); "
+                      f"it is shown this once:")
+                print(key)
+            elif args.action == "rm":
+                keys.remove(os_, args.name)
+                print(f"llmos: removed key {args.name}")
+            else:
+                print(f"{'NAME':<24} {'PRIORITY':>8}  {'CREATED':<20} LIMITS")
+                for k in keys.listing(os_):
+                    made = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k["created"]))
+                    limits = ", ".join(f"{r}={n}" for r, n in k["limits"].items())
+                    print(f"{k['name']:<24} {k['priority']:>8}  {made:<20} {limits}")
+        except ValueError as e:
+            print(f"llmos: keys {args.action}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _limit(text: str) -> tuple[str, int]:
+    resource, _, n = text.partition("=")
+    if not n.isdigit():
+        raise ValueError(f"--limit {text!r}: write RESOURCE=N, e.g. tokens_per_minute=2000")
+    return resource, int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmos", description="Boot and manage llmos.")
     parser.add_argument("--home", help="LLMOS_HOME (default: $LLMOS_HOME or ~/.llmos)")
@@ -217,10 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     a = action.add_parser("show", help="how a model's weights are held: types, bytes, kernels")
     a.add_argument("name")
     action.add_parser("clean", help="remove what the model cache holds that nothing uses")
+    p = sub.add_parser("keys", help="API keys of the HTTP gateway: each a process with its limits")
+    action = p.add_subparsers(dest="action", required=True)
+    a = action.add_parser("add", help="make a key; it is printed once, alone on the last line")
+    a.add_argument("name")
+    a.add_argument("--priority", type=int, default=0, help="nice-style, -20 (most urgent) .. 19")
+    a.add_argument("--limit", action="append", default=[], metavar="RESOURCE=N",
+                   help="kv_blocks, sequences or tokens_per_minute (repeatable)")
+    action.add_parser("list", help="the keys: name, priority, limits (never the key)")
+    a = action.add_parser("rm", help="remove a key: its requests end, it no longer works")
+    a.add_argument("name")
     args = parser.parse_args(argv)
     paths = Paths.from_env(args.home)
     handler = {"boot": cmd_boot, "status": cmd_status, "shutdown": cmd_shutdown,
-               "logs": cmd_logs, "models": cmd_models, "model": cmd_model}[args.command]
+               "logs": cmd_logs, "models": cmd_models, "model": cmd_model,
+               "keys": cmd_keys}[args.command]
     try:
         return handler(paths, args)
     except errors.LLMOSError as e:

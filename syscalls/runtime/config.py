@@ -183,10 +183,11 @@ class GatewayConfig:
         split_listen(self.listen)
 
     def daemon(self) -> DaemonConfig:
-        """The gateway as a daemon: restarted whenever it exits, until llmos's kill."""
+        """The gateway as a daemon: restarted whenever it exits, until llmos's kill; privileged,
+        to give each API key's process the priority and limits the key says."""
         argv = [sys.executable, "-m", GATEWAY_MODULE, "--listen", self.listen]
         return DaemonConfig(name="gateway", argv=argv + ["--require-key"] * self.require_key,
-                            restart="always")
+                            restart="always", privileged=True)
 
 
 @dataclass

@@ -4,11 +4,13 @@
 
 The kernel starts it at boot as a daemon ([gateway] in config.toml, on by default; restarted
 whenever it exits) and it is a program like any other: it reaches llmos through syscalls only,
-as one process that ps shows with what it advertises ({state, url}). A client that goes away
-cancels its syscall, so the kernel frees the request's KV at once.
+as one process that ps shows with what it advertises ({state, url}), and one more per API key
+in use, with the key's priority and limits. A client that goes away cancels its syscall, so the
+kernel frees the request's KV at once.
 
     __main__.py       the daemon: connect, refuse or bind, advertise, serve, stop
     app.py            the ASGI app: routes, shared errors, the process a request runs as
+    keys.py           API keys: stored as hashes, each used key a process of its own
     openai_api.py     /v1/models, /v1/chat/completions, /v1/completions
     ollama_api.py     /api/chat, /api/generate, /api/tags, /api/ps, /api/show, /api/version
     params.py         request bodies checked and read into syscall arguments

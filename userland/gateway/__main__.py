@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -59,6 +60,7 @@ async def bind(host: str, port: int, conn, stop: asyncio.Event, log) -> socket.s
 
 async def serve(args, log) -> int:
     from .app import Gateway, build
+    from .keys import KeyRing
 
     host, port = split_listen(args.listen)
     stop = asyncio.Event()
@@ -66,10 +68,12 @@ async def serve(args, log) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        conn = await syscalls.connect_async(args.home, name="gateway")
+        # privileged (the kernel starts it so): it gives each key's process its priority and limits
+        conn = await syscalls.connect_async(args.home, name="gateway", privileged=True)
     except LLMOSError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 1
+    os.environ.pop("LLMOS_SPAWN_TOKEN", None)      # bound now; the keys' connections are others
     try:
         why = refusal(host, args.require_key)
         if why:
@@ -80,7 +84,9 @@ async def serve(args, log) -> int:
         sock = await bind(host, port, conn, stop, log)
         if sock is None:
             return 0
-        gateway = Gateway(conn, log, require_key=args.require_key)
+        keys = KeyRing(conn, log)
+        await keys.start()
+        gateway = Gateway(conn, keys, log, require_key=args.require_key)
         server = QuietServer(uvicorn.Config(build(gateway), log_config=None, access_log=False,
                                             lifespan="off", http="httptools",
                                             server_header=False))
@@ -93,6 +99,7 @@ async def serve(args, log) -> int:
         gateway.stopping = server.should_exit = True
         await advertise(conn, log, state="stopping", url=url)
         await serving
+        await keys.close()
         log.info("gateway_stopped")
         return 0
     finally:

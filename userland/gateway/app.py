@@ -20,25 +20,30 @@ from syscalls import AsyncConnection
 from syscalls.errors import LLMOSError
 
 from . import ollama_api, openai_api
+from .keys import KeyRing, bearer
 from .responses import OLLAMA, OPENAI, ApiError, from_llmos
 
 
 class Gateway:
-    """What every request shares: the connection to llmos, the log, and whether it is stopping."""
+    """What every request shares: the connection to llmos, the keys, the log, and whether it is
+    stopping."""
 
-    def __init__(self, conn: AsyncConnection, log, require_key: bool = False):
-        self.conn, self.log, self.require_key = conn, log, require_key
+    def __init__(self, conn: AsyncConnection, keys: KeyRing, log, require_key: bool = False):
+        self.conn, self.keys, self.log, self.require_key = conn, keys, log, require_key
         self.stopping = False
         self.started = time.time()
 
-    def caller(self, request: Request) -> AsyncConnection:
-        """The llmos process a request runs as; refuses it (ApiError) when it may not run."""
+    async def caller(self, request: Request) -> AsyncConnection:
+        """The llmos process a request runs as: its key's, or without one the gateway's own, which
+        require_key forbids. Refuses it (ApiError) when it may not run."""
         if self.stopping:
             raise ApiError(503, "the gateway is shutting down", code="shutting_down", retry_after=5)
+        conn = await self.keys.caller(bearer(request.headers.get("authorization")))
+        if conn is not None:
+            return conn
         if self.require_key:
-            raise ApiError(401, "this gateway requires an API key (require_key = true), and llmos "
-                                "has no API keys yet; set require_key = false and listen on a "
-                                "loopback address", code="invalid_api_key")
+            raise ApiError(401, "this gateway requires an llmos API key (Authorization: Bearer "
+                                "KEY); `llmos keys add NAME` makes one", code="missing_api_key")
         return self.conn
 
     async def models(self) -> list[dict]:

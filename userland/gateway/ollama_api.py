@@ -32,16 +32,16 @@ def routes(gateway) -> list[Route]:
         return JSONResponse({"version": OLLAMA_VERSION})
 
     async def tags(request: Request) -> JSONResponse:
-        gateway.caller(request)
+        await gateway.caller(request)
         return JSONResponse({"models": [_entry(m, gateway.started) for m in await gateway.models()]})
 
     async def ps(request: Request) -> JSONResponse:
-        gateway.caller(request)
+        await gateway.caller(request)
         return JSONResponse({"models": [_loaded(m, gateway.started)
                                         for m in await gateway.models() if m.get("device")]})
 
     async def show(request: Request) -> JSONResponse:
-        gateway.caller(request)
+        await gateway.caller(request)
         body = await read_json(request)
         f = params.Fields(body)
         name = params.model_name(f, "model" if "model" in body else "name")
@@ -58,13 +58,13 @@ def routes(gateway) -> list[Route]:
         raise ApiError(404, f"model '{name}' not found")
 
     async def chat(request: Request) -> Watched:
-        conn = gateway.caller(request)
+        conn = await gateway.caller(request)
         args, stream, top = params.ollama_chat(await read_json(request))
         return Watched(lambda out: answer(out, conn, Reply("chat", args, top), stream), OLLAMA,
                        gateway.log)
 
     async def generate(request: Request) -> Watched:
-        conn = gateway.caller(request)
+        conn = await gateway.caller(request)
         args, stream, top = params.ollama_generate(await read_json(request))
         return Watched(lambda out: answer(out, conn, Reply("generate", args, top), stream), OLLAMA,
                        gateway.log)

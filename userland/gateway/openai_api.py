@@ -25,12 +25,12 @@ from .responses import OPENAI, ApiError, Sender, Watched, dumps, from_llmos, rea
 
 def routes(gateway) -> list[Route]:
     async def list_models(request: Request) -> JSONResponse:
-        gateway.caller(request)
+        await gateway.caller(request)
         return JSONResponse({"object": "list", "data": [
             _model(m) for m in await gateway.models() if m.get("device")]})
 
     async def one_model(request: Request) -> JSONResponse:
-        gateway.caller(request)
+        await gateway.caller(request)
         name = request.path_params["model"]
         for m in await gateway.models():
             if m.get("device") and m["name"] == name:
@@ -39,13 +39,13 @@ def routes(gateway) -> list[Route]:
                        code="model_not_found")
 
     async def chat(request: Request) -> Watched:
-        conn = gateway.caller(request)
+        conn = await gateway.caller(request)
         args, stream, usage, top = params.chat_request(await read_json(request))
         return Watched(lambda out: answer(out, conn, Completion("chat", args, usage, top), stream),
                        OPENAI, gateway.log)
 
     async def completions(request: Request) -> Watched:
-        conn = gateway.caller(request)
+        conn = await gateway.caller(request)
         args, stream, usage, top, echo = params.completion_request(await read_json(request))
         done = Completion("text", args, usage, top, args["prompt"] if echo else "")
         return Watched(lambda out: answer(out, conn, done, stream), OPENAI, gateway.log)

@@ -57,6 +57,8 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
+        if self.status == 401:
+            return {"www-authenticate": 'Bearer realm="llmos"'}
         return {} if self.retry_after is None else {"retry-after": str(self.retry_after)}
 
 
