@@ -102,7 +102,7 @@ def test_model_show_the_loaded_model(tiny_system):  # noqa: F811
     assert "KV cache float32" in lines[1] and "(1024 blocks of 16 tokens)" in lines[1]
     from drivers.model import native
     if native.library() is not None:     # built here too: the driver's compiled norm and attention run
-        assert lines[2].startswith("compiled kernels: on (") and "0 matrices, RMS norm, decode attention" in lines[2]
+        assert lines[2].startswith("compiled kernels: on (") and "0 matrices, RMS norm, rotary and K/V writes" in lines[2]
     else:
         assert lines[2].startswith("compiled kernels: off (")
     rows = {row["MATRIX"]: row for row in table("\n".join(lines[3:]))}

@@ -148,7 +148,8 @@ def native_status(model) -> str:
     if model.ops is None:
         return f"off ({native_lib.why_not()})" if native_lib.why_not() else "off"
     used = sum(1 for _, m in model.matrices() if "native" in m.layout)
-    return f"on ({model.ops.simd}-bit, {model.ops.threads} threads): {used} matrices, RMS norm, decode attention"
+    return (f"on ({model.ops.simd}-bit, {model.ops.threads} threads): {used} matrices, RMS norm, rotary and"
+            f" K/V writes, decode attention, feed-forward gate")
 
 
 def _load_record(cache_dir: Path | None) -> dict:

@@ -181,7 +181,8 @@ class Llama:
         if isinstance(self.output, quant.Native):   # already mapped: one mapping, its pages counted once
             self.output_rows = self.output.parts[0]
         self.refine = 0 if self.output.exact else REFINE_MAX
-        # the compiled small ops (RMS norm, decode attention over the pool) when native.c runs here
+        # the compiled small ops (RMS norm, rotary + K/V write, decode attention over the pool, the
+        # feed-forward gate) when native.c runs here
         self.ops = native.lib if native is not None and self.device.type == "cpu" else None
         dense = self.output.w if c.tied_embeddings and isinstance(self.output, quant.Dense) else None
         embed_rows = None
@@ -267,13 +268,15 @@ class Llama:
                 raise StepAborted(f"step aborted before layer {i}")
             h = norm(x, layer.attn_norm)
             qkv = layer.wqkv(h)
-            qk = _rotate(qkv[:, :q_dim + kv_dim].float().view(T, H + KVH, D), rope)   # q and k heads, fp32
-            k = qk[:, H:].to(kvt)
-            q = qk[:, :H] if ops is not None and only_decode else qk[:, :H].to(kvt)
-            v = qkv[:, q_dim + kv_dim:].reshape(T, KVH, D).to(kvt)
-            kp, vp = pool.k[i], pool.v[i]
-            kp.index_copy_(0, plan.slots, k)
-            vp.index_copy_(0, plan.slots, v)
+            if ops is not None and only_decode:      # rotate q and k, write k and v to the pool: one call
+                q = ops.rope_store(qkv.contiguous(), H, KVH, plan.rope, pool.k[i], pool.v[i], plan.slots)
+            else:
+                qk = _rotate(qkv[:, :q_dim + kv_dim].float().view(T, H + KVH, D), rope)   # q and k heads, fp32
+                k = qk[:, H:].to(kvt)
+                q = qk[:, :H].to(kvt)
+                v = qkv[:, q_dim + kv_dim:].reshape(T, KVH, D).to(kvt)
+                pool.k[i].index_copy_(0, plan.slots, k)
+                pool.v[i].index_copy_(0, plan.slots, v)
             if plan.n_decode and ops is not None:        # straight from the pool's blocks, in fp32
                 out = ops.attend(q[:plan.n_decode].float().contiguous(), pool.data[i, 0], pool.data[i, 1],
                                  plan.decode_blocks, plan.decode_lengths, scale)
@@ -306,8 +309,11 @@ class Llama:
                 attn[p.rows] = out.view(KVH, G, n, D).permute(2, 0, 1, 3).reshape(n, q_dim)
             x = x + layer.wo(attn)
             h = norm(x, layer.ffn_norm)
-            gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
-            x = x + layer.w_down(F.silu(gate) * up)
+            if ops is not None:
+                x = x + layer.w_down(ops.silu_mul(layer.w_gate_up(h), layer.w_down.wants))
+            else:
+                gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
+                x = x + layer.w_down(F.silu(gate) * up)
         if plan.logit_rows.numel() == 0:
             return torch.empty((0, c.vocab_size), device=self.device)
         h = norm(x[plan.logit_rows].contiguous(), self.norm)

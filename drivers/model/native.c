@@ -10,6 +10,10 @@
  * with up to TILE activation rows, so at one row the loop is bound by memory and at a few rows each
  * block is expanded once for all of them.
  *
+ * Beside the products, the small ops of a decode step that cost torch several kernel launches each:
+ * RMS norm, rotary embedding with the K/V write into the pool, decode attention read from the pool's
+ * blocks where they lie, and the feed-forward's silu(gate) * up.
+ *
  * Threads: torch's own OpenMP team (see split), work split by output rows.
  */
 #define _GNU_SOURCE
@@ -421,5 +425,74 @@ int llmos_attend(const float *q, int nd, int H, int KVH, int D, const void *k, c
             for (int d = 0; d < D; d++) o[g * D + d] = acc[g][d] / total[g];
     }
     free(buffer);
+    return 0;
+}
+
+static inline float load_act(const void *base, long at, int kind) {
+    if (kind == KV_F32) return ((const float *)base)[at];
+    uint32_t u = (uint32_t)((const uint16_t *)base)[at] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void store_kv(void *base, long at, int kind, float f) {
+    if (kind == KV_F32) {
+        ((float *)base)[at] = f;
+    } else if (kind == KV_BF16) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x00400000u;        /* NaN stays a (quiet) NaN */
+        else u += 0x7fffu + ((u >> 16) & 1u);                         /* round to nearest, ties to even */
+        ((uint16_t *)base)[at] = (uint16_t)(u >> 16);
+    } else {
+        ((uint16_t *)base)[at] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+}
+
+/* The attention's inputs of T tokens in one call: qkv [T, ld] (fp32 or bf16; q heads, then k, then v,
+ * each D wide) -> q rotated into q_out [T, H, D] fp32; k rotated and v as they are written to the
+ * pool's rows slots[t] (k, v: [rows, KVH, D] of kv_kind). rope [T, D/2, 2] holds each token's
+ * (cos, sin) per adjacent pair, which rotates (x0, x1) to (x0 c - x1 s, x0 s + x1 c). */
+int llmos_rope_store(const void *qkv, int in_kind, int T, int H, int KVH, int D, long ld, const float *rope,
+                     void *k, void *v, int kv_kind, const int64_t *slots, float *q_out) {
+    if (T < 1 || H < 1 || KVH < 1 || D < 2 || D % 2 || (in_kind != KV_F32 && in_kind != KV_BF16)
+        || kv_kind < 0 || kv_kind > 2 || ld < (long)(H + 2 * KVH) * D) return -1;
+    for (int t = 0; t < T; t++) {
+        const long row = (long)t * ld;
+        const float *cs = rope + (long)t * D;
+        for (int h = 0; h < H + KVH; h++) {
+            const long src = row + (long)h * D;
+            const long dst = h < H ? ((long)t * H + h) * D : (slots[t] * KVH + (h - H)) * D;
+            for (int i = 0; i < D / 2; i++) {
+                float x0 = load_act(qkv, src + 2 * i, in_kind), x1 = load_act(qkv, src + 2 * i + 1, in_kind);
+                float c = cs[2 * i], s = cs[2 * i + 1];
+                float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+                if (h < H) {
+                    q_out[dst + 2 * i] = y0;
+                    q_out[dst + 2 * i + 1] = y1;
+                } else {
+                    store_kv(k, dst + 2 * i, kv_kind, y0);
+                    store_kv(k, dst + 2 * i + 1, kv_kind, y1);
+                }
+            }
+        }
+        for (int h = 0; h < KVH; h++) {
+            const long src = row + (long)(H + KVH + h) * D, dst = (slots[t] * KVH + h) * D;
+            for (int d = 0; d < D; d++) store_kv(v, dst + d, kv_kind, load_act(qkv, src + d, in_kind));
+        }
+    }
+    return 0;
+}
+
+/* The feed-forward's gate: out[t, f] = silu(gu[t, f]) * gu[t, F + f], gu fp32 or bf16, out fp32 or bf16. */
+int llmos_silu_mul(const void *gu, int in_kind, int T, int F, void *out, int out_kind) {
+    if (T < 1 || F < 1 || (in_kind != KV_F32 && in_kind != KV_BF16) || (out_kind != KV_F32 && out_kind != KV_BF16))
+        return -1;
+    for (int t = 0; t < T; t++)
+        for (int f = 0; f < F; f++) {
+            float g = load_act(gu, (long)t * 2 * F + f, in_kind), u = load_act(gu, (long)t * 2 * F + F + f, in_kind);
+            store_kv(out, (long)t * F + f, out_kind, g / (1.0f + expf(-g)) * u);
+        }
     return 0;
 }

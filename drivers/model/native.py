@@ -86,6 +86,30 @@ class Library:
         return out
 
 
+    def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, rope: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Rotate q and k of qkv [T, (heads + 2 kv_heads) * D] (fp32 or bf16, rows contiguous) by rope
+        [T, D/2] (complex), write k and v to the pool rows `slots` of k, v [rows, kv_heads, D];
+        returns q [T, heads, D] fp32."""
+        t, dim = qkv.shape[0], k.shape[-1]
+        q = torch.empty((t, heads, dim), dtype=torch.float32)
+        cs = torch.view_as_real(rope)
+        if self.lib.llmos_rope_store(qkv.data_ptr(), KV_KINDS[qkv.dtype], t, heads, kv_heads, dim, qkv.stride(0),
+                                     cs.data_ptr(), k.data_ptr(), v.data_ptr(), KV_KINDS[k.dtype],
+                                     slots.data_ptr(), q.data_ptr()):
+            raise ValueError("native rope_store refused its arguments")
+        return q
+
+    def silu_mul(self, gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """silu(gate) * up of gate_up [T, 2F] (fp32 or bf16) -> [T, F] in dtype (fp32 or bf16)."""
+        t, width = gate_up.shape
+        out = torch.empty((t, width // 2), dtype=dtype)
+        if self.lib.llmos_silu_mul(gate_up.data_ptr(), KV_KINDS[gate_up.dtype], t, width // 2, out.data_ptr(),
+                                   KV_KINDS[dtype]):
+            raise ValueError("native silu_mul refused its arguments")
+        return out
+
+
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -168,6 +192,32 @@ def _self_test(lib: Library) -> None:
             p = torch.softmax(torch.einsum("hd,phd->hp", q[n], keys) * 0.25, -1)
             if not torch.allclose(got[n], torch.einsum("hp,phd->hd", p, vals), atol=1e-5):
                 raise RuntimeError(f"self-test: attention over a {dtype} pool differs from the reference")
+    for dtype in (torch.float32, torch.bfloat16):
+        gu = torch.randn(3, 40).to(dtype)
+        want = torch.nn.functional.silu(gu[:, :20].float()) * gu[:, 20:].float()
+        for out in (torch.float32, torch.bfloat16):
+            if not torch.allclose(lib.silu_mul(gu, out).float(), want.to(out).float(), atol=1e-2 if out != torch.float32 else 1e-5):
+                raise RuntimeError("self-test: silu_mul differs from torch's")
+    _test_rope_store(lib)
+
+
+def _test_rope_store(lib: Library) -> None:
+    heads, kvh, dim, t = 4, 2, 8, 3
+    angles = torch.rand(t, dim // 2, dtype=torch.float64) * 6
+    rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    for dtype in KV_KINDS:
+        qkv = torch.randn(t, (heads + 2 * kvh) * dim)
+        k, v = torch.zeros(10, kvh, dim, dtype=dtype), torch.zeros(10, kvh, dim, dtype=dtype)
+        slots = torch.tensor([7, 2, 5])
+        q = lib.rope_store(qkv, heads, kvh, rope, k, v, slots)
+        x = torch.view_as_complex(qkv[:, :(heads + kvh) * dim].reshape(t, heads + kvh, dim // 2, 2).contiguous())
+        turned = torch.view_as_real(x * rope.unsqueeze(1)).reshape(t, heads + kvh, dim)
+        ok = torch.allclose(q, turned[:, :heads], atol=1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        ok &= torch.allclose(k[slots].float(), turned[:, heads:], atol=tol, rtol=tol) and not k[[0, 1, 3]].any()
+        ok &= torch.equal(v[slots], qkv[:, (heads + kvh) * dim:].reshape(t, kvh, dim).to(dtype))
+        if not ok:
+            raise RuntimeError(f"self-test: rope_store into a {dtype} pool differs from torch's")
 
 
 def random_tensor(ggml_type: int, rows: int, cols: int, rng: np.random.Generator, name: str = "random") -> RawTensor:
@@ -220,6 +270,13 @@ def _load() -> Library:
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
     cdll.llmos_attend.restype = ctypes.c_int
+    cdll.llmos_rope_store.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    cdll.llmos_rope_store.restype = ctypes.c_int
+    cdll.llmos_silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_int]
+    cdll.llmos_silu_mul.restype = ctypes.c_int
     lib = Library(cdll, path)
     _self_test(lib)
     return lib

@@ -38,6 +38,7 @@ class Matrix:
     """
     layout = ""
     exact = False
+    wants = torch.bfloat16         # the activations' dtype its kernel takes (what a caller may hand it)
     __slots__ = ("shape", "types", "dense", "dense_rows")
 
     def __init__(self, shape: tuple[int, int], types: tuple[str, ...]):
@@ -123,6 +124,7 @@ class Native(Matrix):
     """The file's own blocks (mapped), multiplied by native.c: fp32 in, fp32 out, exact weights."""
     layout = "native"
     exact = True
+    wants = torch.float32
     __slots__ = ("parts", "lib", "args")
 
     def __init__(self, shape, types, parts: Sequence[RawTensor], lib):
@@ -154,6 +156,10 @@ class Dense(Matrix):
     @property
     def exact(self):
         return self.w.dtype == torch.float32
+
+    @property
+    def wants(self):
+        return torch.float32 if self.w.dtype != torch.bfloat16 else torch.bfloat16
 
     @property
     def layout(self):

@@ -97,6 +97,35 @@ def test_decode_attention_reads_the_pool_where_the_table_says(lib, dtype):
         torch.testing.assert_close(got[n], torch.einsum("hp,phd->hd", p, vals), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_rope_store_writes_the_pool_rows_and_rotates_adjacent_pairs(lib, dtype):
+    """q and k rotated pair by pair as llama.py's _rotate does, k and v written to their slots in
+    the pool's dtype, every other row untouched; from fp32 and from bf16 projections."""
+    from drivers.model.llama import _rotate
+    heads, kvh, dim, t = 9, 3, 64, 4
+    angles = torch.rand(t, dim // 2, dtype=torch.float64) * 50
+    rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    for source in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(t, (heads + 2 * kvh) * dim).to(source)
+        k, v = torch.zeros(20, kvh, dim, dtype=dtype), torch.zeros(20, kvh, dim, dtype=dtype)
+        slots = torch.tensor([19, 0, 7, 8])
+        q = lib.rope_store(qkv, heads, kvh, rope, k, v, slots)
+        turned = _rotate(qkv[:, :(heads + kvh) * dim].float().view(t, heads + kvh, dim), rope.unsqueeze(1))
+        torch.testing.assert_close(q, turned[:, :heads], atol=1e-5, rtol=1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(k[slots].float(), turned[:, heads:], atol=tol, rtol=tol)
+        assert torch.equal(v[slots], qkv[:, (heads + kvh) * dim:].float().view(t, kvh, dim).to(dtype))
+        others = [i for i in range(20) if i not in slots.tolist()]
+        assert not k[others].any() and not v[others].any()
+
+
+def test_silu_mul_matches_torch(lib):
+    gate_up = torch.randn(5, 3072) * 4
+    want = F.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    torch.testing.assert_close(lib.silu_mul(gate_up, torch.float32), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lib.silu_mul(gate_up, torch.bfloat16), lib.silu_mul(gate_up, torch.float32).to(torch.bfloat16))
+
+
 def test_attention_refuses_a_length_beyond_its_table(lib):
     k = v = torch.zeros(2, 4, 1, 8)
     with pytest.raises(ValueError, match="refused its arguments"):
