@@ -74,6 +74,7 @@ class Kernel:
         self.counters = dict.fromkeys((
             "messages", "calls", "bad_frames", "unknown_calls", "forged_service_messages",
             "replies_dropped", "disconnects", "retries", "kernel_bugs"), 0)
+        self.by_syscall = dict.fromkeys(BY_NAME, 0)      # calls made, by syscall name (kstat)
         self._sweeps: list[asyncio.TimerHandle] = []
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -190,6 +191,7 @@ class Kernel:
             shown = name[:wire.MAX_NAME] if type(name) is str else repr(name)[:wire.MAX_NAME]
             self.log.info("unknown_syscall", pid=proc.pid, call=shown)
             return self._reply(ident, wire.err(cid, "ENOSYS", f"no syscall named {shown!r}"))
+        self.by_syscall[name] += 1
         if cid in proc.in_flight:
             return self._reply(ident, wire.err(cid, "EPROTO", f"call id {cid} is already in flight"))
         if len(proc.in_flight) >= self.cfg.kernel.max_in_flight:

@@ -357,7 +357,8 @@ def sys_kstat(kernel, proc: Process, a: dict) -> dict:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {"counters": dict(kernel.counters, program_socket_wakeups=kernel.programs.wakeups),
             "rss": rss, "processes": len(kernel.table.procs),
-            "in_flight": sum(len(p.in_flight) for p in kernel.table)}
+            "in_flight": sum(len(p.in_flight) for p in kernel.table),
+            "syscalls": {name: n for name, n in kernel.by_syscall.items() if n}}
 
 
 def sys_shutdown(kernel, proc: Process, a: dict) -> None:

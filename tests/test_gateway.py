@@ -459,6 +459,37 @@ def test_require_key_listens_anywhere_and_answers_only_keys(home):
         system.shutdown()
 
 
+# -- /metrics ---------------------------------------------------------------------------------------
+def scrape(gw) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    r = httpx.get(gw.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_count_requests_tokens_syscalls_and_latency(gw, oai):
+    before = scrape(gw)
+    oai.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, extra_body={"ignore_eos": True})
+    assert post(gw, "/v1/chat/completions", {"model": "nonesuch", "messages": CHAT}).status_code == 404
+    after = scrape(gw)
+
+    def grew(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0)
+    assert grew("llmos_http_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert grew("llmos_http_requests_total", endpoint="/v1/chat/completions", status="404") == 1
+    assert grew("llmos_http_requests_total", endpoint="/metrics", status="200") == 1
+    assert grew("llmos_tokens_out_total", process="gateway") == 5
+    assert grew("llmos_syscalls_total", syscall="chat") == 2
+    assert grew("llmos_time_to_first_token_seconds_count") == 1
+    assert 1 <= grew("llmos_inter_token_latency_seconds_count") <= 4      # the tokens after the first chunk
+    assert after[("llmos_kv_blocks_total", ())] == 1024 and ("llmos_kv_blocks_used", ()) in after
+    assert after[("llmos_service_up", (("service", "inference"),))] == 1
+    assert after[("llmos_service_restarts_total", (("service", "cpu"),))] == 0
+    assert ("llmos_runqueue_requests", (("state", "running"),)) in after
+
+
 # -- shutting down ----------------------------------------------------------------------------------
 def test_requests_in_flight_at_shutdown_get_503_or_an_error_event():
     system = start_tiny()

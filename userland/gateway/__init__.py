@@ -1,4 +1,5 @@
-"""The HTTP gateway: llmos spoken as the OpenAI API (/v1) and Ollama's (/api), by a daemon.
+"""The HTTP gateway: llmos spoken as the OpenAI API (/v1) and Ollama's (/api), by a daemon,
+with Prometheus metrics (/metrics).
 
     python -m userland.gateway --listen 127.0.0.1:8790 [--require-key]
 
@@ -11,6 +12,7 @@ kernel frees the request's KV at once.
     __main__.py       the daemon: connect, refuse or bind, advertise, serve, stop
     app.py            the ASGI app: routes, shared errors, the process a request runs as
     keys.py           API keys: stored as hashes, each used key a process of its own
+    metrics.py        /metrics: the gateway's counters and histograms, and llmos's at each scrape
     openai_api.py     /v1/models, /v1/chat/completions, /v1/completions
     ollama_api.py     /api/chat, /api/generate, /api/tags, /api/ps, /api/show, /api/version
     params.py         request bodies checked and read into syscall arguments

@@ -1,15 +1,15 @@
-"""The gateway's ASGI application: the routes of both APIs, the errors every route shares, the one
-llmos connection requests are made on, and the start of a generation that both APIs stream.
+"""The gateway's ASGI application: the routes of both APIs and /metrics, the errors every route
+shares, and what every request shares (``Gateway``: the connection, the keys, the metrics).
 
-A request is made as the gateway's own llmos process (``ps`` shows its tokens). ``Gateway.caller``
-is the one place that decides which process a request runs as, so that API keys, each a process
-of its own, slot in there. What both APIs do with a generation is in generation.py.
+``Gateway.caller`` is the one place that decides which process a request runs as: its API key's,
+or the gateway's own. What both APIs do with a generation is in generation.py.
 """
 
 from __future__ import annotations
 
 import time
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,6 +21,7 @@ from syscalls.errors import LLMOSError
 
 from . import ollama_api, openai_api
 from .keys import KeyRing, bearer
+from .metrics import Metrics
 from .responses import OLLAMA, OPENAI, ApiError, from_llmos
 
 
@@ -32,6 +33,7 @@ class Gateway:
         self.conn, self.keys, self.log, self.require_key = conn, keys, log, require_key
         self.stopping = False
         self.started = time.time()
+        self.metrics: Metrics | None = None      # once build() knows the routes
 
     async def caller(self, request: Request) -> AsyncConnection:
         """The llmos process a request runs as: its key's, or without one the gateway's own, which
@@ -77,18 +79,28 @@ def build(gateway: Gateway) -> Starlette:
     async def root(request: Request) -> Response:
         return PlainTextResponse("llmos gateway: the OpenAI API under /v1, Ollama's under /api\n")
 
-    routes = [Route("/", root, methods=["GET", "HEAD"]),
+    async def metrics(request: Request) -> Response:
+        await gateway.caller(request)
+        try:
+            text = await gateway.metrics.render(gateway.conn)
+        except LLMOSError as e:
+            raise from_llmos(e) from None
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    routes = [Route("/", root, methods=["GET", "HEAD"]), Route("/metrics", metrics, methods=["GET"]),
               *openai_api.routes(gateway), *ollama_api.routes(gateway)]
+    gateway.metrics = Metrics([r.path for r in routes])
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: http_error, ApiError: api_error, Exception: bug})
-    return RequestLog(app, gateway.log)
+    return RequestLog(app, gateway.log, gateway.metrics)
 
 
 class RequestLog:
-    """One log line per request when its answer ends: method, path, status, milliseconds."""
+    """When a request's answer ends: one log line (method, path, status, milliseconds), and the
+    count of requests by endpoint and status."""
 
-    def __init__(self, app, log):
-        self.app, self.log = app, log
+    def __init__(self, app, log, metrics: Metrics):
+        self.app, self.log, self.metrics = app, log, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -102,5 +114,6 @@ class RequestLog:
         try:
             await self.app(scope, receive, sending)
         finally:
+            self.metrics.answered(scope["path"], status[0])
             self.log.info("request", method=scope["method"], path=scope["path"], status=status[0],
                           ms=round((time.monotonic() - began) * 1000, 1))

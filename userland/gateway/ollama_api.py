@@ -20,7 +20,7 @@ from starlette.routing import Route
 from syscalls.errors import LLMOSError
 
 from . import params
-from .generation import finish_reason, following, start
+from .generation import finish_reason, start
 from .responses import OLLAMA, ApiError, Sender, Watched, dumps, from_llmos, read_json
 
 # The Ollama API this gateway follows (clients check the version for the features they use).
@@ -73,21 +73,21 @@ def routes(gateway) -> list[Route]:
         if "prompt" not in r.args and "messages" not in r.args:     # generate, no prompt: "load"
             return await out.json(dict(r.record(""), done=True, done_reason="load"))
         call, param = ("generate", "prompt") if "prompt" in r.args else ("chat", "messages")
-        calls, chunk = await start(conn, call, r.args, param)
+        calls, chunk = await start(conn, call, r.args, param, gateway.metrics)
         try:
             if not stream:
                 texts, logprobs = [], []
                 while chunk is not None:
                     texts.append(chunk["text"])
                     logprobs += chunk.get("logprobs") or ()
-                    chunk = await following(calls)
+                    chunk = await calls.next()
                 return await out.json(r.last(calls.result, "".join(texts), logprobs))
             await out.start(200, "application/x-ndjson")
             try:
                 while chunk is not None:
                     if chunk["text"] or chunk.get("logprobs"):
                         await out.write(dumps(r.record(chunk["text"], chunk.get("logprobs"))) + b"\n")
-                    chunk = await following(calls)
+                    chunk = await calls.next()
                 await out.write(dumps(r.last(calls.result)) + b"\n")
             except LLMOSError as e:          # the stream broke (shutdown, a failed driver)
                 await out.write(dumps(from_llmos(e).body(OLLAMA)) + b"\n")

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from syscalls.errors import LLMOSError
 
 from . import params
-from .generation import finish_reason, following, start
+from .generation import finish_reason, start
 from .responses import OPENAI, ApiError, Sender, Watched, dumps, from_llmos, read_json
 
 
@@ -52,12 +52,12 @@ def routes(gateway) -> list[Route]:
 
     async def answer(out: Sender, conn, c: "Completion", stream: bool) -> None:
         call, param = ("chat", "messages") if c.chat else ("generate", "prompt")
-        calls, chunk = await start(conn, call, c.args, param)
+        calls, chunk = await start(conn, call, c.args, param, gateway.metrics)
         try:
             if not stream:
                 while chunk is not None:
                     c.add(chunk)
-                    chunk = await following(calls)
+                    chunk = await calls.next()
                 return await out.json(c.whole(calls.result))
             await out.start(200, "text/event-stream")
             if c.chat:
@@ -68,7 +68,7 @@ def routes(gateway) -> list[Route]:
                 while chunk is not None:
                     if chunk["text"] or chunk.get("logprobs"):
                         await out.write(_sse(c.piece(chunk)))
-                    chunk = await following(calls)
+                    chunk = await calls.next()
                 end = calls.result
                 await out.write(_sse(c.chunk({} if c.chat else "", finish_reason(end))))
                 if c.include_usage:
