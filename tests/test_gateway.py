@@ -277,6 +277,10 @@ def test_malformed_oversize_and_unknown_requests(gw):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = post(gw, "/v1/chat/completions", {"model": "nonesuch", "messages": CHAT})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = post(gw, "/api/chat", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert r.status_code == 400 and "lone surrogates" in r.json()["error"]      # JSON allows it, UTF-8 not
+    r = post(gw, "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "top_k": 10**30})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
     r = post(gw, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "fox " * 5000}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = post(gw, "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 2,
@@ -288,6 +292,45 @@ def test_malformed_oversize_and_unknown_requests(gw):
     with gw.connect() as c:
         entry = gateway_entry(c)
     assert entry["restarts"] == 0 and entry["advertised"]["url"] == gw.url     # it never died
+
+
+FIELDS = {
+    "/v1/chat/completions": ["model", "messages", "temperature", "top_p", "seed", "stop", "n",
+                             "logprobs", "top_logprobs", "stream_options", "response_format",
+                             "tools", "top_k", "min_p", "repetition_penalty", "ignore_eos"],
+    "/v1/completions": ["model", "prompt", "echo", "logprobs", "suffix", "best_of", "stop", "seed"],
+    "/api/chat": ["model", "messages", "options", "format", "tools", "logprobs", "top_logprobs"],
+    "/api/generate": ["model", "prompt", "system", "raw", "options", "images", "suffix"],
+    "/api/show": ["model", "name"],
+}
+LIMIT = {"max_tokens": 2, "stream": False, "options": {"num_predict": 2}}
+
+
+def test_no_body_a_client_sends_gets_a_500(gw):
+    """Any JSON in any field of any endpoint: a 2xx or a 4xx, never a 5xx, and the gateway lives.
+    GATEWAY_FUZZ=N tries N bodies (default 60)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | \
+        st.text(max_size=8) | st.sampled_from(["tiny", "user", "assistant", "text", "", -1, 0, 1, 2.5])
+    value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) |
+                         st.dictionaries(st.sampled_from(["role", "content", "type", "text", "num_predict",
+                                                          "temperature", "stop", "include_usage", "x"]),
+                                         inner, max_size=3), max_leaves=8)
+    valid = {"model": "tiny", "messages": CHAT, "prompt": "hi"}
+
+    @settings(max_examples=int(os.environ.get("GATEWAY_FUZZ", 60)), deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.sampled_from(sorted(FIELDS)), st.data())
+    def one(path, data):
+        body = dict(valid)
+        for field in data.draw(st.lists(st.sampled_from(FIELDS[path]), max_size=3, unique=True)):
+            body[field] = data.draw(value)
+        body.update(LIMIT if not isinstance(body.get("options"), dict) else
+                    dict(LIMIT, options=dict(body["options"], num_predict=2)))
+        r = post(gw, path, body)
+        assert r.status_code < 500, (path, body, r.text)
+    one()
+    with gw.connect() as c:
+        assert gateway_entry(c)["restarts"] == 0
 
 
 def test_a_full_quota_is_a_429_with_retry_after(gw, idle):

@@ -13,7 +13,7 @@ from syscalls import AsyncConnection
 from syscalls.client import AsyncStream
 from syscalls.errors import LLMOSError
 
-from .responses import from_llmos
+from .responses import ApiError, from_llmos
 
 
 class Generation:
@@ -56,6 +56,9 @@ async def start(conn: AsyncConnection, call: str, args: dict, param: str,
             return Generation(stream, metrics), None
     except LLMOSError as e:
         raise from_llmos(e, param) from None
+    except (UnicodeEncodeError, OverflowError) as e:     # JSON can say what msgpack cannot carry
+        raise ApiError(400, f"the request holds a value llmos cannot carry ({e}); strings must be "
+                            f"valid Unicode (no lone surrogates)", param=param) from None
     generation = Generation(stream, metrics)
     metrics.first_token(generation.last - began)
     return generation, first

@@ -19,6 +19,7 @@ _CHAT = BY_NAME["chat"].by_name
 MAX_TOKENS = int(_CHAT["max_tokens"].max)       # no limit asked: as many as the context leaves
 MAX_STOPS = int(_CHAT["stop"].max_len)
 MAX_TOP = int(_CHAT["logprobs"].max)
+MAX_TOP_K = int(_CHAT["top_k"].max)
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
@@ -108,7 +109,7 @@ def _sampling(f: Fields, args: dict, names: dict[str, str], ollama: bool = False
         if arg in limits:
             value = f.number(field, *limits[arg])
         elif arg == "top_k":
-            value = f.integer(field)
+            value = f.integer(field, None, MAX_TOP_K)
             value = None if value is None else max(0, value)    # -1 (vLLM) and 0 (Ollama): off
         elif arg == "seed":
             value = f.integer(field, None if ollama else 0, 2**63 - 1)
