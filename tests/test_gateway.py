@@ -502,6 +502,22 @@ def test_require_key_listens_anywhere_and_answers_only_keys(home):
         system.shutdown()
 
 
+def test_without_storage_keys_are_a_503_and_the_rest_works(home):
+    (home / "config.toml").write_text(FAST_SUPERVISION + '[services]\nenabled = ["tokenizer"]\n'
+                                      '[gateway]\nlisten = "127.0.0.1:0"\n')
+    system = Booted(home).boot()
+    try:
+        entry = advertised(system)
+        url = entry["advertised"]["url"]
+        r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer llmos-anything"})
+        assert r.status_code == 503 and "keys cannot be read" in r.json()["error"]["message"]
+        assert httpx.get(url + "/api/tags").status_code == 200
+        with system.connect() as c:
+            assert gateway_entry(c)["restarts"] == 0
+    finally:
+        system.shutdown()
+
+
 # -- /metrics ---------------------------------------------------------------------------------------
 def scrape(gw) -> dict:
     from prometheus_client.parser import text_string_to_metric_families

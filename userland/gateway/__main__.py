@@ -26,6 +26,7 @@ from syscalls.runtime.config import is_loopback, split_listen
 from syscalls.runtime.logs import setup
 
 RETRY_BIND_S = 2.0
+STOP_GRACE_S = 5      # told to stop, answers in flight get this long, then are cancelled
 
 
 def refusal(host: str, require_key: bool) -> str | None:
@@ -88,8 +89,8 @@ async def serve(args, log) -> int:
         await keys.start()
         gateway = Gateway(conn, keys, log, require_key=args.require_key)
         server = QuietServer(uvicorn.Config(build(gateway), log_config=None, access_log=False,
-                                            lifespan="off", http="httptools",
-                                            server_header=False))
+                                            lifespan="off", http="httptools", server_header=False,
+                                            timeout_graceful_shutdown=STOP_GRACE_S))
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
         url = url_of(sock)
         await advertise(conn, log, state="listening", url=url)

@@ -95,6 +95,7 @@ class KeyRing:
         self.by_hash: dict[str, dict] = {}
         self.procs: dict[str, tuple[str, asyncio.Task]] = {}   # name -> (its hash, its connection)
         self.loaded_at = 0.0
+        self.unreadable: str | None = None        # why the last load failed (storage down)
         self._listener: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -115,17 +116,14 @@ class KeyRing:
                 return
 
     async def load(self) -> None:
-        try:
-            names = [e["key"] for e in await self.conn.list(PREFIX, ns=NS)]
-        except errors.ENOENT:           # no key was ever added
-            names = []
-        records = []
-        for name in names:
-            try:
-                records.append((await self.conn.get(name, ns=NS))["value"])
-            except errors.ENOENT:       # removed since the list
-                pass
         self.loaded_at = time.monotonic()
+        try:
+            records = await self._records()
+        except errors.LLMOSError as e:      # storage is down or not enabled: keep what is known
+            self.unreadable = f"the keys cannot be read: {e}"
+            self.log.warning("keys_unreadable", error=str(e))
+            return
+        self.unreadable = None
         self.by_hash = {r["hash"]: r for r in records}
         current = {r["name"]: r["hash"] for r in records}
         for name, (hashed, opening) in list(self.procs.items()):
@@ -133,6 +131,23 @@ class KeyRing:
                 del self.procs[name]
                 self.log.info("key_removed", key=name)
                 asyncio.ensure_future(_close(opening))
+
+    async def _records(self) -> list[dict]:
+        try:
+            names = [e["key"] for e in await self.conn.list(PREFIX, ns=NS)]
+        except errors.ENOENT:           # no key was ever added
+            return []
+        records = []
+        for name in names:
+            try:
+                record = (await self.conn.get(name, ns=NS))["value"]
+            except errors.ENOENT:       # removed since the list
+                continue
+            if _well_formed(record):
+                records.append(record)
+            else:                       # written by hand into the namespace: not a key
+                self.log.warning("key_malformed", key=name)
+        return records
 
     async def caller(self, token: str | None) -> Any:
         """The connection a request with this bearer token runs as; None for no key (nothing, or
@@ -144,6 +159,8 @@ class KeyRing:
         if record is None and time.monotonic() - self.loaded_at > RELOAD_S:
             await self.load()
             record = self.by_hash.get(hashed)
+        if record is None and self.unreadable:
+            raise ApiError(503, self.unreadable, code="service_unavailable", retry_after=5)
         if record is None:
             raise ApiError(401, "the API key is not known to llmos (removed, or mistyped); "
                                 "`llmos keys list` shows the keys there are", code="invalid_api_key")
@@ -177,6 +194,13 @@ class KeyRing:
             await self.news.abort()
         for _, opening in self.procs.values():
             await _close(opening)
+
+
+def _well_formed(record: Any) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("name"), str) and \
+        isinstance(record.get("hash"), str) and type(record.get("priority")) is int and \
+        isinstance(record.get("limits"), dict) and \
+        all(r in MODEL_LIMITS and type(n) is int for r, n in record["limits"].items())
 
 
 async def _close(opening: asyncio.Task) -> None:
