@@ -88,8 +88,9 @@ class Fields:
 
 
 def _range(lo: float | None, hi: float | None) -> str:
-    show = lambda x: "" if x is None else (str(int(x)) if float(x).is_integer() else str(x))  # noqa: E731
-    return f"[{show(lo)}, {show(hi)}]" if hi is not None else f"[{show(lo)}, ...)"
+    def show(x: float | None) -> str:
+        return "" if x is None else str(int(x)) if float(x).is_integer() else str(x)
+    return ("(..." if lo is None else f"[{show(lo)}") + (", ...)" if hi is None else f", {show(hi)}]")
 
 
 def model_name(f: Fields, name: str = "model") -> str:
