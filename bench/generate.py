@@ -127,13 +127,16 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--dense-copy", default="auto", choices=("auto", "never", "always"),
                     help="[driver] dense_copy for the booted llmos and the in-process runner")
+    ap.add_argument("--native", default="auto", choices=("auto", "never", "always"),
+                    help="[driver] native (llmos's compiled kernels) for the booted llmos and the in-process runner")
     ap.add_argument("--prefill", type=int, default=1000,
                     help="also time the prefill of a prompt of about this many tokens (0: skip)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each path per N, interleaved; the best (by aggregate) is shown")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="llmos-bench-", dir="/tmp"))
-    (home / "config.toml").write_text(f'[driver]\nkv_blocks = {KV_BLOCKS}\ndense_copy = "{args.dense_copy}"\n')
+    (home / "config.toml").write_text(f'[driver]\nkv_blocks = {KV_BLOCKS}\ndense_copy = "{args.dense_copy}"\n'
+                                      f'native = "{args.native}"\n[gateway]\nenabled = false\n')
     env = dict(os.environ, LLMOS_HOME=str(home), PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-m", "userland.llmos", "boot"], env=env, check=True)
     try:
@@ -143,7 +146,7 @@ def main() -> None:
         model = smollm_path()
         cache = home / "data" / "models" / "cache"
         runner = ModelRunner.from_gguf(model, cache, num_blocks=KV_BLOCKS, dense_copy=args.dense_copy,
-                                       dense_copy_budget=1 << 34)
+                                       dense_copy_budget=1 << 34, native=args.native)
         tokenizer = Tokenizer.from_gguf(model)
         with syscalls.connect(home) as c:
             driver_pid = next(s["pid"] for s in c.services() if is_driver(s["name"]))

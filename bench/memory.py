@@ -44,7 +44,7 @@ def boot_and_measure(model: Path, dense_copy: str, tokens: int) -> dict:
     home = Path(tempfile.mkdtemp(prefix="llmos-mem-", dir="/tmp"))
     (home / "config.toml").write_text(
         f'[driver]\nmodel = "{model}"\nkv_blocks = {POOL_TOKENS // BLOCK}\nblock_size = {BLOCK}\n'
-        f'dense_copy = "{dense_copy}"\n')
+        f'dense_copy = "{dense_copy}"\n[gateway]\nenabled = false\n')
     env = dict(os.environ, LLMOS_HOME=str(home), PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-m", "userland.llmos", "boot"], env=env, check=True,
                    stdout=subprocess.DEVNULL)

@@ -40,7 +40,7 @@ class System:
 
     def __init__(self, config: str = ""):
         self.home = Path(tempfile.mkdtemp(prefix="llmos-bench-", dir="/tmp"))
-        (self.home / "config.toml").write_text("[driver]\nkv_blocks = 2048\n" + config)
+        (self.home / "config.toml").write_text("[driver]\nkv_blocks = 2048\n" + config + "\n[gateway]\nenabled = false\n")
         self.env = dict(os.environ, LLMOS_HOME=str(self.home), PYTHONPATH=str(ROOT))
 
     def __enter__(self) -> "System":
