@@ -336,7 +336,7 @@ void llmos_rms_norm(const float *restrict x, const float *restrict w, int R, int
         const float *xr = x + (long)r * K;
         float *o = out + (long)r * K;
         float ss = 0.0f;
-#pragma GCC ivdep
+#pragma omp simd reduction(+ : ss)
         for (int k = 0; k < K; k++) ss += xr[k] * xr[k];
         float inv = 1.0f / sqrtf(ss / (float)K + eps);
         for (int k = 0; k < K; k++) o[k] = xr[k] * inv * w[k];
@@ -345,20 +345,64 @@ void llmos_rms_norm(const float *restrict x, const float *restrict w, int R, int
 
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 
+/* e^x to ~2 ulp, in arithmetic the compiler vectorises (libm's expf is vectorised only under
+ * -ffast-math): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7 Taylor-like minimax polynomial,
+ * 2^n put in the exponent bits. Inputs are clamped to [-87, 88], where float neither under- nor
+ * overflows; softmax's shifted scores and silu's -x stay far inside in practice. */
+static inline float exp_vec(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = floorf(x * 1.44269504f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline void kv_row(const void *base, long at, int kind, int D, float *restrict out) {
     if (kind == KV_F32) {
         memcpy(out, (const float *)base + at, sizeof(float) * D);
     } else if (kind == KV_BF16) {
-        const uint16_t *src = (const uint16_t *)base + at;
-        for (int d = 0; d < D; d++) {
-            uint32_t u = (uint32_t)src[d] << 16;
-            memcpy(out + d, &u, 4);
-        }
+        const uint16_t *restrict src = (const uint16_t *)base + at;
+#pragma omp simd
+        for (int d = 0; d < D; d++) out[d] = bf16_to_f32(src[d]);
     } else {
-        const uint16_t *src = (const uint16_t *)base + at;
+        const uint16_t *restrict src = (const uint16_t *)base + at;
         for (int d = 0; d < D; d++) out[d] = _cvtsh_ss(src[d]);
     }
 }
+
+#ifdef VEC
+/* VEC values of a pool row as fp32, straight into a register */
+static inline vf kv_vec(const void *base, long at, int kind) {
+#if VEC == 16
+    if (kind == KV_F32) return _mm512_loadu_ps((const float *)base + at);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + at));
+    if (kind == KV_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+#else
+    if (kind == KV_F32) return _mm256_loadu_ps((const float *)base + at);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + at));
+    if (kind == KV_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+#endif
+}
+#define ATTEND_REGS 8          /* a head of up to 8 * VEC values is held in registers */
+#endif
 
 /* Decode attention over the paged KV pool, one query token per sequence: for sequence n and query
  * head h (sharing kv head h / G), softmax(scale * q . k_p) over positions p < lengths[n], times v_p.
@@ -368,7 +412,8 @@ static inline void kv_row(const void *base, long at, int kind, int D, float *res
 int llmos_attend(const float *q, int nd, int H, int KVH, int D, const void *k, const void *v, int kind,
                  int block_size, const int64_t *tables, int max_blocks, const int32_t *lengths, float scale,
                  float *out) {
-    if (nd < 1 || KVH < 1 || H % KVH || D < 1 || D > 512 || block_size < 1 || (kind < 0 || kind > 2)) return -1;
+    if (nd < 1 || KVH < 1 || H % KVH || H / KVH > 8 || D < 1 || D > 512 || block_size < 1 || kind < 0 || kind > 2)
+        return -1;
     const int G = H / KVH;
     int longest = 0;
     for (int n = 0; n < nd; n++) {
@@ -388,41 +433,85 @@ int llmos_attend(const float *q, int nd, int H, int KVH, int D, const void *k, c
     for (int task = 0; task < tasks; task++) {
         const int n = task / KVH, kvh = task % KVH, len = lengths[n];
 #ifdef _OPENMP
-        float (*scores)[longest] = (float (*)[longest])(buffer + (size_t)omp_get_thread_num() * G * longest);
+        float *restrict scores = buffer + (size_t)omp_get_thread_num() * G * longest;
 #else
-        float (*scores)[longest] = (float (*)[longest])buffer;
+        float *restrict scores = buffer;
 #endif
-        float row[512], acc[G][D];
+        float row_[512], acc_[8 * 512];
+        float *restrict row = row_;
         const float *qn = q + ((long)n * H + (long)kvh * G) * D;
+#ifdef VEC
+        const int regs = D % VEC == 0 && D / VEC <= ATTEND_REGS ? D / VEC : 0;
+#else
+        const int regs = 0;
+        (void)regs;
+#endif
         for (int p = 0; p < len; p++) {
             long at = ((tables[(long)n * max_blocks + p / block_size] * block_size + p % block_size) * KVH + kvh) * D;
+#ifdef VEC
+            if (regs) {                         /* the key in registers, dotted with each query head */
+                vf kr[ATTEND_REGS];
+                for (int c = 0; c < regs; c++) kr[c] = kv_vec(k, at + c * VEC, kind);
+                for (int g = 0; g < G; g++) {
+                    vf a0 = vzero(), a1 = vzero();
+                    int c = 0;
+                    for (; c + 1 < regs; c += 2) {
+                        a0 = vfma(kr[c], vload(qn + g * D + c * VEC), a0);
+                        a1 = vfma(kr[c + 1], vload(qn + g * D + (c + 1) * VEC), a1);
+                    }
+                    if (c < regs) a0 = vfma(kr[c], vload(qn + g * D + c * VEC), a0);
+                    scores[(long)g * longest + p] = vsum(vadd(a0, a1)) * scale;
+                }
+                continue;
+            }
+#endif
             kv_row(k, at, kind, D, row);
             for (int g = 0; g < G; g++) {
+                const float *restrict qg = qn + g * D;
                 float s = 0.0f;
-                for (int d = 0; d < D; d++) s += qn[g * D + d] * row[d];
-                scores[g][p] = s * scale;
+#pragma omp simd reduction(+ : s)
+                for (int d = 0; d < D; d++) s += qg[d] * row[d];
+                scores[(long)g * longest + p] = s * scale;
             }
         }
-        float total[G];
+        float total[8];
         for (int g = 0; g < G; g++) {
-            float m = scores[g][0];
-            for (int p = 1; p < len; p++) m = scores[g][p] > m ? scores[g][p] : m;
+            float *restrict sg = scores + (long)g * longest;
+            float m = sg[0];
+            for (int p = 1; p < len; p++) m = sg[p] > m ? sg[p] : m;
             float t = 0.0f;
-            for (int p = 0; p < len; p++) t += (scores[g][p] = expf(scores[g][p] - m));
+#pragma omp simd reduction(+ : t)
+            for (int p = 0; p < len; p++) {
+                sg[p] = exp_vec(sg[p] - m);
+                t += sg[p];
+            }
             total[g] = t;
-            for (int d = 0; d < D; d++) acc[g][d] = 0.0f;
         }
+        for (int x = 0; x < G * D; x++) acc_[x] = 0.0f;
         for (int p = 0; p < len; p++) {
             long at = ((tables[(long)n * max_blocks + p / block_size] * block_size + p % block_size) * KVH + kvh) * D;
+#ifdef VEC
+            if (regs) {
+                vf vr[ATTEND_REGS];
+                for (int c = 0; c < regs; c++) vr[c] = kv_vec(v, at + c * VEC, kind);
+                for (int g = 0; g < G; g++) {
+                    const vf wgt = vset(scores[(long)g * longest + p]);
+                    float *a = acc_ + g * D;
+                    for (int c = 0; c < regs; c++) vstore(a + c * VEC, vfma(wgt, vr[c], vload(a + c * VEC)));
+                }
+                continue;
+            }
+#endif
             kv_row(v, at, kind, D, row);
             for (int g = 0; g < G; g++) {
-                const float wgt = scores[g][p];
-                for (int d = 0; d < D; d++) acc[g][d] += wgt * row[d];
+                const float wgt = scores[(long)g * longest + p];
+                float *a = acc_ + g * D;
+                for (int d = 0; d < D; d++) a[d] += wgt * row[d];
             }
         }
         float *o = out + ((long)n * H + (long)kvh * G) * D;
         for (int g = 0; g < G; g++)
-            for (int d = 0; d < D; d++) o[g * D + d] = acc[g][d] / total[g];
+            for (int d = 0; d < D; d++) o[g * D + d] = acc_[g * D + d] / total[g];
     }
     free(buffer);
     return 0;
@@ -436,15 +525,19 @@ static inline float load_act(const void *base, long at, int kind) {
     return f;
 }
 
+/* fp32 -> bf16, rounding to nearest, ties to even (as torch); a NaN stays a (quiet) NaN */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u), quiet = u | 0x00400000u;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded) >> 16);
+}
+
 static inline void store_kv(void *base, long at, int kind, float f) {
     if (kind == KV_F32) {
         ((float *)base)[at] = f;
     } else if (kind == KV_BF16) {
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x00400000u;        /* NaN stays a (quiet) NaN */
-        else u += 0x7fffu + ((u >> 16) & 1u);                         /* round to nearest, ties to even */
-        ((uint16_t *)base)[at] = (uint16_t)(u >> 16);
+        ((uint16_t *)base)[at] = f32_to_bf16(f);
     } else {
         ((uint16_t *)base)[at] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     }
@@ -489,10 +582,30 @@ int llmos_rope_store(const void *qkv, int in_kind, int T, int H, int KVH, int D,
 int llmos_silu_mul(const void *gu, int in_kind, int T, int F, void *out, int out_kind) {
     if (T < 1 || F < 1 || (in_kind != KV_F32 && in_kind != KV_BF16) || (out_kind != KV_F32 && out_kind != KV_BF16))
         return -1;
+    float row[4096];
     for (int t = 0; t < T; t++)
-        for (int f = 0; f < F; f++) {
-            float g = load_act(gu, (long)t * 2 * F + f, in_kind), u = load_act(gu, (long)t * 2 * F + F + f, in_kind);
-            store_kv(out, (long)t * F + f, out_kind, g / (1.0f + expf(-g)) * u);
+        for (int f0 = 0; f0 < F; f0 += 4096) {
+            const int n = F - f0 < 4096 ? F - f0 : 4096;
+            const long g0 = (long)t * 2 * F + f0, u0 = g0 + F;
+            if (in_kind == KV_F32) {
+                const float *gp = (const float *)gu + g0, *up = (const float *)gu + u0;
+#pragma omp simd
+                for (int f = 0; f < n; f++) row[f] = gp[f] / (1.0f + exp_vec(-gp[f])) * up[f];
+            } else {
+                const uint16_t *gp = (const uint16_t *)gu + g0, *up = (const uint16_t *)gu + u0;
+#pragma omp simd
+                for (int f = 0; f < n; f++) {
+                    float g = bf16_to_f32(gp[f]), u = bf16_to_f32(up[f]);
+                    row[f] = g / (1.0f + exp_vec(-g)) * u;
+                }
+            }
+            if (out_kind == KV_F32) {
+                memcpy((float *)out + (long)t * F + f0, row, sizeof(float) * n);
+            } else {
+                uint16_t *o = (uint16_t *)out + (long)t * F + f0;
+#pragma omp simd
+                for (int f = 0; f < n; f++) o[f] = f32_to_bf16(row[f]);
+            }
         }
     return 0;
 }
