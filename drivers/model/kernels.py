@@ -43,8 +43,9 @@ NATIVE_CHOICES = ("auto", "never", "always")
 FASTER = 0.9                 # a dense copy must take at most 90% of the held product's time to be kept
 
 
-def machine_key() -> str:
-    """CPU model and flags, torch version and threads: what a measurement is valid for."""
+def machine_key(device: torch.device | str = "cpu") -> str:
+    """CPU model and flags, torch version and threads (and the device, when not the CPU): what a
+    measurement is valid for."""
     cpu = platform.processor() or ""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -53,15 +54,21 @@ def machine_key() -> str:
     except OSError:
         model, flags = cpu, ""
     raw = f"{model}|{hashlib.sha256(flags.encode()).hexdigest()[:12]}|{torch.__version__}|{torch.get_num_threads()}"
+    device = torch.device(device)
+    if device.type != "cpu":
+        raw += f"|{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
     return raw
 
 
-def _time(fn, repeat: int = 7) -> float:
+def _time(fn, repeat: int = 7, device: torch.device | None = None) -> float:
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeat):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -71,15 +78,15 @@ def matrix_key(m: Matrix) -> str:
 
 
 @torch.inference_mode()
-def measure(m: Matrix, dtype: torch.dtype) -> dict[str, Any]:
+def measure(m: Matrix, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Any]:
     """Microseconds of the held product and of a bf16 dense copy, at each row count in ROWS."""
     dense = m.to_dense()
     held, copy = {}, {}
     for rows in ROWS:
-        x = torch.randn(rows, m.shape[1]).to(dtype)
-        held[str(rows)] = _time(lambda: m.product(x)) * 1e6     # str keys: the record is JSON
+        x = torch.randn(rows, m.shape[1], device=dense.device).to(dtype)
+        held[str(rows)] = _time(lambda: m.product(x), device=device) * 1e6     # str keys: the record is JSON
         xb = x.to(torch.bfloat16)
-        copy[str(rows)] = _time(lambda: torch.nn.functional.linear(xb, dense)) * 1e6
+        copy[str(rows)] = _time(lambda: torch.nn.functional.linear(xb, dense), device=device) * 1e6
     wins = [r for r in ROWS if copy[str(r)] <= FASTER * held[str(r)]]
     # the crossover is where the copy wins from there on up, not one lucky row count
     crossover = next((r for r in ROWS if all(w in wins for w in ROWS if w >= r)), None)
@@ -177,8 +184,8 @@ def choose(model, cache_dir: str | os.PathLike | None, dense_copy: str = "auto",
     if dense_copy not in DENSE_CHOICES:
         raise ValueError(f"dense_copy must be one of {', '.join(DENSE_CHOICES)}, not {dense_copy!r}")
     matrices = model.matrices()
-    plan = {"machine": machine_key(), "dense_copy": dense_copy, "budget": budget, "dense_bytes": 0, "kinds": {}}
-    if model.device.type != "cpu" or dense_copy == "never":
+    plan = {"machine": machine_key(model.device), "dense_copy": dense_copy, "budget": budget, "dense_bytes": 0, "kinds": {}}
+    if dense_copy == "never":
         return plan
     cache = Path(cache_dir) if cache_dir is not None else None
     record = _load_record(cache)
@@ -186,12 +193,12 @@ def choose(model, cache_dir: str | os.PathLike | None, dense_copy: str = "auto",
     kinds: dict[str, list[Matrix]] = {}
     for _, m in matrices:
         # only int4 matrices get copies: a dense one is its own, and an fp32 file's products stay fp32
-        if "int4pack" in m.layout or "native" in m.layout:
+        if any(kind in m.layout for kind in ("int4pack", "native", "blocks")):
             kinds.setdefault(matrix_key(m), []).append(m)
     changed = False
     for key, group in kinds.items():
         if key not in mine:
-            mine[key] = measure(group[0], model.dtype)
+            mine[key] = measure(group[0], model.dtype, model.device)
             changed = True
     if changed:
         _save_record(cache, record)

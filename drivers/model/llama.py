@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -93,11 +94,11 @@ class _Embedding:
     def __init__(self, dense: torch.Tensor | None, raw, device: torch.device):
         self.dense, self.raw, self.device = dense, raw, device
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        """tokens on the model's device, ids the same on the host (a file lookup needs no copy back)."""
         if self.dense is not None:
             return F.embedding(tokens, self.dense).float()
-        rows = tokens.cpu().numpy()
-        return torch.from_numpy(self.raw.dequantize(rows)).to(self.device)
+        return torch.from_numpy(self.raw.dequantize(np.asarray(ids, dtype=np.int64))).to(self.device)
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +128,7 @@ class _Prefill:
 @dataclass
 class _Plan:
     tokens: torch.Tensor          # [T] in internal order: all decode tokens first, then prompt chunks
+    token_ids: list[int]          # the same, on the host
     rope: torch.Tensor            # [T, head_dim / 2] complex
     slots: torch.Tensor           # [T] pool row each token's K/V is written to
     n_decode: int
@@ -148,7 +150,8 @@ class Llama:
     """
 
     def __init__(self, mf: ModelFile, max_positions: int | None = None, device: str | torch.device = "cpu",
-                 kv_dtype: str | torch.dtype | None = None, progress: Progress | None = None, native=None):
+                 kv_dtype: str | torch.dtype | None = None, progress: Progress | None = None, native=None,
+                 blocks: bool | None = None):
         c = self.config = mf.config
         self.device = torch.device(device)
         self.group = c.n_heads // c.n_kv_heads
@@ -163,7 +166,7 @@ class Llama:
             try:
                 # a natively run tensor is the file's own blocks, mapped; the others are read and repacked
                 m = quant.hold([mf.memmap(n) if native is not None and native.wants(mf.tensors[n]) else mf.read(n)
-                                for n in names], self.device, native)
+                                for n in names], self.device, native, blocks)
             except quant.BadTensor as e:
                 raise CorruptModelError(f"{mf.path}: {e}") from None
             done += sum(mf.tensors[n].nbytes for n in names)
@@ -260,7 +263,7 @@ class Llama:
         ops, eps, scale = self.ops, c.rms_eps, D ** -0.5
         norm = (lambda v, w: ops.rms_norm(v, w, eps)) if ops is not None else \
             (lambda v, w: F.rms_norm(v, (c.hidden,), w, eps))
-        x = self.embed(plan.tokens)                               # the residual stream: fp32
+        x = self.embed(plan.tokens, plan.token_ids)               # the residual stream: fp32
         only_decode = not plan.prefills            # then attention's output is the whole batch's, as is
         attn = None if only_decode else torch.empty((T, q_dim), dtype=kvt, device=x.device)
         for i, layer in enumerate(self.layers):
@@ -414,7 +417,7 @@ class Llama:
                 rows.append(first_row[i] + n - 1)
             elif ch.logits == "all":
                 rows.extend(range(first_row[i], first_row[i] + n))
-        return _Plan(tokens=torch.tensor(tokens, device=dev),
+        return _Plan(tokens=torch.tensor(tokens, device=dev), token_ids=tokens,
                      rope=self.rope_table[torch.tensor(positions, device=dev)],
                      slots=torch.tensor(slots, device=dev), n_decode=len(decode), decode_blocks=decode_blocks,
                      decode_keys=decode_keys, decode_mask=decode_mask, decode_lengths=decode_lengths,

@@ -146,6 +146,62 @@ class Native(Matrix):
         return torch.cat([torch.from_numpy(t.dequantize()).to(torch.bfloat16) for t in self.parts])
 
 
+class Blocks(Matrix):
+    """Off the CPU: each weight's unsigned value u (two to a byte for 4-bit types, one for 5- to 8-bit)
+    with a scale and offset per group of the type's (32, or Q6_K's 16), in fp16, on the device; a
+    product expands ROWS_AT_ONCE rows at a time to bf16 and multiplies them there (dequantise on the
+    fly). The same torch code runs on any device, so the CPU tests it."""
+    layout = "blocks"
+    __slots__ = ("u", "scale", "offset", "packed", "group")
+
+    ROWS_AT_ONCE = 4096
+
+    def __init__(self, shape, types, parts: Sequence[RawTensor], device: torch.device):
+        super().__init__(shape, types)
+        row = parts[0].row
+        self.group, self.packed = row.group, row.bits <= 4
+        us, scales, offsets = [], [], []
+        for t in parts:
+            blocks = t.blocks()
+            for r in range(0, t.shape[0], CHUNK_ROWS):
+                u, scale, offset = t.row.unpack(blocks[r:r + CHUNK_ROWS])
+                _check_finite(t, r, scale, offset)
+                if self.packed:
+                    u = u[:, 0::2] | (u[:, 1::2] << 4)
+                scale, offset = scale.astype(np.float16), offset.astype(np.float16)
+                if not (np.isfinite(scale).all() and np.isfinite(offset).all()):
+                    raise BadTensor(f"tensor {t.name} (offset {t.offset}): a scale from row {r} on overflows fp16")
+                us.append(torch.from_numpy(np.ascontiguousarray(u)).to(device))
+                scales.append(torch.from_numpy(scale).to(device))
+                offsets.append(torch.from_numpy(offset).to(device))
+        self.u, self.scale, self.offset = torch.cat(us), torch.cat(scales), torch.cat(offsets)
+
+    @property
+    def nbytes(self):
+        return self.u.nbytes + self.scale.nbytes + self.offset.nbytes
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows a..b as bf16 [b - a, in]."""
+        u = self.u[a:b]
+        if self.packed:
+            u = torch.stack((u & 0x0F, u >> 4), dim=-1).view(b - a, -1)
+        # in fp32: u * scale and offset nearly cancel for Q8_0's u = q + 128, which fp16 could not hold
+        w = torch.addcmul(self.offset[a:b, :, None].float(), u.view(b - a, -1, self.group).float(),
+                          self.scale[a:b, :, None].float())
+        return w.view(b - a, -1).to(torch.bfloat16)
+
+    def product(self, x):
+        x = x.to(torch.bfloat16)
+        if self.shape[0] <= self.ROWS_AT_ONCE:
+            return F.linear(x, self._rows(0, self.shape[0]))
+        return torch.cat([F.linear(x, self._rows(a, min(a + self.ROWS_AT_ONCE, self.shape[0])))
+                          for a in range(0, self.shape[0], self.ROWS_AT_ONCE)], dim=-1)
+
+    def to_dense(self):
+        return torch.cat([self._rows(a, min(a + self.ROWS_AT_ONCE, self.shape[0]))
+                          for a in range(0, self.shape[0], self.ROWS_AT_ONCE)])
+
+
 class Dense(Matrix):
     __slots__ = ("w",)
 
@@ -220,11 +276,15 @@ def _dense_of(t: RawTensor, device: torch.device) -> torch.Tensor:
     return w.to(device)
 
 
-def layout_for(t: RawTensor, device: torch.device, native=None) -> str:
+def layout_for(t: RawTensor, device: torch.device, native=None, blocks: bool | None = None) -> str:
     """The layout this tensor gets on this device: native where `native` (kernels.NativeChoice) says it
-    measured faster, else the table's, unless its kernel cannot run it here."""
+    measured faster, else the table's, unless its kernel cannot run it here. Off the CPU (or with
+    `blocks`) a quantised type with an unpacker is held as Blocks, in its own width."""
     if native is not None and device.type == "cpu" and native.wants(t) and int(t.ggml_type) in native.lib.types:
         return "native"
+    if (device.type != "cpu" if blocks is None else blocks) and t.row.unpack is not None \
+            and t.shape[1] % t.row.block == 0:
+        return "blocks"
     layout = t.row.layout
     if layout == "int4pack" and (device.type != "cpu" or t.shape[1] % GROUP or t.shape[0] % 16):
         return "bf16"
@@ -253,18 +313,23 @@ def _check_scales(t: RawTensor) -> None:
         raise BadTensor(f"tensor {t.name} (offset {t.offset}): row {bad} has a scale that is not a finite number")
 
 
-def hold(parts: Sequence[RawTensor], device: torch.device, native=None) -> Matrix:
+def hold(parts: Sequence[RawTensor], device: torch.device, native=None, blocks: bool | None = None) -> Matrix:
     """One matrix made of `parts` stacked along the output dimension, each in its best layout here;
-    `native` (kernels.NativeChoice or None) says which run on the compiled kernel."""
-    layouts = [layout_for(t, device, native) for t in parts]
+    `native` (kernels.NativeChoice or None) says which run on the compiled kernel, `blocks` whether
+    quantised types are held as Blocks (default: off the CPU)."""
+    layouts = [layout_for(t, device, native, blocks) for t in parts]
     planes = {t.row.planes for t in parts}
-    if len(set(layouts)) > 1 or (layouts[0] == "int4pack" and len(planes) > 1):
-        return Stacked([hold([t], device, native) for t in parts])
+    widths = {(t.row.bits <= 4, t.row.group) for t in parts}
+    if len(set(layouts)) > 1 or (layouts[0] == "int4pack" and len(planes) > 1) or \
+            (layouts[0] == "blocks" and len(widths) > 1):
+        return Stacked([hold([t], device, native, blocks) for t in parts])
     layout, inp = layouts[0], parts[0].shape[1]
     shape = (sum(t.shape[0] for t in parts), inp)
     types = tuple(t.row.name for t in parts)
     if layout == "native":
         return Native(shape, types, parts, native.lib)
+    if layout == "blocks":
+        return Blocks(shape, types, parts, device)
     if layout == "int4pack":
         return Int4Pack(shape, types, parts)
     dense = [_dense_of(t, device) for t in parts]

@@ -107,6 +107,17 @@ def unpack_q5_k(b):            # 176 bytes per 256: d, dmin, 12 scale bytes, 32 
     return ((lo | (hi << 4)).reshape(rows, -1), *_k_scales(b))
 
 
+def unpack_q6_k(b):            # 210 bytes per 256: 128 low-nibble bytes, 64 bytes of high 2 bits, 16 int8 scales, d
+    rows, nb = b.shape[:2]
+    ql = b[..., :128].reshape(rows, nb, 2, 64)                       # two halves of 128 weights
+    qh = b[..., 128:192].reshape(rows, nb, 2, 32)
+    lo_a, lo_b = ql[..., :32], ql[..., 32:]
+    u = np.stack([(lo_a & 0x0F) | ((qh & 3) << 4), (lo_b & 0x0F) | (((qh >> 2) & 3) << 4),
+                  (lo_a >> 4) | (((qh >> 4) & 3) << 4), (lo_b >> 4) | (((qh >> 6) & 3) << 4)], axis=3)
+    scale = (_f16(b, 208)[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)).reshape(rows, -1)
+    return u.reshape(rows, -1), scale, -32 * scale                   # per 16 weights: weight d*sc*(u - 32)
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 @dataclass(frozen=True)
@@ -116,17 +127,18 @@ class TensorType:
     block: int
     nbytes: int
     layout: str                                   # "int4pack", "bf16", "fp16" or "fp32"
-    unpack: Callable | None = None                # -> (u, scale, offset) per 32 weights
+    unpack: Callable | None = None                # -> (u, scale, offset) per `group` weights
     bits: int = 0                                 # width of u: 4 is one int4 plane, 5 or 8 two
+    group: int = GROUP                            # weights per scale and offset
 
     @property
     def planes(self) -> int:
         return 1 if self.bits <= 4 else 2
 
 
-def _row(t: Q, layout: str, unpack=None, bits: int = 0) -> TensorType:
+def _row(t: Q, layout: str, unpack=None, bits: int = 0, group: int = GROUP) -> TensorType:
     block, nbytes = gguflib.GGML_QUANT_SIZES[t]
-    return TensorType(t.name, block, nbytes, layout, unpack, bits)
+    return TensorType(t.name, block, nbytes, layout, unpack, bits, group)
 
 
 TYPES: dict[int, TensorType] = {int(t): row for t, row in {
@@ -140,7 +152,7 @@ TYPES: dict[int, TensorType] = {int(t): row for t, row in {
     Q.Q5_1: _row(Q.Q5_1, "int4pack", unpack_q5_1, 5),
     Q.Q5_K: _row(Q.Q5_K, "int4pack", unpack_q5_k, 5),
     Q.Q8_0: _row(Q.Q8_0, "int4pack", unpack_q8_0, 8),
-    Q.Q6_K: _row(Q.Q6_K, "bf16"),        # 16-weight scales: int4pack's groups are 32
+    Q.Q6_K: _row(Q.Q6_K, "bf16", unpack_q6_k, 6, 16),    # 16-weight scales: int4pack's groups are 32
     Q.Q2_K: _row(Q.Q2_K, "bf16"),
     Q.Q3_K: _row(Q.Q3_K, "bf16"),
 }.items()}
@@ -186,7 +198,7 @@ class RawTensor:
             data = data[rows]
         if self.row.unpack is not None and len(self.shape) > 1:     # ours: exact, and faster on few rows
             u, scale, offset = self.row.unpack(data.reshape(data.shape[0], -1, self.row.nbytes))
-            return (u.reshape(data.shape[0], -1, GROUP) * scale[..., None] + offset[..., None]).reshape(
+            return (u.reshape(data.shape[0], -1, self.row.group) * scale[..., None] + offset[..., None]).reshape(
                 data.shape[0], -1).astype(np.float32)
         values = gguflib.quants.dequantize(data, Q(self.ggml_type))
         return np.asarray(values, dtype=np.float32).reshape(data.shape[0], self.shape[-1])

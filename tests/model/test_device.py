@@ -42,12 +42,13 @@ def test_a_step_on_a_device_makes_its_tensors_there(tiny_path):
     assert model.step(pool, [Chunk([3], 7, [0, 1], "none")]).device.type == "meta"
 
 
-def test_quantised_weights_are_dense_bf16_on_a_device(tmp_path):
-    """torch's int4 layout is the CPU's: on another device a quantised file is held as bf16 (never fp32),
-    its products and pool in bf16 there."""
+def test_quantised_weights_stay_in_their_width_on_a_device(tmp_path):
+    """torch's int4 layout is the CPU's: on another device a quantised file is held as Blocks (each
+    weight's 4 or 8 bits, a scale and offset a group, all on the device), products and pool in bf16."""
     from .tiny_gguf import Q, write_tiny_gguf
     model = Llama.from_gguf(write_tiny_gguf(tmp_path / "q.gguf", quant=Q.Q4_0), device="meta")
-    assert {m.layout for _, m in model.matrices()} == {"bf16"}
+    assert {m.layout for _, m in model.matrices()} == {"blocks"}
+    assert all(t.device.type == "meta" for _, m in model.matrices() for t in (m.u, m.scale, m.offset))
     assert model.dtype == torch.bfloat16 and model.new_kv_pool(4, 4).dtype == torch.bfloat16
     model.refine = 0              # the fp32 recount of top logits needs torch.unique, which meta lacks
     assert model.step(model.new_kv_pool(8, 4), mixed_step()).device.type == "meta"

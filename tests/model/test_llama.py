@@ -94,7 +94,7 @@ def test_native_kernels_against_the_fp32_reference(tmp_path, qtype):
 
 def _assert_close_to_reference(model: Llama, path, bound: float = 2e-3) -> None:
     tokens = prompt(30, seed=3)
-    got, want = paged_logits(model, tokens, cuts=[7]), Reference(str(path)).logits(tokens)
+    got, want = paged_logits(model, tokens, cuts=[7]).cpu(), Reference(str(path)).logits(tokens)
     kl = kl_divergence(want, got).item()
     print(f"KL {kl:.2e}")
     assert kl < bound, kl
@@ -269,10 +269,7 @@ def _kquant_blocks(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M"])
-def test_k_quant_mixes_run_against_the_fp32_reference(tmp_path, mix):
-    """Q4_K_M and Q5_K_M files mix K-quant types inside one fused product (v in Q6_K beside q and k):
-    they load, run, and stay close to fp32 from the same blocks."""
+def _k_mix_file(tmp_path, mix: str):
     main = Q.Q4_K if mix == "Q4_K_M" else Q.Q5_K
     hidden, ffn, heads, kv_heads = 256, 512, 4, 2
     shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * 64, hidden), "attn_v": (kv_heads * 64, hidden),
@@ -284,8 +281,15 @@ def test_k_quant_mixes_run_against_the_fp32_reference(tmp_path, mix):
             qtype = Q.Q6_K if part in ("attn_v", "ffn_down") else main
             override[f"blk.{i}.{part}.weight"] = (_kquant_blocks(qtype, rows, cols, 10 * i + j), qtype)
     override["output.weight"] = (_kquant_blocks(Q.Q6_K, 400, hidden, 99), Q.Q6_K)
-    path = write_tiny_gguf(tmp_path / "mix.gguf", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+    return write_tiny_gguf(tmp_path / "mix.gguf", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
                            tied=False, quant=Q.Q8_0, override=override)
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M"])
+def test_k_quant_mixes_run_against_the_fp32_reference(tmp_path, mix):
+    """Q4_K_M and Q5_K_M files mix K-quant types inside one fused product (v in Q6_K beside q and k):
+    they load, run, and stay close to fp32 from the same blocks."""
+    path = _k_mix_file(tmp_path, mix)
     model = Llama.from_gguf(path)
     layouts = {name.split(".")[-1]: m.layout for name, m in model.matrices()}
     assert layouts["attn_qkv"] == "int4pack+int4pack+bf16" and layouts["ffn_down"] == "bf16"
@@ -294,3 +298,36 @@ def test_k_quant_mixes_run_against_the_fp32_reference(tmp_path, mix):
     got, want = paged_logits(model, tokens, cuts=[9]), Reference(str(path)).logits(tokens)
     assert torch.isfinite(want).all() and want.std() > 0.1         # the synthetic weights do something
     assert kl_divergence(want, got).item() < 2e-3
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_M", "Q5_K_M"])
+def test_blocks_the_gpu_layout_against_the_fp32_reference(tmp_path, kind):
+    """The layout a GPU holds quantised weights in (Blocks: each weight's own value, a scale and
+    offset per group, expanded to bf16 a slice at a time inside each product). Its torch code is the
+    same on any device; no GPU is here (tests/test_cuda_driver.py runs it on one when present), so
+    it runs on the CPU with blocks=True. Every type, Q6_K's 16-weight groups included, loads in at
+    most 1.7x the file's bytes (bf16 would be 3.2-3.6x) and stays within KL 2e-3 of fp32."""
+    if kind.endswith("_M"):
+        path = _k_mix_file(tmp_path, kind)
+    else:
+        path = write_tiny_gguf(tmp_path / "m.gguf", tied=False, quant=Q[kind], rope_theta=500.0)
+    model = Llama.from_gguf(path, blocks=True)
+    layouts = {part for _, m in model.matrices() for part in m.layout.split("+")}
+    assert layouts == {"blocks"}, layouts
+    held = sum(t.nbytes for n, t in load_gguf(path).tensors.items() if len(t.shape) == 2 and n != "token_embd.weight")
+    assert model.weight_bytes() <= 1.7 * held
+    _assert_close_to_reference(model, path)
+    plan = kernels.choose(model, tmp_path / "cache", "always", budget=1 << 30)
+    assert plan["dense_bytes"] > 0 and all(m.dense is not None for _, m in model.matrices())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no GPU: torch.cuda.is_available() is false (the Blocks code runs on the CPU above)")
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "Q4_K_M"])
+def test_quantised_weights_on_a_real_gpu(tmp_path, kind):
+    """On a GPU a quantised file is held as Blocks by default, not expanded to bf16."""
+    path = _k_mix_file(tmp_path, kind) if kind.endswith("_M") else \
+        write_tiny_gguf(tmp_path / "m.gguf", tied=False, quant=Q[kind], rope_theta=500.0)
+    model = Llama.from_gguf(path, device="cuda:0")
+    assert {part for _, m in model.matrices() for part in m.layout.split("+")} == {"blocks"}
+    _assert_close_to_reference(model, path)

@@ -60,10 +60,11 @@ def test_unpacking_is_exact(qtype):
     u, scale, offset = t.row.unpack(t.blocks())
     assert u.dtype == np.uint8 and u.max() < (1 << t.row.bits)
     expected = reference(t).numpy()
-    np.testing.assert_array_equal(u * np.repeat(scale, 32, 1) + np.repeat(offset, 32, 1), expected)
+    g = t.row.group
+    np.testing.assert_array_equal(u * np.repeat(scale, g, 1) + np.repeat(offset, g, 1), expected)
     planes = quant.int4_planes(u, t.row.bits, scale, offset)
     assert len(planes) == t.row.planes and all(q.max() <= 15 for q, _, _ in planes)
-    total = sum((q.astype(np.float32) - 8) * np.repeat(s, 32, 1) + np.repeat(z, 32, 1) for q, s, z in planes)
+    total = sum((q.astype(np.float32) - 8) * np.repeat(s, g, 1) + np.repeat(z, g, 1) for q, s, z in planes)
     np.testing.assert_allclose(total, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
@@ -108,7 +109,8 @@ def test_parts_of_one_layout_fuse():
 def test_rows_int4pack_cannot_take_are_held_dense():
     t = raw_tensor(Q.Q4_0, rows=40)             # the int4 kernel wants a multiple of 16 rows
     assert quant.hold([t], CPU).layout == "bf16"
-    assert quant.hold([raw_tensor(Q.Q4_0)], torch.device("meta")).layout == "bf16"   # off the CPU: dense
+    assert quant.hold([raw_tensor(Q.Q4_0)], torch.device("meta")).layout == "blocks"  # off the CPU: Blocks
+    assert quant.hold([raw_tensor(Q.Q2_K)], torch.device("meta")).layout == "bf16"    # ... where it has an unpacker
 
 
 def test_dense_copy_serves_batched_steps():
