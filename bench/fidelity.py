@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from bench.engine import smollm_path  # noqa: E402
 from drivers.model.gguf import load_gguf  # noqa: E402
+from drivers.model import kernels  # noqa: E402
 from drivers.model.llama import Chunk, Llama  # noqa: E402
 from drivers.model.tokenizer import Tokenizer  # noqa: E402
 from tests.model.reference import Reference, kl_divergence  # noqa: E402
@@ -61,10 +62,15 @@ def greedy_reference(ref: Reference, prompt: list[int], tokens: int) -> list[int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--native", default="never", choices=("auto", "never", "always"),
+                    help="llmos's compiled kernels for the model measured (drivers/model/native.py)")
     args = ap.parse_args()
     path = smollm_path()
     mf = load_gguf(path)
-    tok, model, ref = Tokenizer(mf.metadata), Llama(mf), Reference(mf)
+    native = kernels.prefer_native(mf, None, args.native)
+    tok, model, ref = Tokenizer(mf.metadata), Llama(mf, native=native), Reference(mf)
+    print("matrices held as:", sorted({m.layout for _, m in model.matrices()}), "| compiled ops:",
+          "on" if model.ops is not None else "off")
     have_llamacpp = importlib.util.find_spec("llama_cpp") is not None
     print(f"{'prompt':<48} {'KL llmos':>9} {'KL llama.cpp':>13} {'llmos~llama.cpp':>16} {'fp32~llama.cpp':>15}")
     rows = []
