@@ -261,15 +261,21 @@ class Llama:
         kvt = pool.dtype
         rope = plan.rope.unsqueeze(1)
         ops, eps, scale = self.ops, c.rms_eps, D ** -0.5
-        norm = (lambda v, w: ops.rms_norm(v, w, eps)) if ops is not None else \
-            (lambda v, w: F.rms_norm(v, (c.hidden,), w, eps))
+        def norm(v: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+            """v += add (the residual step, in place), then v's RMS norm in the dtype its product takes."""
+            if ops is not None:
+                return ops.rms_norm(v, w, eps, add, dtype if dtype == torch.bfloat16 else torch.float32)
+            if add is not None:
+                v.add_(add)
+            return F.rms_norm(v, (c.hidden,), w, eps)
         x = self.embed(plan.tokens, plan.token_ids)               # the residual stream: fp32
         only_decode = not plan.prefills            # then attention's output is the whole batch's, as is
         attn = None if only_decode else torch.empty((T, q_dim), dtype=kvt, device=x.device)
+        delta = None                               # the last product, not yet added to the residual
         for i, layer in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise StepAborted(f"step aborted before layer {i}")
-            h = norm(x, layer.attn_norm)
+            h = norm(x, layer.attn_norm, delta, layer.wqkv.wants)
             qkv = layer.wqkv(h)
             if ops is not None and only_decode:      # rotate q and k, write k and v to the pool: one call
                 q = ops.rope_store(qkv.contiguous(), H, KVH, plan.rope, pool.k[i], pool.v[i], plan.slots)
@@ -310,16 +316,16 @@ class Llama:
                 out = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0),
                                                      vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask)
                 attn[p.rows] = out.view(KVH, G, n, D).permute(2, 0, 1, 3).reshape(n, q_dim)
-            x = x + layer.wo(attn)
-            h = norm(x, layer.ffn_norm)
+            h = norm(x, layer.ffn_norm, layer.wo(attn), layer.w_gate_up.wants)
             if ops is not None:
-                x = x + layer.w_down(ops.silu_mul(layer.w_gate_up(h), layer.w_down.wants))
+                delta = layer.w_down(ops.silu_mul(layer.w_gate_up(h), layer.w_down.wants))
             else:
                 gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
-                x = x + layer.w_down(F.silu(gate) * up)
+                delta = layer.w_down(F.silu(gate) * up)
+        x.add_(delta)
         if plan.logit_rows.numel() == 0:
             return torch.empty((0, c.vocab_size), device=self.device)
-        h = norm(x[plan.logit_rows].contiguous(), self.norm)
+        h = norm(x[plan.logit_rows].contiguous(), self.norm, None, torch.float32)
         return self._refine(self.output(h).float(), h)
 
     def _refine(self, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

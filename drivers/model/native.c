@@ -11,7 +11,7 @@
  * block is expanded once for all of them.
  *
  * Beside the products, the small ops of a decode step that cost torch several kernel launches each:
- * RMS norm, rotary embedding with the K/V write into the pool, decode attention read from the pool's
+ * the residual add with the RMS norm after it, rotary embedding with the K/V write into the pool, decode attention read from the pool's
  * blocks where they lie, and the feed-forward's silu(gate) * up.
  *
  * Threads: torch's own OpenMP team (see split), work split by output rows.
@@ -26,7 +26,7 @@
 #include <omp.h>
 #endif
 
-#define ABI 1
+#define ABI 2
 #define TILE 4                 /* activation rows dotted per pass over a weight row */
 #define MAX_PARTS 8
 
@@ -330,19 +330,6 @@ int llmos_gemm(int nparts, const int *types, const void *const *w, const int *ro
 
 /* ------------------------------------------------------------------------------ the small ops of a step */
 
-/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, fp32 throughout (torch's rms_norm, in one call). */
-void llmos_rms_norm(const float *restrict x, const float *restrict w, int R, int K, float eps, float *restrict out) {
-    for (int r = 0; r < R; r++) {
-        const float *xr = x + (long)r * K;
-        float *o = out + (long)r * K;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int k = 0; k < K; k++) ss += xr[k] * xr[k];
-        float inv = 1.0f / sqrtf(ss / (float)K + eps);
-        for (int k = 0; k < K; k++) o[k] = xr[k] * inv * w[k];
-    }
-}
-
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 
 /* e^x to ~2 ulp, in arithmetic the compiler vectorises (libm's expf is vectorised only under
@@ -607,5 +594,40 @@ int llmos_silu_mul(const void *gu, int in_kind, int T, int F, void *out, int out
                 for (int f = 0; f < n; f++) o[f] = f32_to_bf16(row[f]);
             }
         }
+    return 0;
+}
+
+/* The residual stream's step and the next norm in one call: x[r] += y[r] (y fp32 or bf16; none when
+ * y is NULL), then out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (torch's rms_norm), out in fp32 or
+ * bf16 (what the next product's kernel takes). x and w are fp32. */
+int llmos_rms_norm(float *restrict x, const void *y, int y_kind, const float *restrict w, int R, int K, float eps,
+                   void *out, int out_kind) {
+    if (R < 1 || K < 1 || (y && y_kind != KV_F32 && y_kind != KV_BF16) || (out_kind != KV_F32 && out_kind != KV_BF16))
+        return -1;
+    for (int r = 0; r < R; r++) {
+        float *restrict xr = x + (long)r * K;
+        if (y && y_kind == KV_F32) {
+            const float *restrict yr = (const float *)y + (long)r * K;
+#pragma omp simd
+            for (int k = 0; k < K; k++) xr[k] += yr[k];
+        } else if (y) {
+            const uint16_t *restrict yr = (const uint16_t *)y + (long)r * K;
+#pragma omp simd
+            for (int k = 0; k < K; k++) xr[k] += bf16_to_f32(yr[k]);
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int k = 0; k < K; k++) ss += xr[k] * xr[k];
+        const float inv = 1.0f / sqrtf(ss / (float)K + eps);
+        if (out_kind == KV_F32) {
+            float *restrict o = (float *)out + (long)r * K;
+#pragma omp simd
+            for (int k = 0; k < K; k++) o[k] = xr[k] * inv * w[k];
+        } else {
+            uint16_t *restrict o = (uint16_t *)out + (long)r * K;
+#pragma omp simd
+            for (int k = 0; k < K; k++) o[k] = f32_to_bf16(xr[k] * inv * w[k]);
+        }
+    }
     return 0;
 }

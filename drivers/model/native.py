@@ -29,7 +29,7 @@ import torch          # first: native.c's libgomp.so.1 must resolve to the one t
 from .types import RawTensor, Q
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 1
+ABI = 2
 TYPES = frozenset({int(Q.Q4_0), int(Q.Q4_1), int(Q.Q8_0)})   # the block types native.c multiplies
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 OPENMP = "-fopenmp"          # tried first; without it the products run on one thread
@@ -66,10 +66,17 @@ class Library:
         return out
 
 
-    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        """torch's rms_norm over the last dimension of fp32 x [R, K] with fp32 weights w [K], in one call."""
-        out = torch.empty_like(x)
-        self.lib.llmos_rms_norm(x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr())
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float, add: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """torch's rms_norm over the last dimension of fp32 x [R, K] with fp32 weights w [K], in one call,
+        out in dtype (fp32 or bf16). With `add` (fp32 or bf16, x's shape), x += add first, in place:
+        a residual step and the norm after it."""
+        out = torch.empty(x.shape, dtype=dtype)
+        rc = self.lib.llmos_rms_norm(x.data_ptr(), add.data_ptr() if add is not None else None,
+                                     KV_KINDS[add.dtype] if add is not None else 0, w.data_ptr(), x.shape[0],
+                                     x.shape[1], eps, out.data_ptr(), KV_KINDS[dtype])
+        if rc:
+            raise ValueError("native rms_norm refused its arguments")
         return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor,
@@ -176,8 +183,13 @@ def _self_test(lib: Library) -> None:
             err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
             if not err < 1e-5:
                 raise RuntimeError(f"self-test: {Q(ggml_type).name} at {rows} rows is off by {err:.2e}")
-    x, w = torch.randn(3, 80), torch.randn(80)
-    if not torch.allclose(lib.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (80,), w, 1e-5), atol=1e-5):
+    x, w, y = torch.randn(3, 80), torch.randn(80), torch.randn(3, 80)
+    want = torch.nn.functional.rms_norm(x + y, (80,), w, 1e-5)
+    ok = torch.allclose(lib.rms_norm(x.clone(), w, 1e-5), torch.nn.functional.rms_norm(x, (80,), w, 1e-5), atol=1e-5)
+    ok &= torch.allclose(lib.rms_norm(x.clone(), w, 1e-5, add=y), want, atol=1e-5)
+    ok &= torch.equal(lib.rms_norm(x.clone(), w, 1e-5, add=y, dtype=torch.bfloat16),
+                      lib.rms_norm(x.clone(), w, 1e-5, add=y).to(torch.bfloat16))
+    if not ok:
         raise RuntimeError("self-test: rms_norm differs from torch's")
     for dtype in KV_KINDS:
         blocks, bs, kvh, heads, dim = 6, 4, 2, 6, 16
@@ -263,9 +275,9 @@ def _load() -> Library:
     cdll.llmos_gemm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                 ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     cdll.llmos_gemm.restype = ctypes.c_int
-    cdll.llmos_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                    ctypes.c_void_p]
-    cdll.llmos_rms_norm.restype = None
+    cdll.llmos_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                    ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    cdll.llmos_rms_norm.restype = ctypes.c_int
     cdll.llmos_attend.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]

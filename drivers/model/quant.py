@@ -248,6 +248,10 @@ class Stacked(Matrix):
         return "+".join(p.layout for p in self.parts)
 
     @property
+    def wants(self):
+        return torch.float32 if any(p.wants == torch.float32 for p in self.parts) else torch.bfloat16
+
+    @property
     def nbytes(self):
         return sum(p.nbytes for p in self.parts)
 

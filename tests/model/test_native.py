@@ -68,8 +68,17 @@ def test_bad_arguments_are_refused_not_run(lib):
 
 
 def test_rms_norm_matches_torch(lib):
+    """Alone, and after the residual step it is fused with (x += y in place, y fp32 or bf16), out in
+    fp32 or bf16 (rounded as torch rounds)."""
     x, w = torch.randn(7, 576) * 3, torch.randn(576)
-    torch.testing.assert_close(lib.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lib.rms_norm(x.clone(), w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), atol=1e-5, rtol=1e-5)
+    for ydtype in (torch.float32, torch.bfloat16):
+        y = (torch.randn(7, 576) * 2).to(ydtype)
+        stream = x.clone()
+        got = lib.rms_norm(stream, w, 1e-5, add=y, dtype=torch.bfloat16)
+        torch.testing.assert_close(stream, x + y.float(), atol=1e-6, rtol=1e-6)         # the residual, in place
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), F.rms_norm(x + y.float(), (576,), w, 1e-5), atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
