@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drivers.driver import Driver
+from drivers.driver import Driver, named
 from syscalls.runtime.service import main
 
 
@@ -43,4 +43,4 @@ def cpu_info() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(CPUDriver)
+    main(named(CPUDriver))

@@ -9,11 +9,10 @@ back (sampling runs on the host, over the few logit rows a step returns).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from syscalls.runtime.devices import cuda_index
-from drivers.driver import Driver
+from drivers.driver import Driver, named
 from syscalls.runtime.service import main
 
 
@@ -33,9 +32,9 @@ class CUDADriver(Driver):
 
 def serve(cls: type[CUDADriver]) -> None:
     """Run cls as the service the kernel named in LLMOS_SERVICE (cuda0, cuda1, ...)."""
-    name = os.environ.get("LLMOS_SERVICE", cls.name)
-    cuda_index(name)                    # a name that says no GPU is a mistake: fail before starting
-    main(type(cls.__name__, (cls,), {"name": name}))
+    cls = named(cls)
+    cuda_index(cls.name)                # a name that says no GPU is a mistake: fail before starting
+    main(cls)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What every driver service does, whatever its device: own one copy of a model and its KV cache.
 
 At start a driver loads one model (``[driver] model``: a registered name or an absolute path; the
-default model otherwise) onto its device, allocates the KV pool there, and then executes batched
+default model otherwise; a driver instance the kernel started for a model, LLMOS_MODEL's file) onto its device, allocates the KV pool there, and then executes batched
 forward-and-sample steps for the inference service. Requests carry token ids, positions, block
 tables and sampling parameters; answers carry sampled token ids and logprobs: tensors and logits
 never leave this process (syscalls/runtime/steps.py has the messages). The model itself is a
@@ -24,6 +24,7 @@ from typing import Any
 
 from syscalls import errors
 from syscalls.runtime.config import Config
+from syscalls.runtime.devices import MODEL_ENV
 from syscalls.runtime.models import Registry
 from syscalls.runtime.service import Service
 
@@ -47,7 +48,8 @@ class Driver(Service):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         registry = Registry(self.paths)
-        spec = cfg.model or None
+        # a driver instance (kernel/instances.py) is told its model; the boot driver reads config
+        spec = os.environ.get(MODEL_ENV) or cfg.model or None
         path = Path(spec) if spec and os.path.isabs(spec) else registry.resolve(spec)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -114,3 +116,9 @@ class Driver(Service):
 
     def op_release(self, args: dict, caller: dict) -> None:
         self.runner.release([int(i) for i in args.get("seq_ids", [])])
+
+
+def named(cls: type[Driver]) -> type[Driver]:
+    """cls as the service the kernel named in LLMOS_SERVICE: the boot driver (cpu, cuda0) or an
+    instance of it for another model (cpu@tiny), which says that name in its HELLO and logs."""
+    return type(cls.__name__, (cls,), {"name": os.environ.get("LLMOS_SERVICE", cls.name)})

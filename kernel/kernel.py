@@ -38,7 +38,7 @@ from syscalls.runtime.channel import SENT, Channel
 from syscalls.runtime.config import Config
 from syscalls.table import BY_NAME
 
-from . import accounting, traps
+from . import accounting, instances, traps
 from .launcher import Launcher
 from .proctable import KERNEL_PID, Process, ProcessTable
 from .routing import Forwarded, Router
@@ -312,7 +312,10 @@ class Kernel:
             elif kind in (wire.OK, wire.ERR, wire.CHUNK, wire.END):
                 self.router.service_reply(svc, msg)
             elif kind == wire.CALL:
-                self.router.service_call(svc, msg)
+                if type(msg[3]) is str and msg[3].startswith(instances.KERNEL):
+                    self._service_trap(svc, msg)
+                else:
+                    self.router.service_call(svc, msg)
             elif kind == wire.CANCEL:
                 call = svc.outgoing.pop(msg[2], None)
                 if call is not None:
@@ -334,6 +337,19 @@ class Kernel:
             return
         svc.token = ""              # one use only
         self.supervisor.hello(svc, ident)
+
+    def _service_trap(self, svc: Service, msg: list) -> None:
+        """A service's call to the kernel itself ("kernel.OP", kernel/instances.py), answered at once."""
+        sid, name, args = msg[2], msg[3], msg[4]
+        trap = instances.SERVICE_TRAPS.get(name[len(instances.KERNEL):])
+        try:
+            if trap is None or not isinstance(args, dict):
+                raise errors.ENOSYS(f"the kernel has no service call {name[:wire.MAX_NAME]!r} "
+                                    f"(or its args are not a map)")
+            frame = wire.ok(sid, trap(self, svc, args))
+        except LLMOSError as e:
+            frame = wire.err(sid, e.code, e.message)
+        self.services_ch.send([svc.ident, frame])
 
     def _service_event(self, svc: Service, msg: list) -> None:
         kind, data = msg[3], msg[4]

@@ -84,7 +84,8 @@ class Router:
         kernel never retries these; the caller decides.
         """
         sid, name, args = msg[2], msg[3], msg[4]
-        target, _, op = name.partition(".") if type(name) is str else ("", "", "")
+        # the last dot: an op's name has none, a driver instance's may (cpu@qwen2.5)
+        target, _, op = name.rpartition(".") if type(name) is str else ("", "", "")
         svc = self.services.get(target)
         if svc is None or not op or not isinstance(args, dict):
             self.channel.send([origin.ident, wire.err(

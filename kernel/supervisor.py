@@ -39,9 +39,10 @@ class Events(Protocol):
 
 
 class Service:
-    def __init__(self, name: str, argv: list[str], backoff: Backoff):
+    def __init__(self, name: str, argv: list[str], backoff: Backoff, env: dict[str, str] | None = None):
         self.name = name
         self.argv = argv
+        self.env = env or {}         # added to the kernel's environment (a driver instance's model)
         self.backoff = backoff
         self.state = STOPPED
         self.process: child.Child | None = None
@@ -87,10 +88,10 @@ class Supervisor:
         self.stopping = False
         self._tick: asyncio.Task | None = None
 
-    def add(self, name: str, module: str) -> Service:
+    def add(self, name: str, module: str, env: dict[str, str] | None = None) -> Service:
         c = self.cfg
         svc = self.services[name] = Service(name, [sys.executable, "-m", module], Backoff(
-            c.backoff_base, c.backoff_max, c.max_restarts, c.restart_window))
+            c.backoff_base, c.backoff_max, c.max_restarts, c.restart_window), env)
         return svc
 
     def start_all(self) -> None:
@@ -102,7 +103,7 @@ class Supervisor:
     def start(self, svc: Service) -> None:
         svc.restart_handle = None
         svc.token = secrets.token_hex(16)
-        env = dict(os.environ, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name)
+        env = dict(os.environ, **svc.env, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name)
         out = open(self.paths.log_file(f"{svc.name}.out"), "ab")
         try:
             svc.process = child.Child(self.loop, svc.argv, env, lambda how: self._exited(svc, how),

@@ -13,11 +13,12 @@ and mtime, so a replaced file is read again).
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
-from syscalls.runtime.devices import model_driver
 from syscalls.runtime import models
+from syscalls.runtime.config import Config
 from syscalls.runtime.service import Service, main
 from syscalls import errors, wire
 
@@ -158,26 +159,51 @@ class TokenizerService(Service):
 
     # -- the registry ---------------------------------------------------------------------------
     async def op_models(self, args: dict, caller: dict) -> list[dict]:
+        """Every registered model, with its state: resident (a driver holds it: its device and
+        memory), loading (a driver is starting with it: its progress), failed (why) or absent."""
         rows = await asyncio.to_thread(self._models)
-        loaded = await self._driver_info()
+        drivers = await self._drivers()
         for row in rows:
-            here = loaded is not None and str(Path(row["path"])) == str(loaded.get("model"))
-            row["device"] = loaded["device"] if here else None
+            real = os.path.realpath(row["path"])
+            here = next((d for d in drivers if d["real"] == real), None)
+            loaded = here.get("info") if here else None
+            row["state"] = "absent" if here is None else "resident" if loaded else \
+                "failed" if here["state"] == "FAILED" else "loading"
+            row["driver"] = here["service"] if here else None
+            row["progress"] = here["progress"] if here and row["state"] == "loading" else None
+            if row["state"] == "failed":
+                row["error"] = row["error"] or f"its driver {here['service']} failed: {here['last_exit']}"
+            row["device"] = loaded["device"] if loaded else None
             row["memory"] = {k: loaded.get(k) for k in ("rss", "kv_bytes", "num_blocks",
                                                         "block_size", "threads", "device_name",
                                                         "memory_total", "memory_used", "weight_bytes",
                                                         "kv_dtype", "compute_dtype",
-                                                        "dense_copy", "native")} if here else None
-            row["weights"] = loaded.get("weights") if here else None   # each kind of matrix as held
+                                                        "dense_copy", "native")} if loaded else None
+            row["weights"] = loaded.get("weights") if loaded else None   # each kind of matrix as held
         return rows
 
-    async def _driver_info(self) -> dict | None:
-        """What the model's driver says of the model it runs; None if there is no driver, or it is
-        still loading (models must answer at once)."""
+    async def _drivers(self) -> list[dict]:
+        """The kernel's driver services, each with the real path of the model it runs (or loads)
+        and, if READY, its info. models must answer at once: a driver slow to say is left out."""
         try:
-            return await asyncio.wait_for(self.runtime.call(model_driver(), "info", {}), 2.0)
-        except (errors.LLMOSError, asyncio.TimeoutError):
-            return None
+            drivers = await self.runtime.call("kernel", "drivers", {})
+        except errors.LLMOSError:
+            return []
+        boot = Config.load(self.paths.home / "config.toml").driver.model or None
+        for d in drivers:
+            spec = d["path"] or boot
+            try:
+                path = spec if spec and os.path.isabs(spec) else self.registry.resolve(spec)
+            except errors.ENOENT:
+                path = ""
+            d["real"], d["info"] = os.path.realpath(path) if path else None, None
+        ready = [d for d in drivers if d["state"] == "READY"]
+        infos = await asyncio.gather(*(asyncio.wait_for(self.runtime.call(d["service"], "info", {}), 2.0)
+                                       for d in ready), return_exceptions=True)
+        for d, info in zip(ready, infos):
+            if isinstance(info, dict):
+                d["info"], d["real"] = info, os.path.realpath(info["model"])
+        return drivers
 
     def _models(self) -> list[dict]:
         from drivers.model import ModelError, describe

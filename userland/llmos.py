@@ -110,6 +110,10 @@ def cmd_status(paths: Paths, args) -> int:
         u = os_.uname()
         services = os_.services()
         procs = os_.ps()
+        try:            # a light llmos (no tokenizer service) has no models to show
+            models = [m for m in os_.models() if m.get("state") not in (None, "absent")]
+        except errors.LLMOSError:
+            models = []
     print(f"llmos {u['version']} (abi {u['abi']}) in {u['home']}")
     print(f"kernel  pid {u['kernel_pid']}  up {_fmt_uptime(time.time() - u['boot_time'])}  "
           f"processes {len(procs)}")
@@ -117,6 +121,14 @@ def cmd_status(paths: Paths, args) -> int:
     for s in services:
         print(f"{s['name']:<12} {s['pid'] or '-':>7} {s['state']:<9} {s['restarts']:>8} "
               f"{_fmt_uptime(s['uptime']):>8}  {s['last_exit'] or ''}")
+    if models:
+        from userland.shell.builtin import size
+        from userland.shell.commands.models import model_state
+        print(f"{'MODEL':<24} {'STATE':<12} {'DRIVER':<16} {'MEM':>8}")
+    for m in models:
+        rss = m["memory"]["rss"] if m.get("memory") and m["memory"].get("rss") else None
+        print(f"{m['name']:<24} {model_state(m):<12} {m.get('driver') or '-':<16} "
+              f"{size(rss) if rss else '-':>8}")
     daemons = [p for p in procs if p["daemon"]]
     if daemons:
         print(f"{'DAEMON':<12} {'PID':>7} {'STATE':<10} {'RESTARTS':>8}  ADVERTISED")

@@ -51,8 +51,9 @@ def cmd_models(sh: Shell, io: Streams, args: list[str]) -> None:
     """List the models llmos knows; a * after its name marks the default (used when a call names none).
 
     Columns: name, architecture, parameters, quantization, context length in tokens, file
-    size, the device a driver runs it on and that driver's memory (- when not loaded), and the
-    file (or why it cannot be read).
+    size, its state (resident, loading with its progress, failed, absent: any model loads when a
+    call names it), the device a driver runs it on and that driver's memory (- when not loaded),
+    and the file (or why it cannot be read).
     """
     operands(args)
     show_models(io.stdout, sh.call("models"))
@@ -64,12 +65,20 @@ def show_models(out, models: list[dict]) -> None:
              _count(m["parameters"]), m["quantization"] or "-",
              "-" if m["context_length"] is None else str(m["context_length"]),
              "-" if m["file_size"] is None else size(m["file_size"]),
-             m.get("device") or "-",
+             model_state(m), m.get("device") or "-",
              size(m["memory"]["rss"]) if m.get("memory") and m["memory"].get("rss") else "-",
              m["path"] + (f" ({m['error']})" if m["error"] else "")]
             for m in models]
-    table(out, ["NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "DEVICE", "MEM", "PATH"],
+    table(out, ["NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "STATE", "DEVICE", "MEM", "PATH"],
           rows, right={"PARAMS", "CONTEXT", "SIZE", "MEM"})
+
+
+def model_state(m: dict) -> str:
+    """resident, absent, failed, or loading with how far (loading:40%)."""
+    state, p = m.get("state") or "-", m.get("progress") or {}
+    if state == "loading" and p.get("total"):
+        return f"loading:{100 * int(p.get('done') or 0) // max(1, int(p['total']))}%"
+    return state
 
 
 def show_model(out, m: dict) -> None:

@@ -1,0 +1,178 @@
+"""One model the inference service serves: its driver service, its Engine, tokenizer and step loop.
+
+The service holds one Resident per model file. The default model's driver is the boot driver
+(``cpu``, ``cuda0``: kernel/devices.py); any other registered model's is a driver instance that
+the kernel starts when a request first names the model (``kernel.driver_start``, kernel/
+instances.py), supervised like every service. A Resident is "loading" until its driver has
+answered ``info`` (the driver loads the weights before it is READY, and calls to it wait in the
+kernel meanwhile), then "resident"; requests for it wait on ``ready`` rather than fail.
+
+The step loop is the engine's algorithm: schedule, the driver's ``step`` (a service-to-service
+call through the kernel), postprocess, and each event to the queue of the call that made it. A
+driver that dies takes the KV cache with it: the step in flight fails, and the engine recomputes
+every running request on the restarted driver; only a driver that keeps failing fails requests.
+
+Never: share sequences, blocks or queues between models: each engine's ids are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+
+from services.inference.policy import Policy
+from syscalls import errors
+
+DRIVER_RETRIES = 3          # consecutive failed steps before the batch's requests are failed
+HELD_RECHECK_S = 0.5        # how often held work (a throttled process) is looked at again
+INFO_WAIT_S = 2.0           # how often a wait for a loading driver says it is still waiting
+
+
+class Resident:
+    """A model file served by one driver service; ``load()`` makes it ready."""
+
+    def __init__(self, service, name: str, path: Path | None, driver: str | None):
+        """path None: whatever file the (boot) driver runs, as its info says."""
+        self.service = service              # the Inference service: its runtime, log and report
+        self.runtime, self.log = service.runtime, service.log
+        self.name, self.path = name, path
+        self.driver = driver                # None until the kernel has started an instance
+        self.state = "loading"
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.step_id, self.in_flight = 0, None     # the driver's step now running: (id, batch, ahead)
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.wake = asyncio.Event()
+        self.loop_task: asyncio.Task | None = None
+        self.last_used = time.monotonic()
+
+    # -- loading -------------------------------------------------------------------------------
+    async def load(self, scheduler_cfg, progress=None) -> None:
+        """Start the driver (unless it runs already), wait for its info, build the engine. Any
+        failure fails ``ready`` with the error, so that the requests waiting on it get it."""
+        from drivers.model import Tokenizer, read_metadata
+        from services.inference.engine import Engine
+        try:
+            if self.driver is None:
+                started = await self.runtime.call("kernel", "driver_start",
+                                                  {"model": self.name, "path": str(self.path)})
+                self.driver = started["service"]
+            info = await self._driver_info(progress)
+            if self.path is not None and os.path.realpath(info["model"]) != os.path.realpath(self.path):
+                raise errors.EIO(f"the {self.driver} driver runs {info['model']}, not {self.path}")
+            self.path = Path(info["model"])
+            try:
+                metadata = await asyncio.to_thread(read_metadata, info["model"])
+                self.tokenizer = Tokenizer(metadata)
+            except (OSError, KeyError, ValueError) as e:
+                raise errors.EINVAL(f"{self.path}: no tokenizer llmos can build ({e})") from None
+            c = scheduler_cfg
+            self.engine = Engine(info, self.tokenizer, max_running=c.max_running,
+                                 token_budget=c.token_budget, max_queue=c.max_queue,
+                                 decode_steps=c.decode_steps, policy=Policy(c.band, c.aging_s, c.quantum))
+        except errors.LLMOSError as e:
+            self.state = "failed"
+            self.ready.set_exception(e)
+            self.ready.exception()          # retrieved: nobody may be waiting yet
+            self.log.warning("model_load_failed", model=self.name, path=str(self.path), error=e.message)
+            return
+        self.state = "resident"
+        self.loop_task = asyncio.get_running_loop().create_task(self._run())
+        self.ready.set_result(None)
+        self.log.info("model_resident", model=self.name, driver=self.driver, path=str(self.path))
+
+    async def _driver_info(self, progress) -> dict:
+        """The driver's info, once it has loaded its model. The kernel holds the call while the
+        driver starts, and ends it with ETIMEDOUT after its call deadline: a load that takes
+        longer than that is asked again. progress (the boot load's) hears of each wait."""
+        waited = 0
+        while True:
+            call = asyncio.ensure_future(self.runtime.call(self.driver, "info", {}))
+            try:
+                while True:
+                    done, _ = await asyncio.wait({call}, timeout=INFO_WAIT_S)
+                    if done:
+                        return call.result()
+                    waited += INFO_WAIT_S
+                    if progress is not None:
+                        progress(what=f"waiting for the {self.driver} driver", seconds=waited)
+            except errors.ETIMEDOUT:
+                continue
+            finally:
+                call.cancel()
+
+    async def stop(self) -> None:
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+
+    # -- the step loop -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        engine, failures = self.engine, 0
+        while True:
+            # Held work (a throttled process) becomes runnable with time alone: look again soon.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), HELD_RECHECK_S if engine.has_work() else None)
+            self.wake.clear()
+            while engine.has_work():
+                step = engine.schedule()
+                self.deliver(step.events)
+                if step.release:
+                    self.service.spawn(self.runtime.call(self.driver, "release", {"seq_ids": step.release}))
+                if not step.seqs:
+                    break           # nothing may run now; a request, a cancel, a CONT or time wakes us
+                self.step_id += 1
+                self.in_flight = (self.step_id, step.batch, any(m.get("steps", 1) > 1 for m in step.seqs))
+                try:
+                    sampled = await self.runtime.call(self.driver, "step",
+                                                      {"batch": step.seqs, "id": self.step_id})
+                except errors.ECANCELED:
+                    continue                # aborted for an urgent request: nothing of it counts
+                except errors.LLMOSError as e:
+                    failures += 1
+                    self.log.warning("driver_step_failed", driver=self.driver, error=str(e),
+                                     failures=failures)
+                    if failures > DRIVER_RETRIES:
+                        self.deliver(engine.fail(step, f"the {self.driver} driver failed: {e.message}"))
+                        failures = 0
+                    else:
+                        engine.device_lost()     # most likely it restarted: recompute on the new one
+                    continue
+                finally:
+                    self.in_flight = None
+                failures = 0
+                self.deliver(engine.postprocess(step, sampled))
+                self.service.report()
+            self.service.report(force=True)
+
+    def deliver(self, events: list[dict]) -> None:
+        for ev in events:
+            q = self.queues.get(ev["seq_id"])
+            if q is not None:
+                q.put_nowait(ev)
+
+    def abort_for(self, pid: int) -> None:
+        """A new request of pid would keep everyone in the running step out of the batch (the
+        policy's band): rather than have it wait for the whole step, the driver gives the step up
+        between two layers and the next one starts with the urgent request. Any other new request
+        only makes a step that decodes ahead hand back after the token in progress."""
+        if self.in_flight is None:
+            return
+        step_id, batch, ahead = self.in_flight
+        policy, now = self.engine.policy, time.monotonic()
+        if policy.hold(pid, now):
+            return
+        urgent = policy.effective(pid, now, now)
+        if batch.steps and all(urgent + policy.band < policy.effective(s.pid, s.last_served, now)
+                               for s, _ in batch.steps):
+            self.log.info("step_aborted", step=step_id, for_pid=pid, driver=self.driver)
+            self.service.spawn(self.runtime.call(self.driver, "abort", {"id": step_id, "mode": "abort"}))
+        elif ahead:             # decoding ahead: hand back after the token in progress
+            self.yield_now()
+
+    def yield_now(self) -> None:
+        """A step decoding ahead hands back after the token in progress, so the next is decided anew."""
+        if self.in_flight is not None and self.in_flight[2]:
+            self.service.spawn(self.runtime.call(self.driver, "abort",
+                                                 {"id": self.in_flight[0], "mode": "yield"}))
