@@ -234,12 +234,40 @@ class TokenizerService(Service):
         return {k: entry[k] for k in ("name", "path", "added")}
 
     async def op_model_remove(self, args: dict, caller: dict) -> None:
-        path = await asyncio.to_thread(self.registry.remove, args["name"], caller.get("uid"),
+        name = args["name"]
+        users = await self._users(name)
+        if users and not args["force"]:
+            who = ", ".join(f"pid {u['pid']} ({u['requests']} requests, {u['contexts']} contexts)"
+                            for u in users)
+            raise errors.EBUSY(f"model {name!r} is in use by {who}; force removes it anyway, "
+                               f"ending those requests and contexts")
+        path = await asyncio.to_thread(self.registry.remove, name, caller.get("uid"),
                                        bool(caller.get("privileged")))
+        if users:
+            await self._evict(path, name)
         if path not in {m["path"] for m in self.registry.list()}:
             for key in [k for k in self.tokenizers if k[0] == path]:
                 del self.tokenizers[key]
         self.log.info("model_removed", name=args["name"], uid=caller.get("uid"))
+
+
+    async def _users(self, name: str) -> list[dict]:
+        """Who has requests or contexts on an added model now, as the inference service says
+        ([] for a name that is not an added model: removing it fails on its own)."""
+        entry = self.registry.list()
+        path = next((m["path"] for m in entry if m["name"] == name and not m["default"]), None)
+        if path is None:
+            return []
+        try:
+            return await self.runtime.call("inference", "model_users", {"path": path})
+        except errors.LLMOSError:         # no inference service (a light llmos): nobody uses it
+            return []
+
+    async def _evict(self, path: str, name: str) -> None:
+        try:
+            await self.runtime.call("inference", "model_evict", {"path": path, "name": name})
+        except errors.LLMOSError as e:    # removed all the same; its requests end with their driver
+            self.log.warning("model_evict_failed", name=name, error=e.message)
 
 
 def _check_runnable(path: Path) -> None:

@@ -18,6 +18,7 @@ CODES: dict[str, str] = {
     "EEXIST": "already exists",
     "ECONFLICT": "version does not match (compare-and-set failed)",
     "EAGAIN": "resource temporarily unavailable (queue full, too many calls in flight)",
+    "EBUSY": "in use (a model with requests or contexts on it)",
     "EDQUOT": "quota exceeded",
     "EBADF": "no such context handle (never opened, closed, or another process's)",
     "E2BIG": "argument or message too large",
@@ -56,6 +57,7 @@ ENOENT = _make("ENOENT", LookupError)
 EEXIST = _make("EEXIST")
 ECONFLICT = _make("ECONFLICT")
 EAGAIN = _make("EAGAIN", BlockingIOError)
+EBUSY = _make("EBUSY")
 EDQUOT = _make("EDQUOT")
 EBADF = _make("EBADF")
 E2BIG = _make("E2BIG", ValueError)

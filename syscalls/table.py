@@ -301,10 +301,14 @@ SYSCALLS: tuple[Syscall, ...] = (
         doc="Register a GGUF file under a name, for every user. Its header, architecture and "
             "tokenizer are checked first (EINVAL says what is wrong). Idempotent: adding the same "
             "name for the same file again returns the existing entry; another clash is EEXIST."),
-    Syscall("model_remove", "tokenizer", (Arg("name", "str", max_len=64),),
-            errors=("ENOENT", "EPERM"),
-            doc="Forget an added model (the file stays). The default model cannot be removed. "
-                "Not idempotent: a retry of a removal that happened would be ENOENT."),
+    Syscall("model_remove", "tokenizer", (
+        Arg("name", "str", max_len=64),
+        Arg("force", "bool", False, doc="remove it even in use: its requests end with ENOENT "
+                                        "and its contexts close"),
+    ), errors=("ENOENT", "EPERM", "EBUSY"),
+        doc="Forget an added model (the file stays). The default model cannot be removed; one "
+            "with requests or open contexts is EBUSY naming the processes, unless force. "
+            "Not idempotent: a retry of a removal that happened would be ENOENT."),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

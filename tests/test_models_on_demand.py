@@ -190,3 +190,54 @@ def test_contexts_on_a_model_and_its_driver_restarted(system):
         wait_until(lambda: services(c)["cpu@tiny"]["pid"] not in (None, old["pid"]), 20,
                    "a restarted tiny driver")
         assert services(c)["cpu@tiny"]["restarts"] == old["restarts"] + 1
+
+
+def test_model_rm_refuses_a_model_in_use_unless_forced(system):
+    """model_remove of a model with a context or a request on it is EBUSY naming the process;
+    with force the request ends with ENOENT naming the removal and the context is gone."""
+    path = write_tiny_gguf(system.home / "tiny3.gguf", seed=9, context=TINY_CONTEXT)
+    with system.connect(privileged=True) as c, system.connect(privileged=True) as admin:
+        c.model_add(str(path), "tiny3")
+        ctx = c.open_context(model="tiny3")
+        me = c.getpid()
+        with pytest.raises(errors.EBUSY, match=rf"'tiny3' is in use by pid {me} \(0 requests, 1 contexts\)"):
+            admin.model_remove("tiny3")
+        r = sh(system.home, "model rm tiny3; echo s=$?")
+        assert r.stderr.startswith(f"llmsh: model: model 'tiny3' is in use by pid {me} ") and "s=1" in r.stdout
+        assert "tiny3" in {m["name"] for m in admin.models()}
+
+        stream = c.generate("on and on", model="tiny3", max_tokens=3000, temperature=0.0, ignore_eos=True)
+        chunks = iter(stream)
+        assert next(chunks).tokens
+        with pytest.raises(errors.EBUSY, match=rf"pid {me} \(1 requests, 1 contexts\)"):
+            admin.model_remove("tiny3")
+        admin.model_remove("tiny3", force=True)
+        with pytest.raises(errors.ENOENT, match="model 'tiny3' was removed"):
+            for _ in chunks:
+                pass
+        with pytest.raises(errors.EBADF):
+            c.chat([{"role": "user", "content": "x"}], ctx=ctx).text
+        with pytest.raises(errors.ENOENT, match="no model named 'tiny3'"):
+            list(c.generate("x", model="tiny3"))
+        assert "tiny3" not in {m["name"] for m in admin.models()}
+        tokens, _, end = generated(c, "still here", max_tokens=4)      # the default, untouched
+        assert end.generated_tokens == 4
+
+
+def test_a_model_that_cannot_load_fails_its_requests_by_name(system):
+    """The file of a registered model cut short: its driver instance fails to load until the
+    supervisor gives up; the request that named it gets EIO saying why, models shows the model
+    failed, and the default model answers as before."""
+    path = write_tiny_gguf(system.home / "broken.gguf", seed=3)
+    # the supervisor starts it 6 times (FAST_SUPERVISION), each a fresh Python importing torch
+    with system.connect(privileged=True, timeout=150) as c:
+        c.model_add(str(path), "broken")
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+        with pytest.raises(errors.EIO, match=r"^EIO: generate: model 'broken' could not be loaded: "):
+            list(c.generate("x", model="broken", max_tokens=2))
+        assert services(c)["cpu@broken"]["state"] == "FAILED"
+        (row,) = [m for m in c.models() if m["name"] == "broken"]
+        assert row["state"] == "failed" and row["driver"] == "cpu@broken"
+        _, _, end = generated(c, "and yet", max_tokens=3)
+        assert end.generated_tokens == 3

@@ -202,7 +202,7 @@ def cmd_model(paths: Paths, args) -> int:
             m = os_.model_add(os.path.abspath(args.path), args.name)
             print(f"llmos: added model {m['name']}: {m['path']}")
         else:
-            os_.model_remove(args.name)
+            os_.model_remove(args.name, force=args.force)
             print(f"llmos: removed model {args.name}")
     return 0
 
@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--name", help="default: the file's name without .gguf, lowercased")
     a = action.add_parser("rm", help="forget an added model (the file stays)")
     a.add_argument("name")
+    a.add_argument("--force", action="store_true",
+                   help="even in use: its requests end with an error and its contexts close")
     a = action.add_parser("show", help="how a model's weights are held: types, bytes, kernels")
     a.add_argument("name")
     action.add_parser("clean", help="remove what the model cache holds that nothing uses")

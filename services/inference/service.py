@@ -36,7 +36,7 @@ RANK = {"running": 0, "ready": 1, "suspended": 2, "throttled": 2, "stopped": 3, 
 
 class Inference(Service):
     name = "inference"
-    internal = ("sched_update", "process_exit")
+    internal = ("sched_update", "process_exit", "model_users", "model_evict")
 
     async def start(self) -> None:
         self.registry = Registry(self.paths)
@@ -218,6 +218,35 @@ class Inference(Service):
         pid = args.get("pid")
         for handle in [h for h, (_, c) in self.contexts.items() if c.pid == pid]:
             self._close(handle)
+        self.report(force=True)
+
+    def op_model_users(self, args: dict, caller: dict) -> list[dict]:
+        """From the tokenizer service (model_remove): who has requests or contexts on a model."""
+        model = self.models.get(os.path.realpath(str(args.get("path"))))
+        if model is None or model.state != "resident":
+            return []
+        return [{"pid": pid, "requests": w["sequences"], "contexts": w["contexts"]}
+                for pid, w in sorted(model.engine.by_process().items()) if w["sequences"] or w["contexts"]]
+
+    def op_model_evict(self, args: dict, caller: dict) -> None:
+        """From the tokenizer service (model_remove with force): the model's requests end with
+        ENOENT naming the removal, its contexts close and their blocks are freed; the next
+        request naming it finds no such model."""
+        real = os.path.realpath(str(args.get("path")))
+        model = self.models.get(real)
+        if model is None or model is self.default:
+            return
+        del self.models[real]
+        why = f"model {args.get('name')!r} was removed (model_remove with force)"
+        if model.state == "resident":
+            for seq_id, queue in list(model.queues.items()):
+                model.engine.cancel(seq_id)
+                queue.put_nowait({"seq_id": seq_id, "text": "", "tokens": [], "finish": "error",
+                                  "error": why, "error_code": "ENOENT"})
+        for handle in [h for h, (m, _) in self.contexts.items() if m is model]:
+            self._close(handle)
+        model.wake.set()          # its loop tells the driver to release the sequences
+        self.log.info("model_evicted", model=args.get("name"), path=real)
         self.report(force=True)
 
     def op_runqueue(self, args: dict, caller: dict) -> dict:

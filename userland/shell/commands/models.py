@@ -109,14 +109,15 @@ def show_model(out, m: dict) -> None:
         table(out, ["TYPE", "TENSORS", "SIZE", "HELD"], rows, right={"TENSORS", "SIZE"})
 
 
-@command("add PATH [--name NAME]  |  model rm NAME...  |  model show NAME")
+@command("add PATH [--name NAME]  |  model rm [--force] NAME...  |  model show NAME")
 def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
     """Add a GGUF model file under a name, remove added models (their files stay), or show one.
 
     `model add PATH` checks the file (a Llama GGUF whose tokenizer llmos can read) and names
     the model after the file, lowercased and without .gguf, unless --name NAME. Every user
-    sees it in `models`; `tokens --model NAME` uses it. `model rm NAME` forgets it; the
-    default model cannot be removed. `model show NAME` says how the model's weights are held:
+    sees it in `models`; `tokens --model NAME` and `gen --model NAME` use it. `model rm NAME`
+    forgets it; the default model cannot be removed, nor one with requests or contexts on it
+    (the error names their processes) unless --force, which ends them. `model show NAME` says how the model's weights are held:
     for the loaded model each kind of matrix, its GGUF types, the layout and bytes it is held
     in and what runs batched steps (a measured bf16 copy, or the held kernel); for others the
     layout each tensor type would get.
@@ -136,9 +137,11 @@ def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
         return 0
     if sub != "rm":
         raise Usage(f"unknown subcommand {sub!r}")
+    opts, rest = options(rest, "", ("force",), anywhere=True)
     if not rest:
         raise Usage("missing NAME")
-    return for_each(io, "model", rest, lambda name: sh.call("model_remove", name=name))
+    return for_each(io, "model", rest,
+                    lambda name: sh.call("model_remove", name=name, force="--force" in opts))
 
 
 def find_model(models: list[dict], name: str) -> dict:
