@@ -103,7 +103,10 @@ class Supervisor:
     def start(self, svc: Service) -> None:
         svc.restart_handle = None
         svc.token = secrets.token_hex(16)
-        env = dict(os.environ, **svc.env, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name)
+        # which start of the service this is, so that what it hands out (context handles) is
+        # never handed out again by a later start
+        env = dict(os.environ, **svc.env, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name,
+                   LLMOS_SERVICE_RESTARTS=str(svc.restarts))
         out = open(self.paths.log_file(f"{svc.name}.out"), "ab")
         try:
             svc.process = child.Child(self.loop, svc.argv, env, lambda how: self._exited(svc, how),

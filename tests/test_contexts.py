@@ -4,6 +4,8 @@ The tiny random model keeps it fast; every reuse is checked against recomputing 
 
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -134,6 +136,29 @@ def test_context_blocks_count_against_the_kv_blocks_limit(system):
                for t in ch.tokens]
         assert len(out) == 25 and c.contexts()[0]["kv_blocks"] == 0
         c.close_context(ctx)
+
+
+def test_a_handle_held_across_a_restart_of_the_service_names_no_other_context():
+    """The contexts go with the inference service; a restarted one numbers its handles past the
+    last start's, so a program (the gateway) holding an old handle gets EBADF, never a turn on a
+    context it opened since."""
+    s = Booted(make_home()).boot()
+    try:
+        with s.connect() as c:
+            old = c.open_context(system="first")
+            turn(c, old, "hello")
+            before = s.service("inference")
+            os.kill(before["pid"], signal.SIGKILL)
+            wait_until(lambda: (x := s.service("inference"))["state"] == "READY" and x["pid"] != before["pid"],
+                       30, "the inference service to be restarted")
+            new = c.open_context(system="second")
+            assert new > old
+            with pytest.raises(errors.EBADF):
+                turn(c, old, "again")
+            msgs = [{"role": "system", "content": "second"}, {"role": "user", "content": "hi"}]
+            assert turn(c, new, "hi")[0] == plain(c, msgs)
+    finally:
+        s.discard()
 
 
 def test_saved_context_is_restored_after_a_reboot():

@@ -31,6 +31,7 @@ from syscalls.runtime.service import Reply, Service
 
 REPORT_S = 0.2             # the kernel hears of changes in model work at most this often while busy
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
+HANDLES_PER_START = 1 << 32   # context handles of one start: a restart's start past the last's
 RANK = {"running": 0, "ready": 1, "suspended": 2, "throttled": 2, "stopped": 3, None: 4}  # by_process
 
 
@@ -43,7 +44,8 @@ class Inference(Service):
         self.scheduler_cfg = Config.load(self.paths.home / "config.toml").scheduler
         self.models: dict[str, Resident] = {}        # by the real path of the model's file
         self.contexts: dict[int, tuple[Resident, object]] = {}     # handle -> (model, Context)
-        self._handles = itertools.count(1)
+        self._handles = itertools.count(1 + HANDLES_PER_START * int(os.environ.get(
+            "LLMOS_SERVICE_RESTARTS", "0")))
         self.reported: dict = {}
         self.reported_at = 0.0
         self.background: set[asyncio.Task] = set()
