@@ -12,8 +12,9 @@
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
-    [gateway]      enabled, listen, require_key: the HTTP gateway (userland/gateway), a daemon
-                   like the others (``Config.load`` adds it to ``daemons``), on by default
+    [gateway]      enabled, listen, require_key, contexts_per_key: the HTTP gateway
+                   (userland/gateway), a daemon like the others (``Config.load`` adds it to
+                   ``daemons``), on by default
 
 An unknown section or key is an error, so a typo never silently leaves a default in force.
 """
@@ -149,6 +150,7 @@ class DaemonConfig:
 
 
 GATEWAY_MODULE = "userland.gateway"
+MAX_CONTEXTS = 256       # contexts a process may hold (services/inference/contexts.py, MAX_PER_PROCESS)
 
 
 def split_listen(text: str) -> tuple[str, int]:
@@ -178,14 +180,20 @@ class GatewayConfig:
     enabled: bool = True              # the OpenAI/Ollama HTTP gateway, started at boot
     listen: str = "127.0.0.1:8790"    # HOST:PORT; port 0 takes a free one (ps shows which)
     require_key: bool = False         # off a loopback address the gateway refuses to run without
+    contexts_per_key: int = 16        # chats resent whole: contexts kept per key (and keyless), LRU
 
     def check(self) -> None:
         split_listen(self.listen)
+        if not 0 <= self.contexts_per_key <= MAX_CONTEXTS:
+            raise ValueError(f"config: gateway.contexts_per_key must be an integer in 0..{MAX_CONTEXTS} "
+                             f"(0: no chat's KV is kept), got {self.contexts_per_key!r}")
 
     def daemon(self) -> DaemonConfig:
         """The gateway as a daemon: restarted whenever it exits, until llmos's kill; privileged,
         to give each API key's process the priority and limits the key says."""
         argv = [sys.executable, "-m", GATEWAY_MODULE, "--listen", self.listen]
+        if self.contexts_per_key != GatewayConfig.contexts_per_key:
+            argv += ["--contexts", str(self.contexts_per_key)]
         return DaemonConfig(name="gateway", argv=argv + ["--require-key"] * self.require_key,
                             restart="always", privileged=True)
 

@@ -22,7 +22,7 @@ import uvloop
 import syscalls
 from syscalls.errors import LLMOSError
 from syscalls.paths import Paths
-from syscalls.runtime.config import is_loopback, split_listen
+from syscalls.runtime.config import GatewayConfig, is_loopback, split_listen
 from syscalls.runtime.logs import setup
 
 RETRY_BIND_S = 2.0
@@ -87,7 +87,8 @@ async def serve(args, log) -> int:
             return 0
         keys = KeyRing(conn, log)
         await keys.start()
-        gateway = Gateway(conn, keys, log, require_key=args.require_key)
+        gateway = Gateway(conn, keys, log, require_key=args.require_key,
+                          contexts_per_key=args.contexts)
         server = QuietServer(uvicorn.Config(build(gateway), log_config=None, access_log=False,
                                             lifespan="off", http="httptools", server_header=False,
                                             timeout_graceful_shutdown=STOP_GRACE_S))
@@ -127,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default="127.0.0.1:8790", help="HOST:PORT (port 0: any free one)")
     ap.add_argument("--require-key", action="store_true",
                     help="requests need an API key (needed off a loopback address)")
+    ap.add_argument("--contexts", type=int, default=GatewayConfig.contexts_per_key,
+                    help="contexts kept per key for chats resent whole (0: none)")
     ap.add_argument("--home", help="LLMOS_HOME (default: $LLMOS_HOME or ~/.llmos)")
     args = ap.parse_args(argv)
     try:
         split_listen(args.listen)
+        GatewayConfig(contexts_per_key=args.contexts).check()
     except ValueError as e:
-        ap.error(str(e).removeprefix("config: gateway.listen "))
+        ap.error(str(e).removeprefix("config: gateway.listen ").removeprefix("config: gateway."))
     log = setup("gateway", Paths.from_env(args.home).log_file("gateway"))
     return uvloop.run(serve(args, log))
 

@@ -2,12 +2,14 @@
 shares, and what every request shares (``Gateway``: the connection, the keys, the metrics).
 
 ``Gateway.caller`` is the one place that decides which process a request runs as: its API key's,
-or the gateway's own. What both APIs do with a generation is in generation.py.
+or the gateway's own; ``Gateway.conversations`` gives that process's held chats. What both APIs
+do with a generation is in generation.py.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -20,17 +22,22 @@ from syscalls import AsyncConnection
 from syscalls.errors import LLMOSError
 
 from . import ollama_api, openai_api
+from .conversations import Conversations
 from .keys import KeyRing, bearer
 from .metrics import Metrics
 from .responses import OLLAMA, OPENAI, ApiError, from_llmos
 
 
 class Gateway:
-    """What every request shares: the connection to llmos, the keys, the log, and whether it is
-    stopping."""
+    """What every request shares: the connection to llmos, the keys, the chats each process
+    holds, the log, and whether it is stopping."""
 
-    def __init__(self, conn: AsyncConnection, keys: KeyRing, log, require_key: bool = False):
+    def __init__(self, conn: AsyncConnection, keys: KeyRing, log, require_key: bool = False,
+                 contexts_per_key: int = 0):
         self.conn, self.keys, self.log, self.require_key = conn, keys, log, require_key
+        self.contexts_per_key = contexts_per_key
+        # by connection: a removed key's process takes its chats with it (its contexts close too)
+        self._conversations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.stopping = False
         self.started = time.time()
         self.metrics: Metrics | None = None      # once build() knows the routes
@@ -47,6 +54,13 @@ class Gateway:
             raise ApiError(401, "this gateway requires an llmos API key (Authorization: Bearer "
                                 "KEY); `llmos keys add NAME` makes one", code="missing_api_key")
         return self.conn
+
+    def conversations(self, conn: AsyncConnection) -> Conversations:
+        """The contexts the process of conn (a caller) holds for chats resent whole."""
+        held = self._conversations.get(conn)
+        if held is None:
+            held = self._conversations[conn] = Conversations(self.contexts_per_key, self.log)
+        return held
 
     async def models(self) -> list[dict]:
         """The models llmos knows that can be read; ``device`` is set for those loaded."""

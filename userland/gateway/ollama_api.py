@@ -73,7 +73,9 @@ def routes(gateway) -> list[Route]:
         if "prompt" not in r.args and "messages" not in r.args:     # generate, no prompt: "load"
             return await out.json(dict(r.record(""), done=True, done_reason="load"))
         call, param = ("generate", "prompt") if "prompt" in r.args else ("chat", "messages")
-        calls, chunk = await start(conn, call, r.args, param, gateway.metrics)
+        # /api/chat resends its history; /api/generate's one turn is never followed up
+        calls, chunk = await start(conn, call, r.args, param, gateway.metrics,
+                                   gateway.conversations(conn) if r.chat else None)
         try:
             if not stream:
                 texts, logprobs = [], []

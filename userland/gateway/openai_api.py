@@ -52,7 +52,8 @@ def routes(gateway) -> list[Route]:
 
     async def answer(out: Sender, conn, c: "Completion", stream: bool) -> None:
         call, param = ("chat", "messages") if c.chat else ("generate", "prompt")
-        calls, chunk = await start(conn, call, c.args, param, gateway.metrics)
+        calls, chunk = await start(conn, call, c.args, param, gateway.metrics,
+                                   gateway.conversations(conn) if c.chat else None)
         try:
             if not stream:
                 while chunk is not None:
