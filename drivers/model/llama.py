@@ -31,6 +31,7 @@ from drivers.model.quant import Matrix
 LOGITS_CHOICES = ("last", "all", "none")
 REFINE_MAX = 64         # logits per row a step recomputes in fp32 at most (Llama._refine)
 REFINE_MARGIN = 8.0     # ... those within this many nats of their row's highest
+NATIVE_SMALL_OPS_ROWS = 64   # steps of at most this many tokens run norms and the gate on native.c
 
 
 class StepAborted(RuntimeError):
@@ -261,10 +262,12 @@ class Llama:
         kvt = pool.dtype
         rope = plan.rope.unsqueeze(1)
         ops, eps, scale = self.ops, c.rms_eps, D ** -0.5
+        # the compiled small ops run on one thread: for a long prompt torch's threaded ones are faster
+        small = ops if T <= NATIVE_SMALL_OPS_ROWS else None
         def norm(v: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
             """v += add (the residual step, in place), then v's RMS norm in the dtype its product takes."""
-            if ops is not None:
-                return ops.rms_norm(v, w, eps, add, dtype if dtype == torch.bfloat16 else torch.float32)
+            if small is not None:
+                return small.rms_norm(v, w, eps, add, dtype if dtype == torch.bfloat16 else torch.float32)
             if add is not None:
                 v.add_(add)
             return F.rms_norm(v, (c.hidden,), w, eps)
@@ -317,8 +320,8 @@ class Llama:
                                                      vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask)
                 attn[p.rows] = out.view(KVH, G, n, D).permute(2, 0, 1, 3).reshape(n, q_dim)
             h = norm(x, layer.ffn_norm, layer.wo(attn), layer.w_gate_up.wants)
-            if ops is not None:
-                delta = layer.w_down(ops.silu_mul(layer.w_gate_up(h), layer.w_down.wants))
+            if small is not None:
+                delta = layer.w_down(small.silu_mul(layer.w_gate_up(h), layer.w_down.wants))
             else:
                 gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
                 delta = layer.w_down(F.silu(gate) * up)
