@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from syscalls.paths import Paths
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.commands is not None and args.script is not None:
         parser.error("give -c COMMANDS or a SCRIPT, not both")
+    if args.commands is None and args.script is None and sys.stdin.isatty():
+        # an interactive shell takes Ctrl-C whatever it inherited: Python leaves SIGINT alone when it
+        # starts ignored (as under a parent that ignores it), and Ctrl-C would then do nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sh = Shell(Paths.from_env(args.home))
     status = 0
     try:
