@@ -457,3 +457,27 @@ def test_interactive_repl(llmos):
     assert child.exitstatus == 0            # the last command (uname) succeeded; not 9
     history = (llmos.home / "llmsh_history").read_text()
     assert "+uname" in history and "+recv" in history
+
+
+def test_ctrl_c_works_when_started_with_sigint_ignored(llmos):
+    """Python keeps SIGINT ignored when it starts ignored; an interactive llmsh resets it, so a
+    parent that ignores Ctrl-C (as CI's once did) still leaves the shell interruptible."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)      # inherited by the child spawned now
+    try:
+        child = llmsh_terminal(llmos.home, timeout=20)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        child.expect(r"llmsh\$")
+        child.sendline("uname")                       # connected: it shows in ps
+        child.expect(rf"kernel-pid {llmos.kernel_pid}")
+        child.expect(r"llmsh\$")
+        with llmos.connect() as c:
+            me = next(p["pid"] for p in c.ps() if p["name"] == "llmsh")
+            child.sendline("recv")
+            wait_until(lambda: c.ps(pid=me)[0]["state"] == "BLOCKED", 10, "llmsh to block in recv")
+            child.sendintr()
+            child.expect(r"\[130\] llmsh\$")
+    finally:
+        child.close(force=True)
