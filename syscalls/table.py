@@ -34,6 +34,7 @@ _ns = Arg("ns", "str", None, max_len=128,
           doc="a shared namespace; null is the caller's own (one per OS user)")
 _pid = Arg("pid", "int", min=1, max=2**31 - 1)
 MAX_PROMPT = 1 << 20
+MAX_CONSTRAINT = 1 << 20   # characters of a regex or grammar (drivers/model/constraints.py)
 _MODEL_DOC = ("a registered model's name or file, started on demand (the call waits while it "
               "loads); null: the default model")
 _GENERATION = (
@@ -49,6 +50,12 @@ _GENERATION = (
     Arg("stop_ids", "[int]", None, max_len=64, doc="token ids that end it, besides end-of-text"),
     Arg("logprobs", "int", 0, min=0, max=20, doc="top-n logprobs per token"),
     Arg("ignore_eos", "bool", False, doc="go on past end-of-text (benchmarks)"),
+    Arg("response_format", "any", None,
+        doc='{"type": "json_object"}, or {"type": "json_schema", "json_schema": {"name", "schema"}}: '
+            'the output is JSON (that validates against schema); {"type": "text"}: no constraint'),
+    Arg("regex", "str", None, max_len=MAX_CONSTRAINT, doc="the whole output matches this regex"),
+    Arg("grammar", "str", None, max_len=MAX_CONSTRAINT,
+        doc="the output is a sentence of this Lark grammar (llguidance's dialect)"),
 )
 _topic = Arg("topic", "str", max_len=256)
 _model = Arg("model", "str", None, max_len=64, doc="a model's name (see models); null: the default")
@@ -178,17 +185,32 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "string, stop id or end of text), length (max_tokens or the context window), "
                 "cancelled or error. Sampling defaults follow llama.cpp's. With logprobs = n, "
                 "each token of a CHUNK comes with its logprob under the model's own distribution, "
-                "its bytes, and the n likeliest tokens at that place (top)."),
+                "its bytes, and the n likeliest tokens at that place (top). response_format, regex "
+                "or grammar (one of them) constrain the output by masking every token the sampler "
+                "could pick; a malformed or unsupported one is EINVAL naming the part, and a "
+                "constraint no token can continue ends the call with EINVAL."),
     Syscall("chat", "inference", (
         Arg("messages", "[message]", max_len=4096), *_GENERATION,
         Arg("ctx", "int", None, min=1, doc="a context (open_context): messages are the new turn, "
                                            "appended to it with the reply"),
-    ), result="as generate, and cached_tokens: prompt tokens the context's cache spared",
+        Arg("tools", "any", None,
+            doc="functions the model may call: [{type: function, function: {name, description, "
+                "parameters (a JSON Schema)}}], as OpenAI's"),
+        Arg("tool_choice", "any", None,
+            doc="auto (the default with tools), none, required, or a function's name (or "
+                "{type: function, function: {name}}): required and a name constrain the reply "
+                "to one valid call"),
+    ), result="as generate, and cached_tokens: prompt tokens the context's cache spared; with "
+              "tools, END has tool_calls: [{id, type: function, function: {name, arguments (a JSON "
+              "string)}}] and, when there are calls, content: the text outside them or null",
         errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT", "EBADF"), stream=True,
         caller=_SCHED_INPUTS,
         doc="generate, from chat messages ({role, content}) rendered with the model's chat "
             "template. With ctx, the conversation so far is the context's, whose KV cache is "
-            "reused: only the new turn is computed; one turn at a time (EAGAIN)."),
+            "reused: only the new turn is computed; one turn at a time (EAGAIN). Messages may "
+            "carry tool calls (an assistant's tool_calls) and their results (role tool, with "
+            "tool_call_id); a template without tool support gets them in a fallback format "
+            "(docs/architecture.md, Structured output)."),
     Syscall("runqueue", "inference", (
         Arg("pid", "int", None, min=1, doc="only this process's requests"),
     ), result="{max_running, max_queue, running, ready, suspended, blocks_total, blocks_used, "

@@ -84,11 +84,14 @@ class Engine:
 
     def add(self, prompt: str | Seq[int], sampling: SamplingParams | dict | None = None, *, max_tokens: int = 256,
             stop: Iterable[str] = (), stop_ids: Iterable[int] = (), ignore_eos: bool = False,
-            seq_id: int | None = None, pid: int = 0, ctx: Context | None = None) -> int:
+            seq_id: int | None = None, pid: int = 0, ctx: Context | None = None,
+            constraint: str | None = None) -> int:
         """Queue a request of process pid; return its seq_id. Raises RequestError (or QueueFull,
         QuotaExceeded) for anything the engine cannot run. The process's priority and limits are
         the policy's (``engine.policy.update(pid, ...)`` first). With ctx, the prompt is the whole
-        conversation: the prefix it shares with the context's history is not computed again."""
+        conversation: the prefix it shares with the context's history is not computed again.
+        constraint is a grammar the output keeps to (drivers.model.constraints.grammar_for, checked
+        by the caller); the driver masks each token of it."""
         if ctx is not None and ctx.busy is not None:
             raise ContextBusy(f"context {ctx.ctx} has a turn in flight (request {ctx.busy}); one turn "
                               f"at a time")
@@ -125,7 +128,7 @@ class Engine:
         elif seq_id in self._seqs:
             raise RequestError(f"seq_id {seq_id} is already in use")
         seq = Sequence(seq_id, ids, params.to_dict(), min(max_tokens, self.context_length - len(ids)),
-                       frozenset(stop_ids), arrival=next(self._arrivals), pid=pid)
+                       frozenset(stop_ids), arrival=next(self._arrivals), pid=pid, constraint=constraint)
         self._seqs[seq_id] = seq
         self._decoders[seq_id] = StreamDecoder(self.tokenizer, stop)
         self.scheduler.add(seq)
@@ -249,6 +252,8 @@ class Engine:
             msgs.append({"seq_id": seq.seq_id, "tokens": seq.tokens[start:start + n], "start": start,
                          "block_table": list(self.blocks.table(seq.seq_id)), "sample": start + n == len(seq),
                          "params": seq.params if start == 0 or not seq.known else None})
+            if msgs[-1]["params"] is not None and seq.constraint is not None:
+                msgs[-1]["constraint"] = {"grammar": seq.constraint, "prompt_len": len(seq.prompt)}
             if not seq.known:
                 seq.known = True
                 if start:
@@ -293,6 +298,12 @@ class Engine:
                 if pick is None:
                     events.append(self._finish(seq, "error", {"seq_id": seq.seq_id, "text": "", "tokens": []},
                                                error="the driver returned no token for this sequence"))
+                    continue
+                if pick.get("error"):           # its constraint admits no token here
+                    events.append(self._finish(seq, "error", {"seq_id": seq.seq_id, "tokens": [],
+                                                              "text": self._decoders[seq.seq_id].flush(),
+                                                              "error_code": "EINVAL"},
+                                               error=f"constraint: {pick['error']}"))
                     continue
                 event = self._append(seq, pick)
                 for more in pick.get("next", ()):       # decoded ahead in the same driver step

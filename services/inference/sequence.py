@@ -31,6 +31,7 @@ class Sequence:
     arrival: int = 0                  # arrival order: the last tie-breaker of the policy
     pid: int = 0                      # the process it is for: priorities and limits are per process
     ctx: int | None = None            # the context it is a turn of
+    constraint: str | None = None     # llguidance's grammar its output keeps to (drivers/model/constraints.py)
     cached: int = 0                   # prompt tokens whose K/V came from the context's cache
     known: bool = False               # the driver has its sampling parameters
     output: list[int] = field(default_factory=list)

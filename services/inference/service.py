@@ -128,7 +128,8 @@ class Inference(Service):
     # -- the ops -------------------------------------------------------------------------------
     async def op_generate(self, args: dict, caller: dict, emit: Callable[..., None]) -> Reply:
         model = await self._model(args.get("model"), "generate")
-        return await self._stream(model, args["prompt"], args, emit, "generate", caller)
+        constraint = await self._constraint(model, args, None, "generate")
+        return await self._stream(model, args["prompt"], args, emit, "generate", caller, constraint=constraint)
 
     async def op_chat(self, args: dict, caller: dict, emit: Callable[..., None]) -> Reply:
         if args.get("ctx") is None:
@@ -138,17 +139,57 @@ class Inference(Service):
             if args.get("model") is not None and await self._model(args["model"], "chat") is not model:
                 raise errors.EINVAL(f"chat: context {args['ctx']} is on model {model.name!r}, "
                                     f"not {args['model']!r}")
+        from services.inference.tools import ToolError, Tools
+        try:
+            tools = Tools.parse(args.get("tools"), args.get("tool_choice"))
+        except ToolError as e:
+            raise errors.EINVAL(f"chat: {e}") from None
         messages = (ctx.messages if ctx else []) + args["messages"]
-        prompt = self._render(model, messages, "chat", "messages")
-        return await self._stream(model, prompt, args, emit, "chat", caller, ctx, messages)
+        prompt = self._render(model, messages, "chat", "messages", tools)
+        constraint = await self._constraint(model, args, tools, "chat")
+        return await self._stream(model, prompt, args, emit, "chat", caller, ctx, messages,
+                                  constraint=constraint, tools=tools)
 
     @staticmethod
-    def _render(model: Resident, messages: list, call: str, arg: str) -> str:
+    def _render(model: Resident, messages: list, call: str, arg: str, tools=None) -> str:
+        """The prompt: the model's chat template, with the tools (services/inference/tools.py)."""
         from drivers.model import ChatTemplateError
+        from services.inference.tools import ToolError, render
         try:
-            return model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return render(model.tokenizer, messages, tools)
+        except ToolError as e:
+            raise errors.EINVAL(f"{call}: {e}") from None
         except (ChatTemplateError, TypeError, KeyError, ValueError) as e:
             raise errors.EINVAL(f"{call}: argument '{arg}': {e}") from None
+
+    # -- constraints ---------------------------------------------------------------------------
+    async def _constraint(self, model: Resident, args: dict, tools, call: str) -> str | None:
+        """The grammar a request's output keeps to (response_format, regex, grammar, or a required
+        tool call), checked against the model's vocabulary: EINVAL naming what is wrong with it."""
+        from drivers.model.constraints import ConstraintError, grammar_for
+        from services.inference.tools import ToolError
+        try:
+            grammar = grammar_for(args.get("response_format"), args.get("regex"), args.get("grammar"))
+            call_grammar = tools.grammar() if tools is not None else None
+        except (ConstraintError, ToolError) as e:
+            raise errors.EINVAL(f"{call}: {e}") from None
+        if grammar is not None and call_grammar is not None:
+            raise errors.EINVAL(f"{call}: tool_choice {tools.choice!r} makes the reply a tool call; give "
+                                f"no response_format, regex or grammar with it")
+        if grammar is None and call_grammar is None:
+            return None
+        where = "tools" if call_grammar else next(k for k in ("response_format", "regex", "grammar")
+                                                  if args.get(k) is not None)
+        try:
+            await asyncio.to_thread(self._check_constraint, model, grammar or call_grammar, where)
+        except ConstraintError as e:
+            raise errors.EINVAL(f"{call}: {e}") from None
+        return grammar or call_grammar
+
+    @staticmethod
+    def _check_constraint(model: Resident, grammar: str, where: str) -> None:
+        from drivers.model import constraints
+        constraints.check(constraints.vocabulary(model.tokenizer), grammar, where)
 
     # -- contexts ------------------------------------------------------------------------------
     def _context(self, handle: int, caller: dict, call: str):
@@ -290,7 +331,8 @@ class Inference(Service):
                  "top": [[t, p, spell(t)] for t, p in lp["top"]]} for lp in logprobs]
 
     async def _stream(self, model: Resident, prompt: str, args: dict, emit: Callable[..., None],
-                      call: str, caller: dict, ctx=None, conversation: list | None = None) -> Reply:
+                      call: str, caller: dict, ctx=None, conversation: list | None = None,
+                      constraint: str | None = None, tools=None) -> Reply:
         from services.inference.engine import ContextBusy, QueueFull, QuotaExceeded, RequestError
         engine = model.engine
         sampling = {k: args[k] for k in SAMPLING if args.get(k) is not None}
@@ -300,7 +342,8 @@ class Inference(Service):
         try:
             seq_id = engine.add(prompt, sampling, max_tokens=args["max_tokens"],
                                 stop=args.get("stop") or (), stop_ids=args.get("stop_ids") or (),
-                                ignore_eos=bool(args.get("ignore_eos")), pid=pid, ctx=ctx)
+                                ignore_eos=bool(args.get("ignore_eos")), pid=pid, ctx=ctx,
+                                constraint=constraint)
         except (QueueFull, ContextBusy) as e:
             raise errors.EAGAIN(f"{call}: {e}") from None
         except QuotaExceeded as e:
@@ -328,10 +371,17 @@ class Inference(Service):
                 if "finish" in ev:
                     if ev["finish"] == "error":
                         raise errors.from_wire(ev.get("error_code", "EIO"), f"{call}: {ev['error']}")
-                    if ctx is not None and ev["finish"] in ("stop", "length"):
-                        ctx.messages = conversation + [{"role": "assistant", "content": "".join(reply)}]
+                    answer = {"role": "assistant", "content": "".join(reply)}
                     counts = {k: v for k, v in ev.items() if k not in ("seq_id", "text", "tokens",
                                                                        "logprobs", "error_code")}
+                    if tools is not None:
+                        content, calls = tools.calls(answer["content"])
+                        counts["tool_calls"] = calls
+                        if calls:
+                            counts["content"] = content
+                            answer = {"role": "assistant", "content": content or "", "tool_calls": calls}
+                    if ctx is not None and ev["finish"] in ("stop", "length"):
+                        ctx.messages = conversation + [answer]
                     return Reply(counts, {
                         "tokens_in": int(counts.get("prompt_tokens") or 0),
                         "tokens_out": max(0, int(counts.get("generated_tokens") or 0) - streamed)})

@@ -15,11 +15,16 @@ One step's input, a list of SeqStep, one per scheduled sequence:
                                 # sees of a sequence (or again after a recompute from 0)
      "history": [int],          # only with a first step that starts past 0 (a context's cached
                                 # prefix): the tokens before start, for the repetition penalty
-     "steps": int, "stop_ids": [int]}   # a decoding sequence may ask for up to `steps` tokens in
+     "steps": int, "stop_ids": [int],   # a decoding sequence may ask for up to `steps` tokens in
                                 # one step, fed back one by one, ending early on a stop id
+     "constraint": {"grammar": str, "prompt_len": int}}   # with params, for a constrained
+                                # sequence: llguidance's grammar its output (the tokens from
+                                # prompt_len on) keeps to; the driver masks every token it samples
 Output, a list of Sampled, one per SeqStep with sample=True, in the same order:
     {"seq_id": int, "token": int, "logprob": float, "top": [[int, float], ...]
-     [, "next": [{"token", "logprob", "top"}, ...]]}    # the tokens after the first, with steps > 1
+     [, "next": [{"token", "logprob", "top"}, ...]]    # the tokens after the first, with steps > 1
+     [, "error": str]}          # its constraint admits no token here: the sequence ends (token is
+                                # meaningless)
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class SeqStep(TypedDict):
     history: NotRequired[list[int]]
     steps: NotRequired[int]
     stop_ids: NotRequired[list[int]]
+    constraint: NotRequired[dict[str, Any]]
 
 
 class Sampled(TypedDict):
@@ -45,3 +51,4 @@ class Sampled(TypedDict):
     logprob: float
     top: list[list]
     next: NotRequired[list[dict]]
+    error: NotRequired[str]

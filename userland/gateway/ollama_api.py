@@ -9,6 +9,7 @@ applies the model's template, unless ``raw`` asks for the prompt as it is: the g
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -54,7 +55,7 @@ def routes(gateway) -> list[Route]:
                     "model_info": {"general.architecture": arch,
                                    "general.parameter_count": m["parameters"],
                                    f"{arch}.context_length": m["context_length"]},
-                    "capabilities": ["completion"]})
+                    "capabilities": ["completion", "tools"]})
         raise ApiError(404, f"model '{name}' not found")
 
     async def chat(request: Request) -> Watched:
@@ -74,8 +75,9 @@ def routes(gateway) -> list[Route]:
             return await out.json(dict(r.record(""), done=True, done_reason="load"))
         call, param = ("generate", "prompt") if "prompt" in r.args else ("chat", "messages")
         # /api/chat resends its history; /api/generate's one turn is never followed up
+        held = r.chat and not params.uses_tools(r.args)     # as openai_api's: computed afresh
         calls, chunk = await start(conn, call, r.args, param, gateway.metrics,
-                                   gateway.conversations(conn) if r.chat else None)
+                                   gateway.conversations(conn) if held else None)
         try:
             if not stream:
                 texts, logprobs = [], []
@@ -86,11 +88,14 @@ def routes(gateway) -> list[Route]:
                 return await out.json(r.last(calls.result, "".join(texts), logprobs))
             await out.start(200, "application/x-ndjson")
             try:
+                texts = []
                 while chunk is not None:
-                    if chunk["text"] or chunk.get("logprobs"):
+                    if r.tools:              # a call's text is no content: held until the END says
+                        texts.append(chunk["text"])
+                    elif chunk["text"] or chunk.get("logprobs"):
                         await out.write(dumps(r.record(chunk["text"], chunk.get("logprobs"))) + b"\n")
                     chunk = await calls.next()
-                await out.write(dumps(r.last(calls.result)) + b"\n")
+                await out.write(dumps(r.last(calls.result, "".join(texts))) + b"\n")
             except LLMOSError as e:          # the stream broke (shutdown, a failed driver)
                 await out.write(dumps(from_llmos(e).body(OLLAMA)) + b"\n")
             await out.end()
@@ -112,6 +117,7 @@ class Reply:
 
     def __init__(self, kind: str, args: dict, top: int | None):
         self.chat, self.args, self.top = kind == "chat", args, top
+        self.tools = self.chat and bool(args.get("tools")) and args.get("tool_choice") != "none"
         self.began = time.monotonic_ns()
 
     def record(self, text: str, logprobs: Any = None) -> dict:
@@ -129,7 +135,12 @@ class Reply:
         return r
 
     def last(self, end: dict, text: str = "", logprobs: Any = None) -> dict:
-        return dict(self.record(text, logprobs), done=True, done_reason=finish_reason(end),
+        record = self.record(text, logprobs)
+        if self.chat and end.get("tool_calls"):     # Ollama's calls: arguments as an object
+            record["message"].update(content=end.get("content") or "", tool_calls=[
+                {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                for c in end["tool_calls"]])
+        return dict(record, done=True, done_reason=finish_reason(end),
                     total_duration=time.monotonic_ns() - self.began, load_duration=0,
                     prompt_eval_count=int(end.get("prompt_tokens") or 0),
                     prompt_eval_duration=int(float(end.get("ttft_s") or 0) * 1e9),

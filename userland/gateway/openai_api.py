@@ -52,8 +52,11 @@ def routes(gateway) -> list[Route]:
 
     async def answer(out: Sender, conn, c: "Completion", stream: bool) -> None:
         call, param = ("chat", "messages") if c.chat else ("generate", "prompt")
+        # a chat with tools is computed afresh: a context's messages would have to hold the
+        # calls exactly as the client sends them back
+        held = c.chat and not params.uses_tools(c.args)
         calls, chunk = await start(conn, call, c.args, param, gateway.metrics,
-                                   gateway.conversations(conn) if c.chat else None)
+                                   gateway.conversations(conn) if held else None)
         try:
             if not stream:
                 while chunk is not None:
@@ -67,11 +70,15 @@ def routes(gateway) -> list[Route]:
                 await out.write(_sse(c.chunk(c.echo)))
             try:
                 while chunk is not None:
-                    if chunk["text"] or chunk.get("logprobs"):
+                    if c.tools:              # a call's text is no content: held until the END says
+                        c.add(chunk)
+                    elif chunk["text"] or chunk.get("logprobs"):
                         await out.write(_sse(c.piece(chunk)))
                     chunk = await calls.next()
                 end = calls.result
-                await out.write(_sse(c.chunk({} if c.chat else "", finish_reason(end))))
+                if c.tools:
+                    await out.write(_sse(c.chunk(c.called(end))))
+                await out.write(_sse(c.chunk({} if c.chat else "", c.finish(end))))
                 if c.include_usage:
                     await out.write(_sse(dict(c.head("chunk"), choices=[], usage=_usage(end))))
             except LLMOSError as e:          # the stream broke (shutdown, a failed driver)
@@ -119,6 +126,7 @@ class Completion:
         self.texts: list[str] = [echo] if echo else []
         self.logprobs: list[dict] = []
         self.offset = len(echo)          # where the next token's text starts (text_offset)
+        self.tools = self.chat and bool(args.get("tools")) and args.get("tool_choice") != "none"
 
     def head(self, what: str) -> dict:
         obj = ("chat.completion" if self.chat else "text_completion") + \
@@ -134,14 +142,26 @@ class Completion:
     def whole(self, end: dict) -> dict:
         text = "".join(self.texts)
         choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs(self.logprobs),
-                                  "finish_reason": finish_reason(end)}
+                                  "finish_reason": self.finish(end)}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            if end.get("tool_calls"):
+                choice["message"].update(content=end.get("content"), tool_calls=end["tool_calls"])
         else:
             choice["text"] = text
         return dict(self.head("whole"), choices=[choice], usage=_usage(end))
 
+    def finish(self, end: dict) -> str:
+        return "tool_calls" if end.get("tool_calls") else finish_reason(end)
+
     # -- streamed -------------------------------------------------------------------------------
+    def called(self, end: dict) -> dict:
+        """The delta of a chat with tools, sent whole at its END: its content, and its calls."""
+        if not end.get("tool_calls"):
+            return {"content": "".join(self.texts)}
+        return {"content": end.get("content"), "tool_calls": [
+            dict(call, index=i) for i, call in enumerate(end["tool_calls"])]}
+
     def piece(self, chunk: dict) -> dict:
         return self.chunk({"content": chunk["text"]} if self.chat else chunk["text"],
                           logprobs=self._logprobs(chunk.get("logprobs") or ()))

@@ -154,16 +154,42 @@ def chat_request(body: dict) -> tuple[dict, bool, bool, int | None]:
     """/v1/chat/completions: the chat syscall's arguments, stream, include_usage, top_logprobs
     (None: no logprobs)."""
     args, f = openai_common(body)
-    for field in ("tools", "functions"):
-        if body.get(field):
-            raise f.bad(field, "are not supported: llmos's models answer with text only",
-                        "unsupported_parameter")
+    if body.get("functions"):
+        raise f.bad("functions", "are OpenAI's deprecated form: give them as tools",
+                    "unsupported_parameter")
     fmt = body.get("response_format")
-    if fmt is not None and (type(fmt) is not dict or fmt.get("type") != "text"):
-        raise f.bad("response_format", "must be {\"type\": \"text\"}: structured output is not "
-                                       "supported", "unsupported_parameter")
+    if fmt is not None:
+        if type(fmt) is not dict or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise f.bad("response_format", "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} "
+                                           "or {\"type\": \"json_schema\", \"json_schema\": {...}}")
+        if fmt["type"] != "text":
+            args["response_format"] = fmt           # the inference service checks the schema
+    tools(f, args)
     args["messages"] = openai_messages(body.get("messages"))
     return args, *openai_stream(f), logprobs(f, args)
+
+
+def tools(f: Fields, args: dict) -> None:
+    """tools and tool_choice, passed on as OpenAI spells them: the inference service checks each
+    function (services/inference/tools.py) with an error naming the field."""
+    offered = f.body.get("tools")
+    if offered is not None and offered != []:
+        if type(offered) is not list or not all(type(t) is dict for t in offered):
+            raise f.bad("tools", "must be an array of {\"type\": \"function\", \"function\": {...}}",
+                        "invalid_type")
+        args["tools"] = offered
+    choice = f.body.get("tool_choice")
+    if choice is not None:
+        if type(choice) not in (str, dict):
+            raise f.bad("tool_choice", "must be auto, none, required or {\"type\": \"function\", "
+                                       "\"function\": {\"name\": ...}}", "invalid_type")
+        args["tool_choice"] = choice
+
+
+def uses_tools(args: dict) -> bool:
+    """A chat with tools, or with tool calls or results in its messages."""
+    return bool(args.get("tools")) or any(m.get("tool_calls") or m["role"] == "tool"
+                                          for m in args.get("messages") or ())
 
 
 def logprobs(f: Fields, args: dict) -> int | None:
@@ -193,14 +219,39 @@ def openai_messages(messages: Any) -> list[dict]:
         if role not in ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got "
                                 f"{role!r}", param=f"{where}.role")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(m.get("content"), f"{where}.content", role)})
+        message = {"role": "system" if role == "developer" else role,
+                   "content": _content(m.get("content"), f"{where}.content", role)}
+        calls = m.get("tool_calls")
+        if calls and role == "assistant":
+            message["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        if role == "tool":
+            for field in ("tool_call_id", "tool_name", "name"):
+                if type(m.get(field)) is str:
+                    message[field] = m[field]
+        out.append(message)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant's calls, OpenAI's ({id, type, function: {name, arguments: a JSON string}}) or
+    Ollama's ({function: {name, arguments: an object}})."""
+    if type(calls) is not list:
+        raise ApiError(400, f"'{where}' must be an array of tool calls", param=where, code="invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if type(c) is dict else None
+        if type(fn) is not dict or type(fn.get("name")) is not str \
+                or type(fn.get("arguments", "{}")) not in (str, dict):
+            raise ApiError(400, f"'{where}[{j}]' must be {{\"function\": {{\"name\", \"arguments\"}}}}",
+                           param=f"{where}[{j}]")
+        out.append({"id": str(c.get("id") or f"call_{j}"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn.get("arguments", "{}")}})
     return out
 
 
 def _content(content: Any, where: str, role: str) -> str:
     """A message's text: a string, or an array of text parts (other parts are refused)."""
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return ""
     if type(content) is str:
         return content
@@ -266,10 +317,12 @@ def _ollama_common(body: dict) -> tuple[dict, Fields, bool, int | None]:
     ollama_options(body, args)
     stream = f.boolean("stream")
     fmt = body.get("format")
-    if fmt not in (None, ""):
-        raise f.bad("format", "is not supported: structured output is not available yet")
-    if body.get("tools"):
-        raise f.bad("tools", "are not supported: llmos's models answer with text only")
+    if fmt == "json":
+        args["response_format"] = {"type": "json_object"}
+    elif type(fmt) is dict:
+        args["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise f.bad("format", f"must be \"json\" or a JSON Schema object, got {_kind(fmt)}")
     return args, f, stream is not False, logprobs(f, args)
 
 
@@ -282,6 +335,7 @@ def ollama_chat(body: dict) -> tuple[dict, bool, int | None]:
         if type(m) is dict and m.get("images"):
             raise f.bad(f"messages[{i}].images", "are not supported: llmos's models read text only")
     args["messages"] = openai_messages(messages)
+    tools(f, args)
     return args, stream, top
 
 
