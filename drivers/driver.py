@@ -44,9 +44,6 @@ class Driver(Service):
 
     async def start(self) -> None:
         cfg = Config.load(self.paths.home / "config.toml").driver
-        import torch
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         registry = Registry(self.paths)
         # a driver instance (kernel/instances.py) is told its model; the boot driver reads config
         spec = os.environ.get(MODEL_ENV) or cfg.model or None
@@ -61,7 +58,8 @@ class Driver(Service):
         self.runner = await asyncio.to_thread(
             ModelRunner.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
             block_size=cfg.block_size, progress=progress, kv_dtype=cfg.kv_dtype,
-            dense_copy=cfg.dense_copy, dense_copy_budget=budget, native=cfg.native, device=self.torch_device())
+            dense_copy=cfg.dense_copy, dense_copy_budget=budget, native=cfg.native, engine=cfg.engine,
+            threads=cfg.threads, device=self.torch_device())
         self.lock = asyncio.Lock()
         self.current = self.abort_id = self.yield_id = None   # the step running; those asked to stop
         self.steps = 0
@@ -69,12 +67,10 @@ class Driver(Service):
         self.log.info("model_loaded", path=str(path), device=self.torch_device(), weights=info.pop("weights"), **info)
 
     def op_info(self, args: dict, caller: dict) -> dict:
-        import torch
-        pool = self.runner.pool.data
         info = self.runner.info()
-        info.update(device=self.torch_device(), threads=torch.get_num_threads(),
+        info.update(device=self.torch_device(), threads=self.runner.threads,
                     rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    kv_bytes=pool.numel() * pool.element_size(), steps=self.steps,
+                    kv_bytes=self.runner.kv_bytes, steps=self.steps,
                     **self.device_info())
         return info
 
@@ -82,7 +78,7 @@ class Driver(Service):
         batch = args.get("batch")
         if not isinstance(batch, list):
             raise errors.EINVAL("step: 'batch' must be a list of sequence steps")
-        from drivers.model.llama import StepAborted
+        from drivers.model.batch import StepAborted
         step_id = args.get("id")
         async with self.lock:
             self.current = step_id

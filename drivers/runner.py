@@ -13,6 +13,8 @@ import ctypes
 import os
 from typing import Any
 
+from drivers.model.batch import Chunk, StepAborted
+from drivers.model.sampling import SamplingParams, SequenceSampler, sample
 from syscalls.runtime.steps import Sampled, SeqStep
 
 
@@ -45,7 +47,8 @@ def _give_back_heap() -> None:
 
 
 class ModelRunner:
-    """Llama + KVPool + one SequenceSampler and history per sequence: info, step, release."""
+    """A model (llama.Llama or lean.LeanLlama) + its KV pool + one SequenceSampler and history per
+    sequence: info, step, release."""
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, name: str = "", kernels: dict | None = None):
         self.model = model
@@ -59,31 +62,59 @@ class ModelRunner:
     def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                   num_blocks: int = 1024, block_size: int = 16, dense_copy: str = "auto",
                   dense_copy_budget: int = 1 << 30, kv_dtype: str | None = None, native: str = "auto",
-                  **model_args) -> ModelRunner:
-        """Load the model in its own bits, each matrix where it measured fastest at one row (llmos's
-        compiled kernel or torch's, `native`); then measure (or recall, from cache_dir) which product
-        runs batched steps here and make the dense copies that won and fit dense_copy_budget bytes."""
-        from drivers.model import kernels
+                  engine: str = "auto", threads: int = 0, **model_args) -> ModelRunner:
+        """Load the model in its own bits on one of two engines.
+
+        The lean one (drivers/model/lean.py: native.c throughout, never imports torch) where `engine`
+        is "lean", or "auto" with dense_copy "never" and a model native.c multiplies entirely; else the
+        torch one: each matrix where it measured fastest at one row (llmos's compiled kernel or torch's,
+        `native`), then measure (or recall, from cache_dir) which product runs batched steps here and
+        make the dense copies that won and fit dense_copy_budget bytes. `threads` (0: the engine's
+        own choice) is what the products use."""
+        from drivers.model import lean
         from drivers.model.gguf import load_gguf
-        from drivers.model.llama import Llama
         _steady_heap()
         mf = load_gguf(path)
         device = str(model_args.get("device", "cpu"))
+        if threads and engine != "torch":
+            os.environ["OMP_NUM_THREADS"] = str(threads)    # read once, when native.c's OpenMP starts
+        why = lean.why_not(mf, device, dense_copy, native, engine)
+        if not why:
+            model = lean.LeanLlama(mf, kv_dtype=kv_dtype, max_positions=model_args.get("max_positions"),
+                                   progress=model_args.get("progress"))
+            _give_back_heap()
+            return cls(model, num_blocks, block_size, name=str(path), kernels={"dense_copy": "never"})
+        if engine == "lean":
+            raise ValueError(f"engine = \"lean\" cannot run {path}: {why}")
+        import torch
+        from drivers.model import kernels
+        from drivers.model.llama import Llama
+        if threads:
+            torch.set_num_threads(threads)
         choice = kernels.prefer_native(mf, cache_dir, native) if device.startswith("cpu") else None
         model = Llama(mf, kv_dtype=None if kv_dtype in (None, "auto") else kv_dtype, native=choice, **model_args)
         plan = kernels.choose(model, cache_dir, dense_copy, dense_copy_budget)
+        if dense_copy == "never":            # lean was asked for: `models` says why it does not run
+            plan["lean"] = why
         _give_back_heap()
         return cls(model, num_blocks, block_size, name=str(path), kernels=plan)
 
     def info(self) -> dict[str, Any]:
-        from drivers.model import kernels
+        held = self.model.describe(self.kernels)
         return {"num_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
                 "vocab_size": self.model.config.vocab_size, "context_length": self.model.max_positions,
-                "model": self.name, "compute_dtype": str(self.model.dtype).removeprefix("torch."),
-                "kv_dtype": str(self.pool.dtype).removeprefix("torch."),
-                "weight_bytes": self.model.weight_bytes(), "dense_copy": self.kernels.get("dense_copy", "never"),
-                "native": kernels.native_status(self.model),
-                "weights": kernels.table(self.model, self.kernels)}
+                "model": self.name, "engine": held["engine"], "compute_dtype": held["compute_dtype"],
+                "kv_dtype": held["kv_dtype"], "weight_bytes": self.model.weight_bytes(),
+                "dense_copy": self.kernels.get("dense_copy", "never"), "native": held["native"],
+                "weights": held["weights"]}
+
+    @property
+    def threads(self) -> int:
+        return self.model.threads
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.pool.nbytes
 
     def step(self, batch: list[SeqStep], should_stop=None, should_yield=None) -> list[Sampled]:
         """Raises StepAborted (drivers.model.llama) if should_stop() says so before sampling.
@@ -92,7 +123,6 @@ class ModelRunner:
         feeding each sampled token back, until it has k tokens, samples one of its "stop_ids", or
         should_yield() (or should_stop()) says to hand back what there is; its later tokens come
         in the Sampled's "next"."""
-        from drivers.model.llama import StepAborted
         out = self._feed(batch, should_stop)
         more = {s["seq_id"]: s for s in batch if s.get("steps", 1) > 1}
         if not more:
@@ -121,8 +151,6 @@ class ModelRunner:
 
     def _feed(self, batch: list[SeqStep], should_stop=None) -> list[Sampled]:
         """One forward pass over the batch, and a token for each sequence that samples."""
-        from drivers.model.llama import Chunk
-        from drivers.model.sampling import SamplingParams, SequenceSampler, sample
         chunks, samplers, histories, ids = [], [], [], []
         for s in batch:
             sid = s["seq_id"]

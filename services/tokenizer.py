@@ -178,7 +178,7 @@ class TokenizerService(Service):
                                                         "block_size", "threads", "device_name",
                                                         "memory_total", "memory_used", "weight_bytes",
                                                         "kv_dtype", "compute_dtype",
-                                                        "dense_copy", "native")} if loaded else None
+                                                        "dense_copy", "native", "engine")} if loaded else None
             row["weights"] = loaded.get("weights") if loaded else None   # each kind of matrix as held
         return rows
 

@@ -101,11 +101,12 @@ def test_model_show_the_loaded_model(tiny_system):  # noqa: F811
     assert lines[1].startswith("loaded on cpu: weights ") and "compute float32" in lines[1]
     assert "KV cache float32" in lines[1] and "(1024 blocks of 16 tokens)" in lines[1]
     from drivers.model import native
+    assert lines[2] == "engine: torch"
     if native.library() is not None:     # built here too: the driver's compiled norm and attention run
-        assert lines[2].startswith("compiled kernels: on (") and "0 matrices, RMS norm, rotary and K/V writes" in lines[2]
+        assert lines[3].startswith("compiled kernels: on (") and "0 matrices, RMS norm, rotary and K/V writes" in lines[3]
     else:
-        assert lines[2].startswith("compiled kernels: off (")
-    rows = {row["MATRIX"]: row for row in table("\n".join(lines[3:]))}
+        assert lines[3].startswith("compiled kernels: off (")
+    rows = {row["MATRIX"]: row for row in table("\n".join(lines[4:]))}
     assert set(rows) == {"output", "attn_qkv", "attn_output", "ffn_gate_up", "ffn_down"}
     assert rows["attn_qkv"]["COUNT"] == "2" and rows["attn_qkv"]["TYPES"] == "F32+F32+F32"
     assert {row["HELD"] for row in rows.values()} == {"fp32"}

@@ -40,6 +40,15 @@ LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
+def layer_tensors(i: int) -> tuple[str, tuple[str, ...], str, str, tuple[str, ...], str]:
+    """Layer i's tensor names as the forward pass takes them: attention norm, the fused q, k, v
+    product's parts, attention output, feed-forward norm, the fused gate, up parts, and down."""
+    p = f"blk.{i}."
+    return (p + "attn_norm.weight", (p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),
+            p + "attn_output.weight", p + "ffn_norm.weight", (p + "ffn_gate.weight", p + "ffn_up.weight"),
+            p + "ffn_down.weight")
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 class ModelError(Exception):

@@ -25,26 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from drivers.model import quant
-from drivers.model.gguf import CorruptModelError, LlamaConfig, ModelFile, Progress, load_gguf
+from drivers.model.batch import LOGITS_CHOICES, Chunk, StepAborted, lay_out  # noqa: F401 (re-exported)
+from drivers.model.gguf import CorruptModelError, LlamaConfig, ModelFile, Progress, layer_tensors, load_gguf
 from drivers.model.quant import Matrix
 
-LOGITS_CHOICES = ("last", "all", "none")
 REFINE_MAX = 64         # logits per row a step recomputes in fp32 at most (Llama._refine)
 REFINE_MARGIN = 8.0     # ... those within this many nats of their row's highest
 NATIVE_SMALL_OPS_ROWS = 64   # steps of at most this many tokens run norms and the gate on native.c
-
-
-class StepAborted(RuntimeError):
-    """A step given up half-way because its caller asked (a more urgent request arrived)."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One sequence's share of a step: tokens at positions start, start+1, ...; KV lives in block_table."""
-    tokens: Sequence[int]
-    start: int
-    block_table: Sequence[int]
-    logits: str = "last"       # "last": logits of the last token; "all": of every token; "none"
 
 
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -76,6 +63,10 @@ class KVPool:
     @property
     def dtype(self) -> torch.dtype:
         return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
 
     @staticmethod
     def block_bytes(config: LlamaConfig, block_size: int = 16, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -198,12 +189,10 @@ class Llama:
         self.norm = vector("output_norm.weight")
         self.layers = []
         for i in range(c.n_layers):
-            p = f"blk.{i}."
             # fused projections: one product instead of three (q, k, v) and two (gate, up) per layer
-            self.layers.append(_Layer(vector(p + "attn_norm.weight"),
-                                      held(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"),
-                                      held(p + "attn_output.weight"), vector(p + "ffn_norm.weight"),
-                                      held(p + "ffn_gate.weight", p + "ffn_up.weight"), held(p + "ffn_down.weight")))
+            attn_norm, qkv, wo, ffn_norm, gate_up, down = layer_tensors(i)
+            self.layers.append(_Layer(vector(attn_norm), held(*qkv), held(wo), vector(ffn_norm), held(*gate_up),
+                                      held(down)))
         layouts = {part for _, m in self.matrices() for part in m.layout.split("+")}
         # what most products take; each product casts its input to what its kernel wants
         self.dtype = torch.float32 if layouts <= {"fp32", "native"} else torch.bfloat16
@@ -239,6 +228,19 @@ class Llama:
     def weight_bytes(self) -> int:
         """Memory the held matrices and their dense copies take (a mapped embedding is the file's)."""
         return sum(m.nbytes + (m.dense.nbytes if m.dense is not None else 0) for _, m in self.matrices())
+
+    def describe(self, plan: dict) -> dict:
+        """engine, compute_dtype, kv_dtype, native and weights, as `models` shows them (plan:
+        kernels.choose's)."""
+        from drivers.model import kernels
+        engine = "torch" + (f" (not lean: {plan['lean']})" if plan.get("lean") else "")
+        return {"engine": engine, "compute_dtype": str(self.dtype).removeprefix("torch."),
+                "kv_dtype": str(self.kv_dtype).removeprefix("torch."), "native": kernels.native_status(self),
+                "weights": kernels.table(self, plan)}
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
 
     def new_kv_pool(self, num_blocks: int, block_size: int = 16) -> KVPool:
         return KVPool(self.config, num_blocks, block_size, self.device, self.kv_dtype)
@@ -355,83 +357,40 @@ class Llama:
 
     def _plan(self, pool: KVPool, chunks: Sequence[Chunk]) -> _Plan:
         """Check a step's chunks and turn them into the index tensors every layer reuses."""
-        if not chunks:
-            raise ValueError("a step needs at least one chunk")
         if pool.config != self.config:
             raise ValueError("this KV pool was made for a different model")
         if pool.data.device != self.device:
             raise ValueError(f"this KV pool is on {pool.data.device}, the model on {self.device}")
-        bs, vocab, dev = pool.block_size, self.config.vocab_size, self.device
-        for i, ch in enumerate(chunks):
-            n = len(ch.tokens)
-            if n == 0:
-                raise ValueError(f"chunk {i}: no tokens")
-            if ch.start < 0 or ch.start + n > self.max_positions:
-                raise ValueError(f"chunk {i}: positions {ch.start}..{ch.start + n - 1} are outside"
-                                 f" 0..{self.max_positions - 1}")
-            need = (ch.start + n + bs - 1) // bs
-            if len(ch.block_table) < need:
-                raise ValueError(f"chunk {i}: block table has {len(ch.block_table)} blocks, positions up to"
-                                 f" {ch.start + n - 1} need {need} (block size {bs})")
-            if any(not 0 <= b < pool.num_blocks for b in ch.block_table[:need]):
-                raise ValueError(f"chunk {i}: block ids must be in 0..{pool.num_blocks - 1}")
-            if any(not 0 <= t < vocab for t in ch.tokens):
-                raise ValueError(f"chunk {i}: token ids must be in 0..{vocab - 1}")
-            if ch.logits not in LOGITS_CHOICES:
-                raise ValueError(f"chunk {i}: logits must be one of {LOGITS_CHOICES}, got {ch.logits!r}")
-
-        decode = [i for i, ch in enumerate(chunks) if len(ch.tokens) == 1]
-        prompt = [i for i, ch in enumerate(chunks) if len(ch.tokens) > 1]
-        tokens, positions, slots, first_row = [], [], [], {}
-        for i in decode + prompt:
-            ch = chunks[i]
-            first_row[i] = len(tokens)
-            tokens.extend(ch.tokens)
-            for p in range(ch.start, ch.start + len(ch.tokens)):
-                positions.append(p)
-                slots.append(ch.block_table[p // bs] * bs + p % bs)
-        if len(set(slots)) != len(slots):      # two chunks writing one KV slot: a block-sharing bug upstream
-            raise ValueError("two tokens of this step would write the same KV slot (shared block not copied?)")
-
+        bs, dev = pool.block_size, self.device
+        lay = lay_out(chunks, self.config.vocab_size, self.max_positions, pool.num_blocks, bs)
         decode_blocks = decode_mask = decode_lengths = None
         decode_keys = 0
-        if decode:
-            lengths = [chunks[i].start + 1 for i in decode]
+        if lay.n_decode:
+            lengths = lay.decode_lengths
             decode_keys = max(lengths)
             nblocks = (decode_keys + bs - 1) // bs
-            tables = [list(chunks[i].block_table[:(n + bs - 1) // bs]) for i, n in zip(decode, lengths)]
-            decode_blocks = torch.tensor([t + [0] * (nblocks - len(t)) for t in tables], device=dev)
+            decode_blocks = torch.tensor([t + [0] * (nblocks - len(t)) for t in lay.decode_tables], device=dev)
             decode_lengths = torch.tensor(lengths, dtype=torch.int32, device=dev)
             if min(lengths) != decode_keys:     # a mask costs SDPA time; equal lengths need none
                 keys = torch.arange(decode_keys, device=dev)
-                decode_mask = (keys < torch.tensor(lengths, device=dev).unsqueeze(1)).view(len(decode), 1, 1, -1)
+                decode_mask = (keys < torch.tensor(lengths, device=dev).unsqueeze(1)).view(len(lengths), 1, 1, -1)
 
         prefills = []
-        for i in prompt:
-            ch = chunks[i]
-            n, total = len(ch.tokens), ch.start + len(ch.tokens)
-            blocks, keys = None, total
-            if ch.start > 0:
-                blocks = torch.tensor(list(ch.block_table[:(total + bs - 1) // bs]), device=dev)
-                keys = blocks.numel() * bs       # slots past `total` are masked by causality
+        for p in lay.prompts:
+            blocks, keys = None, p.start + p.n
+            if p.start > 0:
+                blocks = torch.tensor(p.blocks, device=dev)
+                keys = blocks.numel() * bs       # slots past the chunk's end are masked by causality
             causal = (torch.arange(keys, device=dev).unsqueeze(0)
-                      <= (ch.start + torch.arange(n, device=dev)).unsqueeze(1))
-            prefills.append(_Prefill(slice(first_row[i], first_row[i] + n), ch.start, blocks,
-                                     causal.repeat(self.group, 1).view(1, 1, self.group * n, keys)))
-
-        rows = []
-        for i, ch in enumerate(chunks):
-            n = len(ch.tokens)
-            if ch.logits == "last":
-                rows.append(first_row[i] + n - 1)
-            elif ch.logits == "all":
-                rows.extend(range(first_row[i], first_row[i] + n))
-        return _Plan(tokens=torch.tensor(tokens, device=dev), token_ids=tokens,
-                     rope=self.rope_table[torch.tensor(positions, device=dev)],
-                     slots=torch.tensor(slots, device=dev), n_decode=len(decode), decode_blocks=decode_blocks,
+                      <= (p.start + torch.arange(p.n, device=dev)).unsqueeze(1))
+            prefills.append(_Prefill(slice(p.first, p.first + p.n), p.start, blocks,
+                                     causal.repeat(self.group, 1).view(1, 1, self.group * p.n, keys)))
+        return _Plan(tokens=torch.tensor(lay.tokens, device=dev), token_ids=lay.tokens,
+                     rope=self.rope_table[torch.tensor(lay.positions, device=dev)],
+                     slots=torch.tensor(lay.slots, device=dev), n_decode=lay.n_decode, decode_blocks=decode_blocks,
                      decode_keys=decode_keys, decode_mask=decode_mask, decode_lengths=decode_lengths,
                      prefills=prefills,
-                     logit_rows=torch.tensor(rows, dtype=torch.long, device=dev))
+                     logit_rows=torch.tensor(lay.logit_rows, dtype=torch.long, device=dev))
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
  * loaded with ctypes; when there is no compiler, or the build or its self-test fails, llmos runs
  * torch's kernels instead. Nothing here allocates per call or keeps model state.
  *
- * Weights are read in the file's own blocks (Q4_0, Q4_1, Q8_0), so a matrix held this way costs its
+ * Weights are read in the file's own blocks (Q4_0, Q4_1, Q8_0; F32 and F16 rows too), so a matrix held this way costs its
  * file bytes and no more. Each block is expanded to exact fp32 weights in registers (d*q, d*(q-8),
  * d*q+m: the products are exact in fp32, a single rounding where gguf-py rounds once), then dotted
  * with up to TILE activation rows, so at one row the loop is bound by memory and at a few rows each
@@ -30,10 +30,12 @@
 #define TILE 4                 /* activation rows dotted per pass over a weight row */
 #define MAX_PARTS 8
 
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };   /* GGML type numbers */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };   /* GGML type numbers */
 
 static int block_bytes(int type) {
-    switch (type) {
+    switch (type) {                /* F32 and F16 in "blocks" of 32 weights, as the loops take them */
+    case T_F32: return 128;
+    case T_F16: return 64;
     case T_Q4_0: return 18;
     case T_Q4_1: return 20;
     case T_Q8_0: return 34;
@@ -72,6 +74,7 @@ static inline void nibbles(const uint8_t *qs, vf *w) {
     w[1] = u8x16(_mm_and_si128(_mm_srli_epi16(b, 4), m));
 }
 static inline void bytes(const uint8_t *qs, vf *w) { w[0] = i8x16(qs); w[1] = i8x16(qs + 16); }
+static inline vf halfs(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VEC 8
 typedef __m256 vf;
@@ -102,6 +105,7 @@ static inline void bytes(const uint8_t *qs, vf *w) {
     for (int h = 0; h < 4; h++)
         w[h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * h))));
 }
+static inline vf halfs(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 #endif
 
 #ifdef VEC
@@ -130,8 +134,17 @@ static float q8_0_dot1(const uint8_t *w, int nb, const float *x) {
     return vsum(vadd(acc0, acc1));
 }
 
-/* One block's 32 weights as exact fp32: d*q (Q8_0), d*(q-8) (Q4_0), d*q+m (Q4_1) */
+/* One block's 32 weights as exact fp32: d*q (Q8_0), d*(q-8) (Q4_0), d*q+m (Q4_1), or as they are
+ * (F32, F16: the lean engine runs files of those too) */
 static inline void expand_block(int type, const uint8_t *w, vf *q) {
+    if (type == T_F32) {
+        for (int h = 0; h < HALVES; h++) q[h] = vload((const float *)w + h * VEC);
+        return;
+    }
+    if (type == T_F16) {
+        for (int h = 0; h < HALVES; h++) q[h] = halfs(w + h * VEC * 2);
+        return;
+    }
     const float d = f16(w);
     if (type == T_Q8_0) {
         bytes(w + 2, q);
@@ -190,8 +203,12 @@ static void row_dot(int type, const uint8_t *w, int nb, const float *x, int ldx,
     const int bs = block_bytes(type);
     for (int j = 0; j < r; j++) out[j] = 0.0f;
     for (int b = 0; b < nb; b++, w += bs) {
-        float d = f16(w), q[32];
-        if (type == T_Q8_0) {
+        float d = type > T_F16 ? f16(w) : 0.0f, q[32];
+        if (type == T_F32) {
+            memcpy(q, w, sizeof q);
+        } else if (type == T_F16) {
+            for (int i = 0; i < 32; i++) q[i] = f16(w + 2 * i);
+        } else if (type == T_Q8_0) {
             for (int i = 0; i < 32; i++) q[i] = d * (float)(int8_t)w[2 + i];
         } else {
             const uint8_t *qs = w + (type == T_Q4_0 ? 2 : 4);

@@ -24,13 +24,15 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch          # first: native.c's libgomp.so.1 must resolve to the one torch loaded
 
 from .types import RawTensor, Q
 
 SOURCE = Path(__file__).with_name("native.c")
 ABI = 2
-TYPES = frozenset({int(Q.Q4_0), int(Q.Q4_1), int(Q.Q8_0)})   # the block types native.c multiplies
+TYPES = frozenset({int(Q.Q4_0), int(Q.Q4_1), int(Q.Q8_0)})   # the block types offered to the torch engine
+# every type llmos_gemm multiplies: F32 and F16 rows too, for the lean engine (drivers/model/lean.py);
+# the torch engine holds those dense, where torch's own BLAS is the faster
+PRODUCT_TYPES = TYPES | {int(Q.F32), int(Q.F16)}
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 OPENMP = "-fopenmp"          # tried first; without it the products run on one thread
 MAX_PARTS = 8
@@ -38,9 +40,29 @@ MAX_PARTS = 8
 _lock = threading.Lock()
 _state: dict = {}
 
+# native.c's element kinds, by the dtype of a numpy array or a torch tensor; bf16 lives in numpy as
+# its bits, uint16
+KINDS = {"float32": 0, "uint16": 1, "float16": 2, "torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
+
+
+def _ptr(a) -> int:
+    """The address of a numpy array's or a torch tensor's first element."""
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
+
+
+def _kind(a) -> int:
+    try:
+        return KINDS[str(a.dtype)]
+    except KeyError:
+        raise ValueError(f"native.c takes fp32, bf16 or fp16 arrays, not {a.dtype}") from None
+
 
 class Library:
-    """The loaded, checked library: `prepare` a matrix's parts once, then `gemm` per product."""
+    """The loaded, checked library: `prepare` a matrix's parts once, then `gemm` per product.
+
+    The `*_into` methods take numpy arrays or torch tensors (contiguous, on the CPU) and write into
+    `out`: the torch-free engine (lean.py) calls them with numpy buffers. The others allocate their
+    result as a torch tensor, for the torch engine (llama.py), and import torch."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.lib, self.path = lib, path
@@ -58,66 +80,72 @@ class Library:
         rows = (ctypes.c_int * n)(*(t.shape[0] for t in parts))
         return n, types, ptrs, rows, parts[0].shape[1]
 
-    def gemm(self, prepared: tuple, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def gemm(self, prepared: tuple, x, out):
         """out [R, N] fp32 = x [R, K] fp32 (contiguous, on the CPU) times the prepared matrix, transposed."""
         n, types, ptrs, rows, k = prepared
-        if self.lib.llmos_gemm(n, types, ptrs, rows, k, x.data_ptr(), x.shape[0], out.data_ptr(), out.shape[1]):
+        if self.lib.llmos_gemm(n, types, ptrs, rows, k, _ptr(x), x.shape[0], _ptr(out), out.shape[1]):
             raise ValueError(f"native product refused its arguments (K {k}, rows {x.shape[0]})")
         return out
 
-
-    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float, add: torch.Tensor | None = None,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """torch's rms_norm over the last dimension of fp32 x [R, K] with fp32 weights w [K], in one call,
-        out in dtype (fp32 or bf16). With `add` (fp32 or bf16, x's shape), x += add first, in place:
-        a residual step and the norm after it."""
-        out = torch.empty(x.shape, dtype=dtype)
-        rc = self.lib.llmos_rms_norm(x.data_ptr(), add.data_ptr() if add is not None else None,
-                                     KV_KINDS[add.dtype] if add is not None else 0, w.data_ptr(), x.shape[0],
-                                     x.shape[1], eps, out.data_ptr(), KV_KINDS[dtype])
+    def rms_norm_into(self, x, w, eps: float, add, out):
+        """out = torch's rms_norm over the last dimension of fp32 x [R, K] with fp32 weights w [K], out
+        fp32 or bf16. With `add` (fp32 or bf16, x's shape), x += add first, in place: a residual step
+        and the norm after it."""
+        rc = self.lib.llmos_rms_norm(_ptr(x), _ptr(add) if add is not None else None,
+                                     _kind(add) if add is not None else 0, _ptr(w), x.shape[0], x.shape[1], eps,
+                                     _ptr(out), _kind(out))
         if rc:
             raise ValueError("native rms_norm refused its arguments")
         return out
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor,
-               lengths: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode attention: q [nd, H, D] fp32 over one layer's paged k, v [blocks, block_size, KVH, D]
-        (fp32, bf16 or fp16), tables [nd, max_blocks] int64, lengths [nd] int32 -> [nd, H, D] fp32."""
+    def attend_into(self, q, k, v, tables, lengths, scale: float, out):
+        """Attention of each row of q [n, H, D] fp32 over the first lengths[n] positions of one layer's
+        paged k, v [blocks, block_size, KVH, D] (fp32, bf16 or fp16) through its block table
+        tables[n] (int64 [n, max_blocks]; lengths int32) -> out [n, H, D] fp32. A decoding token is
+        one row; so is each token of a prompt, its length its position + 1 (causal)."""
         nd, heads, dim = q.shape
-        out = torch.empty_like(q)
-        rc = self.lib.llmos_attend(q.data_ptr(), nd, heads, k.shape[2], dim, k.data_ptr(), v.data_ptr(),
-                                   KV_KINDS[k.dtype], k.shape[1], tables.data_ptr(), tables.shape[1],
-                                   lengths.data_ptr(), scale, out.data_ptr())
+        rc = self.lib.llmos_attend(_ptr(q), nd, heads, k.shape[2], dim, _ptr(k), _ptr(v), _kind(k), k.shape[1],
+                                   _ptr(tables), tables.shape[1], _ptr(lengths), scale, _ptr(out))
         if rc:
             raise ValueError(f"native attention refused its arguments ({'out of memory' if rc == -2 else 'shapes'})")
         return out
 
-
-    def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, rope: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Rotate q and k of qkv [T, (heads + 2 kv_heads) * D] (fp32 or bf16, rows contiguous) by rope
-        [T, D/2] (complex), write k and v to the pool rows `slots` of k, v [rows, kv_heads, D];
-        returns q [T, heads, D] fp32."""
-        t, dim = qkv.shape[0], k.shape[-1]
-        q = torch.empty((t, heads, dim), dtype=torch.float32)
-        cs = torch.view_as_real(rope)
-        if self.lib.llmos_rope_store(qkv.data_ptr(), KV_KINDS[qkv.dtype], t, heads, kv_heads, dim, qkv.stride(0),
-                                     cs.data_ptr(), k.data_ptr(), v.data_ptr(), KV_KINDS[k.dtype],
-                                     slots.data_ptr(), q.data_ptr()):
+    def rope_store_into(self, qkv, heads: int, kv_heads: int, cs, k, v, slots, q_out):
+        """Rotate q and k of qkv [T, (heads + 2 kv_heads) * D] (fp32 or bf16, rows contiguous) by cs
+        [T, D/2, 2] (fp32 cos, sin), write k and v to the pool rows `slots` (int64) of k, v
+        [rows, kv_heads, D]; q_out [T, heads, D] fp32 gets the rotated q."""
+        stride = qkv.strides[0] // qkv.itemsize if isinstance(qkv, np.ndarray) else qkv.stride(0)
+        if self.lib.llmos_rope_store(_ptr(qkv), _kind(qkv), qkv.shape[0], heads, kv_heads, k.shape[-1], stride,
+                                     _ptr(cs), _ptr(k), _ptr(v), _kind(k), _ptr(slots), _ptr(q_out)):
             raise ValueError("native rope_store refused its arguments")
-        return q
+        return q_out
 
-    def silu_mul(self, gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """silu(gate) * up of gate_up [T, 2F] (fp32 or bf16) -> [T, F] in dtype (fp32 or bf16)."""
+    def silu_mul_into(self, gate_up, out):
+        """out [T, F] (fp32 or bf16) = silu(gate) * up of gate_up [T, 2F] (fp32 or bf16)."""
         t, width = gate_up.shape
-        out = torch.empty((t, width // 2), dtype=dtype)
-        if self.lib.llmos_silu_mul(gate_up.data_ptr(), KV_KINDS[gate_up.dtype], t, width // 2, out.data_ptr(),
-                                   KV_KINDS[dtype]):
+        if self.lib.llmos_silu_mul(_ptr(gate_up), _kind(gate_up), t, width // 2, _ptr(out), _kind(out)):
             raise ValueError("native silu_mul refused its arguments")
         return out
 
+    # the torch engine's: results as new torch tensors
 
-KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    def rms_norm(self, x, w, eps: float, add=None, dtype=None):
+        import torch
+        return self.rms_norm_into(x, w, eps, add, torch.empty(x.shape, dtype=dtype or torch.float32))
+
+    def attend(self, q, k, v, tables, lengths, scale: float):
+        import torch
+        return self.attend_into(q, k, v, tables, lengths, scale, torch.empty_like(q))
+
+    def rope_store(self, qkv, heads: int, kv_heads: int, rope, k, v, slots):
+        """As rope_store_into, rope [T, D/2] complex; returns q [T, heads, D] fp32."""
+        import torch
+        q = torch.empty((qkv.shape[0], heads, k.shape[-1]), dtype=torch.float32)
+        return self.rope_store_into(qkv, heads, kv_heads, torch.view_as_real(rope), k, v, slots, q)
+
+    def silu_mul(self, gate_up, dtype):
+        import torch
+        return self.silu_mul_into(gate_up, torch.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=dtype))
 
 
 def cache_dir() -> Path:
@@ -170,71 +198,109 @@ def _build(cc: str) -> Path:
     return target
 
 
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (uint16), rounding to nearest, ties to even, as torch and native.c do."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> fp32."""
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def _as(x: np.ndarray, kind: str) -> np.ndarray:
+    """fp32 x in the element kind named ("float32", "uint16" for bf16, "float16")."""
+    return to_bf16(x) if kind == "uint16" else x.astype(kind)
+
+
+def _values(x: np.ndarray) -> np.ndarray:
+    return from_bf16(x) if x.dtype == np.uint16 else x.astype(np.float32)
+
+
+def _norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"self-test: {what}")
+
+
 def _self_test(lib: Library) -> None:
-    """Every type against numpy on random blocks, 1 and 5 rows; raises when any product is wrong."""
+    """Every op against numpy on random data (numpy only: the torch-free engine runs this too);
+    raises when any result is wrong."""
     rng = np.random.default_rng(0)
-    for ggml_type in sorted(TYPES):
+    randn = lambda *shape: rng.standard_normal(shape).astype(np.float32)   # noqa: E731
+    for ggml_type in sorted(PRODUCT_TYPES):
         t = random_tensor(ggml_type, 40, 96, rng)
         w = t.dequantize().astype(np.float64)
         for rows in (1, 5):
-            x = torch.from_numpy(rng.standard_normal((rows, 96)).astype(np.float32))
-            got = lib.gemm(lib.prepare([t]), x, torch.empty((rows, 40))).numpy()
-            want = x.numpy().astype(np.float64) @ w.T
+            x = randn(rows, 96)
+            got = lib.gemm(lib.prepare([t]), x, np.empty((rows, 40), np.float32))
+            want = x.astype(np.float64) @ w.T
             err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
-            if not err < 1e-5:
-                raise RuntimeError(f"self-test: {Q(ggml_type).name} at {rows} rows is off by {err:.2e}")
-    x, w, y = torch.randn(3, 80), torch.randn(80), torch.randn(3, 80)
-    want = torch.nn.functional.rms_norm(x + y, (80,), w, 1e-5)
-    ok = torch.allclose(lib.rms_norm(x.clone(), w, 1e-5), torch.nn.functional.rms_norm(x, (80,), w, 1e-5), atol=1e-5)
-    ok &= torch.allclose(lib.rms_norm(x.clone(), w, 1e-5, add=y), want, atol=1e-5)
-    ok &= torch.equal(lib.rms_norm(x.clone(), w, 1e-5, add=y, dtype=torch.bfloat16),
-                      lib.rms_norm(x.clone(), w, 1e-5, add=y).to(torch.bfloat16))
-    if not ok:
-        raise RuntimeError("self-test: rms_norm differs from torch's")
-    for dtype in KV_KINDS:
+            _check(err < 1e-5, f"{Q(ggml_type).name} at {rows} rows is off by {err:.2e}")
+    x, w, y = randn(3, 80), randn(80), randn(3, 80)
+    out = np.empty((3, 80), np.float32)
+    _check(np.allclose(lib.rms_norm_into(x.copy(), w, 1e-5, None, out), _norm(x, w, 1e-5), atol=1e-5)
+           and np.allclose(lib.rms_norm_into(x.copy(), w, 1e-5, y, out), _norm(x + y, w, 1e-5), atol=1e-5)
+           and np.array_equal(lib.rms_norm_into(x.copy(), w, 1e-5, y, np.empty((3, 80), np.uint16)),
+                              to_bf16(lib.rms_norm_into(x.copy(), w, 1e-5, y, out))),
+           "rms_norm differs from numpy's")
+    for kind in ("float32", "uint16", "float16"):
         blocks, bs, kvh, heads, dim = 6, 4, 2, 6, 16
-        k, v = torch.randn(blocks, bs, kvh, dim).to(dtype), torch.randn(blocks, bs, kvh, dim).to(dtype)
-        tables = torch.tensor([[5, 0, 3], [2, 4, 1]])
-        lengths = torch.tensor([9, 3], dtype=torch.int32)
-        q = torch.randn(2, heads, dim)
-        got = lib.attend(q, k, v, tables, lengths, 0.25)
+        k, v = _as(randn(blocks, bs, kvh, dim), kind), _as(randn(blocks, bs, kvh, dim), kind)
+        tables = np.array([[5, 0, 3], [2, 4, 1]], dtype=np.int64)
+        lengths = np.array([9, 3], dtype=np.int32)
+        q = randn(2, heads, dim)
+        got = lib.attend_into(q, k, v, tables, lengths, 0.25, np.empty_like(q))
         for n in range(2):
-            keys = k[tables[n]].reshape(-1, kvh, dim)[:lengths[n]].float().repeat_interleave(heads // kvh, 1)
-            vals = v[tables[n]].reshape(-1, kvh, dim)[:lengths[n]].float().repeat_interleave(heads // kvh, 1)
-            p = torch.softmax(torch.einsum("hd,phd->hp", q[n], keys) * 0.25, -1)
-            if not torch.allclose(got[n], torch.einsum("hp,phd->hd", p, vals), atol=1e-5):
-                raise RuntimeError(f"self-test: attention over a {dtype} pool differs from the reference")
-    for dtype in (torch.float32, torch.bfloat16):
-        gu = torch.randn(3, 40).to(dtype)
-        want = torch.nn.functional.silu(gu[:, :20].float()) * gu[:, 20:].float()
-        for out in (torch.float32, torch.bfloat16):
-            if not torch.allclose(lib.silu_mul(gu, out).float(), want.to(out).float(), atol=1e-2 if out != torch.float32 else 1e-5):
-                raise RuntimeError("self-test: silu_mul differs from torch's")
-    _test_rope_store(lib)
+            keys = np.repeat(_values(k[tables[n]]).reshape(-1, kvh, dim)[:lengths[n]], heads // kvh, 1)
+            vals = np.repeat(_values(v[tables[n]]).reshape(-1, kvh, dim)[:lengths[n]], heads // kvh, 1)
+            s = np.einsum("hd,phd->hp", q[n], keys) * 0.25
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            _check(np.allclose(got[n], np.einsum("hp,phd->hd", p, vals), atol=1e-5),
+                   f"attention over a {kind} pool differs from numpy's")
+    for kind in ("float32", "uint16"):
+        gu = _as(randn(3, 40), kind)
+        g, u = _values(gu)[:, :20], _values(gu)[:, 20:]
+        want = g / (1 + np.exp(-g)) * u
+        for out_kind in ("float32", "uint16"):
+            got = _values(lib.silu_mul_into(gu, np.empty((3, 20), out_kind)))
+            tol = 1e-5 if out_kind == "float32" else 1e-2
+            _check(np.allclose(got, want, atol=tol, rtol=tol), f"silu_mul of {kind} into {out_kind} differs")
+    _test_rope_store(lib, randn)
 
 
-def _test_rope_store(lib: Library) -> None:
+def _test_rope_store(lib: Library, randn) -> None:
     heads, kvh, dim, t = 4, 2, 8, 3
-    angles = torch.rand(t, dim // 2, dtype=torch.float64) * 6
-    rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
-    for dtype in KV_KINDS:
-        qkv = torch.randn(t, (heads + 2 * kvh) * dim)
-        k, v = torch.zeros(10, kvh, dim, dtype=dtype), torch.zeros(10, kvh, dim, dtype=dtype)
-        slots = torch.tensor([7, 2, 5])
-        q = lib.rope_store(qkv, heads, kvh, rope, k, v, slots)
-        x = torch.view_as_complex(qkv[:, :(heads + kvh) * dim].reshape(t, heads + kvh, dim // 2, 2).contiguous())
-        turned = torch.view_as_real(x * rope.unsqueeze(1)).reshape(t, heads + kvh, dim)
-        ok = torch.allclose(q, turned[:, :heads], atol=1e-5)
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        ok &= torch.allclose(k[slots].float(), turned[:, heads:], atol=tol, rtol=tol) and not k[[0, 1, 3]].any()
-        ok &= torch.equal(v[slots], qkv[:, (heads + kvh) * dim:].reshape(t, kvh, dim).to(dtype))
-        if not ok:
-            raise RuntimeError(f"self-test: rope_store into a {dtype} pool differs from torch's")
+    angles = np.random.default_rng(1).random((t, dim // 2)) * 6
+    cs = np.stack([np.cos(angles), np.sin(angles)], -1).astype(np.float32)      # [t, dim/2, 2]
+    for kind in ("float32", "uint16", "float16"):
+        qkv = randn(t, (heads + 2 * kvh) * dim)
+        k, v = np.zeros((10, kvh, dim), kind), np.zeros((10, kvh, dim), kind)
+        slots = np.array([7, 2, 5], dtype=np.int64)
+        q = lib.rope_store_into(qkv, heads, kvh, cs, k, v, slots, np.empty((t, heads, dim), np.float32))
+        pairs = qkv[:, :(heads + kvh) * dim].reshape(t, heads + kvh, dim // 2, 2)
+        c, s = cs[:, None, :, 0], cs[:, None, :, 1]
+        turned = np.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c],
+                          -1).reshape(t, heads + kvh, dim)
+        tol = 1e-5 if kind == "float32" else 1e-2
+        ok = np.allclose(q, turned[:, :heads], atol=1e-5)
+        ok &= np.allclose(_values(k[slots]), turned[:, heads:], atol=tol, rtol=tol) and not k[[0, 1, 3]].any()
+        ok &= np.array_equal(v[slots], _as(qkv[:, (heads + kvh) * dim:].reshape(t, kvh, dim), kind))
+        _check(ok, f"rope_store into a {kind} pool differs from numpy's")
 
 
 def random_tensor(ggml_type: int, rows: int, cols: int, rng: np.random.Generator, name: str = "random") -> RawTensor:
     """Blocks of a native type with random quants and small finite scales (tests and self-tests)."""
     from .types import TYPES as TABLE
+    if int(ggml_type) in (int(Q.F32), int(Q.F16)):
+        values = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32 if int(ggml_type) == int(Q.F32) else np.float16)
+        return RawTensor(name, int(ggml_type), (rows, cols), values.view(np.uint8).reshape(-1))
     row = TABLE[int(ggml_type)]
     nblocks = rows * cols // row.block
     raw = rng.integers(0, 256, (nblocks, row.nbytes), dtype=np.uint8)
@@ -245,8 +311,13 @@ def random_tensor(ggml_type: int, rows: int, cols: int, rng: np.random.Generator
     return RawTensor(name, int(ggml_type), (rows, cols), raw.reshape(-1))
 
 
-def library() -> Library | None:
-    """The checked library, built on first use in this process; None when it cannot run here."""
+def library(torch_free: bool = False) -> Library | None:
+    """The checked library, built on first use in this process; None when it cannot run here.
+
+    Unless torch_free, torch is imported first, so that native.c's libgomp.so.1 resolves to the one
+    torch ships and the two share one OpenMP runtime (the torch-free engine loads the system's)."""
+    if not torch_free:
+        import torch  # noqa: F401
     with _lock:
         if "lib" not in _state:
             _state["lib"], _state["why"] = None, ""

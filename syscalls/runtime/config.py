@@ -8,7 +8,7 @@
     [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum, decode_steps
                    (model work; see services/inference/policy.py)
     [driver]       device, model, kv_blocks, block_size, threads, kv_dtype, dense_copy,
-                   dense_copy_budget, native (drivers)
+                   dense_copy_budget, native, engine (drivers)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
@@ -100,8 +100,13 @@ class DriverConfig:
                                     # bytes ("2GiB", "512MB", "1073741824"); a 7B on 24 GiB gets none
     native: str = "auto"            # auto | never | always: llmos's compiled kernels (drivers/model/native.c,
                                     # built with the machine's C compiler); auto uses them where measured faster
+    engine: str = "auto"            # auto | torch | lean: lean runs the whole model on native.c without
+                                    # torch (~250 MB less memory); auto: lean when dense_copy is "never"
+                                    # and native.c multiplies every matrix (drivers/model/lean.py)
 
     def check(self) -> None:
+        if self.engine not in ("auto", "torch", "lean"):
+            raise ValueError(f"config: driver.engine must be auto, torch or lean, got {self.engine!r}")
         if self.kv_dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"config: driver.kv_dtype must be auto, bf16, fp16 or fp32, got {self.kv_dtype!r}")
         if self.dense_copy not in ("auto", "never", "always"):

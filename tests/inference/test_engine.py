@@ -128,7 +128,7 @@ def test_preemption_recompute_gives_same_tokens(make_engine, params):
 
 @pytest.mark.parametrize("params", [GREEDY, {"temperature": 0.8, "seed": 3, "repetition_penalty": 3.0}])
 def test_an_aborted_step_changes_nothing(make_engine, params):
-    from drivers.model.llama import StepAborted
+    from drivers.model.batch import StepAborted
     e, runner = make_engine()
     ids = [e.add(p, params, max_tokens=12, ignore_eos=True) for p in PROMPTS[:3]]
     out, aborted = {}, 0

@@ -39,6 +39,25 @@ def tiny_model(request, tiny_path):
     return Llama.from_gguf(tiny_path, native=native_or_skip(request.param))
 
 
+def lean_or_skip(path: Path):
+    """The file on the torch-free engine (skipped, saying why, where native.c cannot be built)."""
+    from drivers.model import native
+    from drivers.model.gguf import load_gguf
+    from drivers.model.lean import LeanLlama
+    if native.library() is None:
+        pytest.skip(f"the lean engine needs llmos's compiled kernels, which cannot run here: {native.why_not()}")
+    return LeanLlama(load_gguf(path))
+
+
+@pytest.fixture(scope="session", params=["torch", "native", "lean"])
+def tiny_any_engine(request, tiny_path):
+    """The tiny model on each engine: torch's kernels, llmos's compiled ones, and the torch-free one."""
+    if request.param == "lean":
+        return lean_or_skip(tiny_path)
+    from drivers.model.llama import Llama
+    return Llama.from_gguf(tiny_path, native=native_or_skip(request.param))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_path):
     from drivers.model.tokenizer import Tokenizer
@@ -67,9 +86,12 @@ def smollm_file_loaded(smollm_path):
     return load_gguf(smollm_path)
 
 
-@pytest.fixture(scope="session", params=["torch", "native"])
+@pytest.fixture(scope="session", params=["torch", "native", "lean"])
 def smollm(request, smollm_path):
-    """SmolLM2 on torch's int4 kernel, and with every matrix on llmos's compiled kernel."""
+    """SmolLM2 on torch's int4 kernel, with every matrix on llmos's compiled kernel, and on the
+    torch-free engine."""
+    if request.param == "lean":
+        return lean_or_skip(smollm_path)
     from drivers.model.llama import Llama
     return Llama.from_gguf(smollm_path, native=native_or_skip(request.param))
 

@@ -67,7 +67,7 @@ class Reference:
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(reference || other), from logits [n, vocab]."""
-    p = reference.double().log_softmax(-1)
-    q = other.double().log_softmax(-1)
+    """Mean over positions of KL(reference || other), from logits [n, vocab] (tensors or numpy arrays)."""
+    p = torch.as_tensor(reference).double().log_softmax(-1)
+    q = torch.as_tensor(other).double().log_softmax(-1)
     return (p.exp() * (p - q)).sum(-1).mean()

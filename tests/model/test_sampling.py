@@ -6,18 +6,18 @@ import math
 from collections import Counter
 
 import pytest
-import torch
+import numpy as np
 
-from drivers.model.sampling import SamplingParams, SamplingParamsError, SequenceSampler, sample
+from drivers.model.sampling import SamplingParams, SamplingParamsError, SequenceSampler, log_softmax, sample
 
 # probabilities 0.5, 0.3, 0.15, 0.05 (then a long tail of impossible tokens)
-PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
-LOGITS = torch.cat([PROBS.log(), torch.full((60,), -1e9)])
+PROBS = np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32)
+LOGITS = np.concatenate([np.log(PROBS), np.full(60, -1e9, dtype=np.float32)])
 
 
-def draws(params: SamplingParams, n: int = 400, logits: torch.Tensor = LOGITS) -> Counter:
+def draws(params: SamplingParams, n: int = 400, logits: np.ndarray = LOGITS) -> Counter:
     sampler = SequenceSampler(params)
-    return Counter(sample(logits.unsqueeze(0), [sampler])[0].token for _ in range(n))
+    return Counter(sample(logits[None], [sampler])[0].token for _ in range(n))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -49,13 +49,13 @@ def test_from_dict_rejects_unknown_keys():
 
 
 def test_greedy_is_argmax():
-    logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    logits = np.random.default_rng(0).standard_normal((5, 100), dtype=np.float32)
     samplers = [SequenceSampler(SamplingParams(temperature=0)) for _ in range(5)]
     assert [s.token for s in sample(logits, samplers)] == logits.argmax(-1).tolist()
 
 
 def test_same_seed_same_tokens_and_independent_of_batch():
-    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(1))
+    logits = np.random.default_rng(1).standard_normal((1, 300), dtype=np.float32)
     params = SamplingParams(temperature=1.0, seed=1234)
 
     def run(batch_with_others: bool) -> list[int]:
@@ -64,7 +64,7 @@ def test_same_seed_same_tokens_and_independent_of_batch():
         out = []
         for _ in range(30):
             if batch_with_others:
-                rows = torch.cat([logits.repeat(3, 1), logits, logits.repeat(4, 1)])
+                rows = np.concatenate([np.repeat(logits, 3, 0), logits, np.repeat(logits, 4, 0)])
                 out.append(sample(rows, others[:3] + [mine] + others[3:])[3].token)
             else:
                 out.append(sample(logits, [mine])[0].token)
@@ -78,7 +78,7 @@ def test_same_seed_same_tokens_and_independent_of_batch():
 
 
 def test_unseeded_samplers_differ():
-    logits = torch.zeros(1, 1000)
+    logits = np.zeros((1, 1000), dtype=np.float32)
     a, b = SequenceSampler(), SequenceSampler()
     assert [sample(logits, [a])[0].token for _ in range(10)] != [sample(logits, [b])[0].token for _ in range(10)]
 
@@ -113,7 +113,7 @@ def test_temperature_sharpens():
 
 
 def test_filters_combine_per_row():
-    rows = LOGITS.repeat(3, 1)
+    rows = np.tile(LOGITS, (3, 1))
     samplers = [SequenceSampler(SamplingParams(top_k=1, seed=1)),
                 SequenceSampler(SamplingParams(temperature=0)),
                 SequenceSampler(SamplingParams(top_p=0.75, seed=1))]
@@ -125,16 +125,16 @@ def test_filters_combine_per_row():
 
 
 def test_large_top_k_uses_full_sort():
-    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(6))
+    logits = np.random.default_rng(6).standard_normal((2, 5000), dtype=np.float32)
     samplers = [SequenceSampler(SamplingParams(top_k=3000, seed=1)), SequenceSampler(SamplingParams(top_k=2, seed=1))]
-    top2 = set(logits[1].topk(2).indices.tolist())
+    top2 = set(np.argsort(-logits[1])[:2].tolist())
     for _ in range(50):
         assert sample(logits, samplers)[1].token in top2
 
 
 def test_flat_rows_fall_back_to_the_whole_vocabulary():
     # nearly uniform over 5000 tokens: top_p=0.9 keeps ~4500, far more than the first candidates looked at
-    logits = (-torch.arange(5000) * 1e-4).unsqueeze(0)
+    logits = (-np.arange(5000, dtype=np.float32) * 1e-4)[None]
     seen = draws(SamplingParams(top_p=0.9, seed=8), n=300, logits=logits[0])
     assert max(seen) > 2000 and max(seen) < 4600
 
@@ -142,46 +142,59 @@ def test_flat_rows_fall_back_to_the_whole_vocabulary():
 def test_candidate_shortcut_is_exact():
     """Drawing among the best CANDIDATES gives the same token as sorting everything, when it applies."""
     from drivers.model.sampling import CANDIDATES, _truncate_and_draw
-    g = torch.Generator().manual_seed(9)
-    rows = torch.randn(6, 8000, generator=g) * 4
+    g = np.random.default_rng(9)
+    rows = g.standard_normal((6, 8000), dtype=np.float32) * 4
     params = [SamplingParams(top_p=0.8), SamplingParams(min_p=0.1), SamplingParams(top_p=0.95, min_p=0.01),
               SamplingParams(top_k=50, top_p=0.9), SamplingParams(top_k=7), SamplingParams(top_p=0.5)]
     top_k = [p.top_k for p in params]
     for _ in range(20):
-        u = torch.rand(6, 1, generator=g)
+        u = g.random(6)
         fast, complete = _truncate_and_draw(rows, top_k, params, u, CANDIDATES)
         slow, _ = _truncate_and_draw(rows, top_k, params, u, 8000)
         assert complete.all()
-        assert torch.equal(fast, slow)
+        assert np.array_equal(fast, slow)
 
 
 def test_repetition_penalty():
-    logits = torch.tensor([[3.0, 2.9, -1.0, 0.5]])
+    logits = np.array([[3.0, 2.9, -1.0, 0.5]], dtype=np.float32)
     plain = SequenceSampler(SamplingParams(temperature=0))
     penalised = SequenceSampler(SamplingParams(temperature=0, repetition_penalty=1.3))
     assert sample(logits, [plain], history=[[0]])[0].token == 0
     assert sample(logits, [penalised], history=[[0, 0, 3]])[0].token == 1
     # a negative logit is multiplied, not divided, so the penalty still lowers it
-    neg = torch.tensor([[-1.0, -1.2]])
+    neg = np.array([[-1.0, -1.2]], dtype=np.float32)
     assert sample(neg, [penalised], history=[[0]])[0].token == 1
     assert sample(neg, [penalised], history=[[]])[0].token == 0
 
 
 def test_logprobs():
-    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(7))
+    logits = np.random.default_rng(7).standard_normal((2, 50), dtype=np.float32)
     samplers = [SequenceSampler(SamplingParams(temperature=0, logprobs=3)), SequenceSampler(SamplingParams(seed=1))]
     first, second = sample(logits, samplers)
-    expected = torch.log_softmax(logits[0], -1)
-    assert [t for t, _ in first.top] == expected.topk(3).indices.tolist()
-    assert [lp for _, lp in first.top] == pytest.approx(expected.topk(3).values.tolist(), abs=1e-6)
-    assert first.logprob == pytest.approx(expected.max().item(), abs=1e-6)
+    expected = log_softmax(logits.astype(np.float64))
+    best = np.argsort(-expected[0])[:3]
+    assert [t for t, _ in first.top] == best.tolist()
+    assert [lp for _, lp in first.top] == pytest.approx(expected[0, best].tolist(), abs=1e-5)
+    assert first.logprob == pytest.approx(expected[0].max(), abs=1e-5)
     assert second.top == []
-    assert second.logprob == pytest.approx(torch.log_softmax(logits[1], -1)[second.token].item(), abs=1e-6)
+    assert second.logprob == pytest.approx(expected[1, second.token], abs=1e-5)
     assert all(lp <= 0 and math.isfinite(lp) for _, lp in first.top)
 
 
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="logits must be"):
-        sample(torch.zeros(2, 10), [SequenceSampler()])
+        sample(np.zeros((2, 10), dtype=np.float32), [SequenceSampler()])
     with pytest.raises(ValueError, match="history"):
-        sample(torch.zeros(1, 10), [SequenceSampler()], history=[[1], [2]])
+        sample(np.zeros((1, 10), dtype=np.float32), [SequenceSampler()], history=[[1], [2]])
+
+
+def test_torch_logits_sample_as_numpy_ones_do():
+    """The torch engine hands its logits over as they are; the same rows give the same picks."""
+    torch = pytest.importorskip("torch", reason="torch is the torch engine's; the sampler itself is numpy")
+    logits = np.random.default_rng(3).standard_normal((3, 400), dtype=np.float32)
+    params = [SamplingParams(temperature=0), SamplingParams(seed=5), SamplingParams(top_p=0.9, seed=6, logprobs=2)]
+    a = sample(logits, [SequenceSampler(p) for p in params])
+    b = sample(torch.from_numpy(logits).to(torch.bfloat16).float(), [SequenceSampler(p) for p in params])
+    c = sample(torch.from_numpy(logits), [SequenceSampler(p) for p in params])
+    assert a == c
+    assert len(b) == 3 and b[0].token == int(torch.from_numpy(logits[0]).to(torch.bfloat16).argmax())

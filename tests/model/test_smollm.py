@@ -8,6 +8,7 @@ The reference model is loaded once per session (~25 s).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,7 +52,17 @@ def test_weights_are_held_in_their_own_bits(smollm, smollm_path):
     """On torch's kernels: Q4_1 layers in its int4 layout, the Q8_0 tied embedding as two int4 planes
     (its output product) and the file's own mapped blocks (its row lookups). On llmos's compiled
     kernel: every matrix is the file's mapped blocks, the output sharing the embedding's mapping.
-    Either way about the file's size, no fp32."""
+    Either way about the file's size, no fp32. On the torch-free engine, every matrix is the file's
+    mapped blocks, and the embedding is the output's mapping."""
+    if getattr(smollm, "engine", "") == "lean":
+        types = {name.split(".")[-2] if name.startswith("blk.") else name: t.row.name
+                 for name, t in smollm.mapped.items()}
+        assert types["attn_q"] == "Q4_1" and types["ffn_down"] == "Q4_1" and types["token_embd.weight"] == "Q8_0"
+        assert smollm.embed is smollm.mapped["token_embd.weight"]
+        assert all(isinstance(t.data, np.memmap) for t in smollm.mapped.values())
+        assert smollm.weight_bytes() <= smollm_path.stat().st_size
+        assert smollm.new_kv_pool(4, 16).dtype == "bfloat16"
+        return
     layouts = {name.split(".")[-1]: (m.layout, m.types) for name, m in smollm.matrices()}
     assert smollm.embed.dense is None and smollm.embed.raw.row.name == "Q8_0"
     assert smollm.kv_dtype == torch.bfloat16
@@ -103,8 +114,8 @@ def test_logits_match_transformers(smollm, tokenizer, hf_reference):
         # feed in two chunks through the paged cache, blocks out of order
         table = [7, 3, 11, 0]
         cut = len(ids) // 2
-        got = torch.cat([smollm.step(pool, [Chunk(ids[:cut], 0, table, "all")]),
-                         smollm.step(pool, [Chunk(ids[cut:], cut, table, "all")])])
+        got = torch.cat([torch.as_tensor(smollm.step(pool, [Chunk(ids[:cut], 0, table, "all")])),
+                         torch.as_tensor(smollm.step(pool, [Chunk(ids[cut:], cut, table, "all")]))])
         assert kl_divergence(expected, got).item() < KL_BOUND
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(ids)

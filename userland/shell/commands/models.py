@@ -97,6 +97,8 @@ def show_model(out, m: dict) -> None:
               f"KV cache {mem['kv_dtype']} {size(mem['kv_bytes'])} ({mem['num_blocks']} blocks of "
               f"{mem['block_size']} tokens), dense copy {mem['dense_copy']}, peak RSS {size(mem['rss'])}",
               file=out)
+        if mem.get("engine"):
+            print(f"engine: {mem['engine']}", file=out)
         if mem.get("native"):
             print(f"compiled kernels: {mem['native']}", file=out)
         rows = [[w["matrix"], str(w["count"]), w["types"], w["layout"], size(w["bytes"]), w["batched"]]
