@@ -103,9 +103,15 @@ class Process:
         }
 
 
+ENDED_NAMES = 4096      # names whose ended processes' tokens are kept apart; the rest are "(other)"
+
+
 class ProcessTable:
     def __init__(self, kernel_uid: int, zombies_per_parent: int = 256):
         self.procs: dict[int, Process] = {}
+        # tokens_in, tokens_out of every process that has ended, by name: with the live ones' (ps),
+        # a per-name count that only grows (the gateway's /metrics counters)
+        self.ended_tokens: dict[str, list[int]] = {}
         self.by_ident: dict[bytes, Process] = {}
         self.by_token: dict[str, Process] = {}
         self._next_pid = 2
@@ -170,6 +176,11 @@ class ProcessTable:
             return
         proc.exit_status, proc.exit_signal = status, signal
         proc.state = ZOMBIE
+        if proc.tokens_in or proc.tokens_out:
+            name = proc.name if proc.name in self.ended_tokens or len(self.ended_tokens) < ENDED_NAMES else "(other)"
+            totals = self.ended_tokens.setdefault(name, [0, 0])
+            totals[0] += proc.tokens_in
+            totals[1] += proc.tokens_out
         self.unbind(proc)
         if proc.spawn_token:
             self.by_token.pop(proc.spawn_token, None)

@@ -358,7 +358,8 @@ def sys_kstat(kernel, proc: Process, a: dict) -> dict:
     return {"counters": dict(kernel.counters, program_socket_wakeups=kernel.programs.wakeups),
             "rss": rss, "processes": len(kernel.table.procs),
             "in_flight": sum(len(p.in_flight) for p in kernel.table),
-            "syscalls": {name: n for name, n in kernel.by_syscall.items() if n}}
+            "syscalls": {name: n for name, n in kernel.by_syscall.items() if n},
+            "ended_tokens": {name: list(t) for name, t in kernel.table.ended_tokens.items()}}
 
 
 def sys_shutdown(kernel, proc: Process, a: dict) -> None:

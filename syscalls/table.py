@@ -170,9 +170,11 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="Kill and restart a service, clearing a FAILED state."),
     Syscall("uname", "kernel", result="{system, version, abi, home, kernel_pid, boot_time}",
             idempotent=True),
-    Syscall("kstat", "kernel", result="{counters, rss, processes, in_flight, syscalls}", idempotent=True,
+    Syscall("kstat", "kernel", result="{counters, rss, processes, in_flight, syscalls, ended_tokens}",
+            idempotent=True,
             doc="The kernel's own counters: messages, malformed frames dropped, replies dropped; "
-                "syscalls: the calls made since boot, by syscall name."),
+                "syscalls: the calls made since boot, by syscall name; ended_tokens: {name: "
+                "[tokens_in, tokens_out]} of the processes that have ended, by process name."),
     Syscall("shutdown", "kernel", privilege="admin",
             doc="Stop every program and service, then the kernel."),
     # -- the model ------------------------------------------------------------------------------

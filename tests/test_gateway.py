@@ -561,6 +561,19 @@ def test_metrics_count_requests_tokens_syscalls_and_latency(gw, oai, idle):
     assert ("llmos_runqueue_requests", (("state", "running"),)) in after
 
 
+def test_a_programs_tokens_stay_counted_after_it_exits(gw):
+    """tokens by process name only grow: an ended program's count is kept by the kernel."""
+    before = scrape(gw).get(("llmos_tokens_out_total", (("process", "short-lived"),)), 0)
+    with gw.connect(name="short-lived") as c:
+        assert c.generate("hi", max_tokens=4, ignore_eos=True).text is not None
+        pid = c.getpid()
+        during = scrape(gw)[("llmos_tokens_out_total", (("process", "short-lived"),))]
+    with gw.connect() as c:
+        wait_until(lambda: all(p["pid"] != pid for p in c.ps()), 5, "the program to end")
+    after = scrape(gw)[("llmos_tokens_out_total", (("process", "short-lived"),))]
+    assert during == after == before + 4
+
+
 # -- shutting down ----------------------------------------------------------------------------------
 def test_requests_in_flight_at_shutdown_get_503_or_an_error_event():
     system = start_tiny()

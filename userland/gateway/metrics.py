@@ -7,9 +7,8 @@ syscalls by name (kstat), the run queue and the KV blocks (runqueue), service re
 (services). Names follow Prometheus's: the ``llmos_`` prefix, ``_total`` for counters,
 ``_seconds`` for durations.
 
-A process's tokens are counted while it lives: one that ends takes its count with it, which
-Prometheus reads as a counter reset (rate() copes). The gateway's processes (its own, a key's)
-live as long as it does.
+Tokens by process name add the live processes' counts (ps) to what the kernel kept of those that
+ended under that name (kstat's ended_tokens), so a counter never goes down when a program exits.
 """
 
 from __future__ import annotations
@@ -72,12 +71,16 @@ class _Snapshot:
 
     def collect(self):
         for field, what in (("tokens_in", "Prompt tokens read"), ("tokens_out", "Tokens generated")):
-            family = CounterMetricFamily(f"llmos_{field}", f"{what} for the processes alive, by "
-                                         f"process name", labels=("process",))
+            family = CounterMetricFamily(f"llmos_{field}", f"{what} since boot, by process name",
+                                         labels=("process",))
+            at = 0 if field == "tokens_in" else 1
             by_name: dict[str, int] = {}
+            for name, t in self.kstat.get("ended_tokens", {}).items():
+                by_name[name or "(unnamed)"] = by_name.get(name or "(unnamed)", 0) + t[at]
             for p in self.ps:
-                name = p["name"] or f"pid-{p['pid']}"
-                by_name[name] = by_name.get(name, 0) + p[field]
+                if p["state"] != "ZOMBIE":        # an ended one is in ended_tokens already
+                    name = p["name"] or "(unnamed)"
+                    by_name[name] = by_name.get(name, 0) + p[field]
             for name, n in sorted(by_name.items()):
                 family.add_metric([name], n)
             yield family
