@@ -22,6 +22,7 @@ from syscalls.runtime.devices import DRIVERS_ENV
 from syscalls.runtime.logs import setup
 
 from .devices import place_drivers
+from .instances import check_budget
 from .kernel import Kernel
 
 EXIT_ALREADY_RUNNING = 3
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = Config.load(paths.home / "config.toml")
         os.environ[DRIVERS_ENV] = ",".join(place_drivers(cfg))     # services inherit the choice
+        check_budget(paths, cfg)
     except (ValueError, OSError) as e:
         log.error("bad_config", error=str(e))
         print(f"llmos: {e}", file=sys.stderr)

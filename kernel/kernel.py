@@ -346,10 +346,16 @@ class Kernel:
             if trap is None or not isinstance(args, dict):
                 raise errors.ENOSYS(f"the kernel has no service call {name[:wire.MAX_NAME]!r} "
                                     f"(or its args are not a map)")
-            frame = wire.ok(sid, trap(self, svc, args))
+            result = trap(self, svc, args)
         except LLMOSError as e:
-            frame = wire.err(sid, e.code, e.message)
-        self.services_ch.send([svc.ident, frame])
+            self.services_ch.send([svc.ident, wire.err(sid, e.code, e.message)])
+            return
+        if isinstance(result, asyncio.Future):       # answered when it is done (driver_stop)
+            ident = svc.ident
+            result.add_done_callback(lambda f: svc.ident == ident and self.services_ch.send(
+                [ident, wire.ok(sid, f.result())]))
+            return
+        self.services_ch.send([svc.ident, wire.ok(sid, result)])
 
     def _service_event(self, svc: Service, msg: list) -> None:
         kind, data = msg[3], msg[4]

@@ -60,6 +60,8 @@ class Service:
         self.waiting: deque = deque()     # calls held while the service is not READY
         self.in_flight: dict[int, object] = {}   # calls it is handling, by kernel call id
         self.outgoing: dict[int, object] = {}    # calls it made to other services, by its own id
+        self.removed: asyncio.Future | None = None   # set by Supervisor.remove: gone for good once done
+        self.fail_unready = False    # dying before it was ever READY makes it FAILED at once
 
     @property
     def pid(self) -> int | None:
@@ -174,11 +176,16 @@ class Supervisor:
         if svc.ident is not None:
             self.by_ident.pop(svc.ident, None)
             svc.ident = None
+        if svc.removed is not None:
+            self._gone(svc)
+            return
         if self.stopping:
             svc.state = STOPPED
             self.events.service_down(svc)
             return
         delay = svc.backoff.next_delay(time.monotonic())
+        if svc.fail_unready and not svc.ready_at:
+            delay = None            # it could not start once: another try would fail the same way
         if delay is None:
             svc.state = FAILED
             self.log.error("service_failed", service=svc.name, restarts=len(svc.backoff),
@@ -190,6 +197,34 @@ class Supervisor:
         self.events.service_down(svc)
         self.log.info("service_restart_scheduled", service=svc.name, delay_s=delay)
         svc.restart_handle = self.loop.call_later(delay, self.start, svc)
+
+    def remove(self, svc: Service, grace: float = 2.0) -> asyncio.Future:
+        """Stop a service for good (a driver instance whose model is unloaded): SIGTERM, SIGKILL
+        after grace; once its process has exited it is STOPPED, its calls end as for any death,
+        and it leaves the table. The future is done then."""
+        if svc.removed is not None:
+            return svc.removed
+        svc.removed = self.loop.create_future()
+        if svc.restart_handle:
+            svc.restart_handle.cancel()
+            svc.restart_handle = None
+        if svc.process and svc.process.popen.returncode is None:
+            self.log.info("service_removing", service=svc.name, pid=svc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                svc.process.signal(signal.SIGTERM)
+            self.loop.call_later(grace, self.kill, svc, f"still running {grace:.0f}s after SIGTERM")
+        else:
+            self._gone(svc)
+        return svc.removed
+
+    def _gone(self, svc: Service) -> None:
+        svc.state = STOPPED
+        self.events.service_down(svc)
+        if self.services.get(svc.name) is svc:
+            del self.services[svc.name]
+        self.log.info("service_removed", service=svc.name)
+        if not svc.removed.done():
+            svc.removed.set_result(None)
 
     def restart(self, svc: Service) -> None:
         """Operator's restart: clears FAILED and the backoff history, then kills or starts."""

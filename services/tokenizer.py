@@ -13,6 +13,7 @@ and mtime, so a replaced file is read again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class TokenizerService(Service):
         self.registry = models.Registry(self.paths)
         self.tokenizers: dict[tuple, Any] = {}                 # _key(path) -> drivers.model.Tokenizer
         self.building: dict[tuple, asyncio.Future] = {}
+        self.described: dict[tuple, dict] = {}                 # (path, size, mtime) -> its header's summary
         try:
             path = self.registry.resolve(None)
         except errors.ENOENT as e:          # the service still serves added models
@@ -159,20 +161,39 @@ class TokenizerService(Service):
 
     # -- the registry ---------------------------------------------------------------------------
     async def op_models(self, args: dict, caller: dict) -> list[dict]:
-        """Every registered model, with its state: resident (a driver holds it: its device and
-        memory), loading (a driver is starting with it: its progress), failed (why) or absent."""
+        """Every registered model, with its state as the inference service holds it (queued for
+        room in the memory budget, loading: its progress, resident: its device and memory,
+        unloading, failed: why, or absent), its last use and when keep_alive unloads it, and the
+        version of its file (size, mtime); an older version still finishing requests is listed
+        under the model as ``older``."""
         rows = await asyncio.to_thread(self._models)
         drivers = await self._drivers()
+        held = await self._held()
+        by_driver = {d["service"]: d for d in drivers}
         for row in rows:
             real = os.path.realpath(row["path"])
-            here = next((d for d in drivers if d["real"] == real), None)
-            loaded = here.get("info") if here else None
-            row["state"] = "absent" if here is None else "resident" if loaded else \
-                "failed" if here["state"] == "FAILED" else "loading"
-            row["driver"] = here["service"] if here else None
+            if held is None:                # no inference service: what the drivers say
+                here = next((d for d in drivers if d["real"] == real), None)
+                state = "absent" if here is None else "resident" if here.get("info") else \
+                    "failed" if here["state"] == "FAILED" else "loading"
+                mine, older = {"state": state, "driver": here["service"] if here else None}, []
+            else:
+                versions = [m for m in held["models"] if m["path"] == real or
+                            (m["name"] == row["name"] and not m["default"])]
+                mine = next((m for m in versions if m["path"] == real and
+                             m["version"] == row["version"]), None) or {"state": "absent", "driver": None}
+                older = [{k: m[k] for k in ("path", "version", "state", "driver", "requests")}
+                         for m in versions if m is not mine and m["state"] != "absent"]
+            here = by_driver.get(mine["driver"]) if mine["driver"] else None
+            loaded = here.get("info") if here and mine["state"] == "resident" else None
+            row["state"], row["driver"], row["older"] = mine["state"], mine["driver"], older
             row["progress"] = here["progress"] if here and row["state"] == "loading" else None
             if row["state"] == "failed":
-                row["error"] = row["error"] or f"its driver {here['service']} failed: {here['last_exit']}"
+                row["error"] = mine.get("error") or row["error"] or (
+                    f"its driver {here['service']} failed: {here['last_exit']}" if here else None)
+            for k in ("memory_bytes", "last_used", "expires_at", "keep_alive", "requests", "position"):
+                row[k] = mine.get(k)
+            row["budget"] = held["budget"] if held else None
             row["device"] = loaded["device"] if loaded else None
             row["memory"] = {k: loaded.get(k) for k in ("rss", "kv_bytes", "num_blocks",
                                                         "block_size", "threads", "device_name",
@@ -181,6 +202,13 @@ class TokenizerService(Service):
                                                         "dense_copy", "native", "engine")} if loaded else None
             row["weights"] = loaded.get("weights") if loaded else None   # each kind of matrix as held
         return rows
+
+    async def _held(self) -> dict | None:
+        """The inference service's models (model_states), or None when there is none to ask."""
+        try:
+            return await asyncio.wait_for(self.runtime.call("inference", "model_states", {}), 2.0)
+        except (errors.LLMOSError, asyncio.TimeoutError):
+            return None
 
     async def _drivers(self) -> list[dict]:
         """The kernel's driver services, each with the real path of the model it runs (or loads)
@@ -206,16 +234,24 @@ class TokenizerService(Service):
         return drivers
 
     def _models(self) -> list[dict]:
+        """The registry's models, each with what its file's header says (read once per version
+        of the file: a listing of many models is a stat each) and that version."""
         from drivers.model import ModelError, describe
         out = []
         for m in self.registry.list():
             row = {"name": m["name"], "architecture": None, "parameters": None,
                    "quantization": None, "context_length": None, "file_size": None, "held": None,
-                   "path": m["path"], "added": m["added"], "default": m["default"], "error": None}
+                   "path": m["path"], "added": m["added"], "default": m["default"], "error": None,
+                   "version": None, "mtime": None}
             try:
-                info = describe(Path(m["path"]))
-                row.update({k: info[k] for k in ("architecture", "parameters", "quantization",
-                                                 "context_length", "file_size", "held")})
+                st = os.stat(m["path"])
+                key = (os.path.realpath(m["path"]), st.st_size, st.st_mtime_ns)
+                row.update(version=f"{st.st_size}-{st.st_mtime_ns}", mtime=st.st_mtime)
+                if key not in self.described:
+                    info = describe(Path(m["path"]))
+                    self.described[key] = {k: info[k] for k in ("architecture", "parameters", "quantization",
+                                                               "context_length", "file_size", "held")}
+                row.update(self.described[key])
             except (ModelError, OSError) as e:
                 row["error"] = str(e)
             out.append(row)
@@ -228,10 +264,18 @@ class TokenizerService(Service):
             _check_runnable(path)
             built.append((_key(path), self._build(path)))
         entry = await asyncio.to_thread(self.registry.add, args["path"], args["name"],
-                                        caller.get("uid"), check)
+                                        caller.get("uid"), check, bool(args.get("replace")))
         self.tokenizers.update(built)
-        self.log.info("model_added", name=entry["name"], path=entry["path"], uid=caller.get("uid"))
+        self.log.info("model_added", name=entry["name"], path=entry["path"], uid=caller.get("uid"),
+                      replace=bool(args.get("replace")))
+        await self._changed()
         return {k: entry[k] for k in ("name", "path", "added")}
+
+    async def _changed(self) -> None:
+        """Tell the inference service the registry changed: an older version of a model unloads
+        once idle, and the default model's driver may have a name now."""
+        with contextlib.suppress(errors.LLMOSError, asyncio.TimeoutError):   # none (yet): nobody to tell
+            await asyncio.wait_for(self.runtime.call("inference", "models_changed", {}), 2.0)
 
     async def op_model_remove(self, args: dict, caller: dict) -> None:
         name = args["name"]
@@ -249,6 +293,7 @@ class TokenizerService(Service):
             for key in [k for k in self.tokenizers if k[0] == path]:
                 del self.tokenizers[key]
         self.log.info("model_removed", name=args["name"], uid=caller.get("uid"))
+        await self._changed()
 
 
     async def _users(self, name: str) -> list[dict]:

@@ -39,6 +39,9 @@ _MODEL_DOC = ("a registered model's name or file, started on demand (the call wa
               "loads); null: the default model")
 _GENERATION = (
     Arg("model", "str", None, max_len=256, doc=_MODEL_DOC),
+    Arg("keep_alive", "float", None, min=-1, max=1e9,
+        doc="seconds the model stays loaded once idle, from now on (as Ollama's): -1 until "
+            "evicted, 0 unloaded when idle; null: [models] keep_alive (300)"),
     Arg("max_tokens", "int", 256, min=1, max=1 << 20),
     Arg("temperature", "float", 0.8, min=0, max=100, doc="0: greedy"),
     Arg("top_k", "int", 40, min=0, max=1 << 20, doc="0: off"),
@@ -217,17 +220,22 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("pid", "int", None, min=1, doc="only this process's requests"),
     ), result="{max_running, max_queue, running, ready, suspended, blocks_total, blocks_used, "
               "blocks_cached, requests: [{pid, request, state, priority, position, kv_blocks, "
-              "prompt_tokens, generated, waited_s}]}", idempotent=True,
+              "prompt_tokens, generated, waited_s, model}], memory_budget, memory_held, models: "
+              "[{name, state, driver, memory_bytes, requests, position, last_used, expires_at, "
+              "keep_alive}]}", idempotent=True,
         doc="The model scheduler's view: every request, in the order it would be scheduled. "
             "state is running (in the batch), ready (waiting for a batch slot or its fair turn), "
             "suspended (kept out by much more urgent work), stopped (its process got kill -STOP) "
             "or throttled (tokens_per_minute); position is its place among those ready or "
-            "suspended, 1 first."),
+            "suspended, 1 first. A request whose model is not loaded yet is loading, or queued "
+            "(waiting for room in [models] memory_budget; position is its model's place in the "
+            "queue of loads). models: each model loaded or on its way, the bytes it holds as the "
+            "budget counts them, and when (wall-clock) keep_alive unloads it."),
     # -- contexts -------------------------------------------------------------------------------
     Syscall("open_context", "inference", (
         Arg("system", "str", None, max_len=MAX_PROMPT, doc="the system prompt"),
         Arg("model", "str", None, max_len=256, doc=_MODEL_DOC),
-    ), result="int (a context handle)", errors=("ENOENT", "EINVAL", "EDQUOT", "EIO"),
+    ), result="int (a context handle)", errors=("ENOENT", "EINVAL", "EDQUOT", "EIO", "EAGAIN"),
         doc="Open a conversation kept by the kernel: chat(messages, ctx=handle) appends turns "
             "and reuses its cached KV prefix. It belongs to the caller and is closed when the "
             "caller exits; its cached blocks count against the caller's kv_blocks."),
@@ -321,6 +329,10 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("path", "str", max_len=4096, doc="absolute path of a GGUF file (Llama architecture)"),
         Arg("name", "str", None, max_len=64,
             doc="defaults to the file's name without .gguf, lowercased"),
+        Arg("replace", "bool", False,
+            doc="update an added model live: the name stands for this file (or its own file, "
+                "rewritten) from now on; requests in flight finish on the old version, which "
+                "unloads when idle, and contexts go on on the new one, recomputed"),
     ), result="{name, path, added}", errors=("ENOENT", "EEXIST", "EINVAL"), idempotent=True,
         doc="Register a GGUF file under a name, for every user. Its header, architecture and "
             "tokenizer are checked first (EINVAL says what is wrong). Idempotent: adding the same "

@@ -225,19 +225,23 @@ def test_model_rm_refuses_a_model_in_use_unless_forced(system):
 
 
 def test_a_model_that_cannot_load_fails_its_requests_by_name(system):
-    """The file of a registered model cut short: its driver instance fails to load until the
-    supervisor gives up; the request that named it gets EIO saying why, models shows the model
-    failed, and the default model answers as before."""
+    """The file of a registered model cut short, then replaced by one of an architecture llmos
+    does not run: the request that names it gets EIO saying what is wrong, at once (the file's
+    header and tensor table are checked before any driver starts), models shows the model
+    failed with the reason, and the default model answers as before."""
     path = write_tiny_gguf(system.home / "broken.gguf", seed=3)
-    # the supervisor starts it 6 times (FAST_SUPERVISION), each a fresh Python importing torch
-    with system.connect(privileged=True, timeout=150) as c:
+    with system.connect(privileged=True) as c:
         c.model_add(str(path), "broken")
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size // 2)
-        with pytest.raises(errors.EIO, match=r"^EIO: generate: model 'broken' could not be loaded: "):
+        with pytest.raises(errors.EIO, match=r"^EIO: generate: model 'broken' could not be loaded: "
+                                             r".*broken.gguf: truncated: tensor "):
             list(c.generate("x", model="broken", max_tokens=2))
-        assert services(c)["cpu@broken"]["state"] == "FAILED"
         (row,) = [m for m in c.models() if m["name"] == "broken"]
-        assert row["state"] == "failed" and row["driver"] == "cpu@broken"
+        assert row["state"] == "failed" and "truncated" in row["error"]
+        os.replace(write_tiny_gguf(system.home / "other.gguf", seed=3, arch="qwen9"), path)
+        with pytest.raises(errors.EIO, match=r"architecture 'qwen9' is not supported"):
+            list(c.generate("x", model="broken", max_tokens=2))
+        assert "cpu@broken" not in services(c)
         _, _, end = generated(c, "and yet", max_tokens=3)
         assert end.generated_tokens == 3

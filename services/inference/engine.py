@@ -146,6 +146,12 @@ class Engine:
         self.contexts[ctx.ctx] = ctx
         return ctx
 
+    def adopt_context(self, ctx: Context) -> None:
+        """Take over a context from another engine (its model was unloaded, or updated to a new
+        file): it keeps its messages; its K/V stayed behind, so its next turn recomputes them."""
+        ctx.ctx, ctx.tokens, ctx.busy = next(self._ctx_ids), [], None
+        self.contexts[ctx.ctx] = ctx
+
     def close_context(self, ctx: Context) -> None:
         if ctx.busy is not None:
             self.cancel(ctx.busy)

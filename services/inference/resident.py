@@ -34,14 +34,24 @@ INFO_WAIT_S = 2.0           # how often a wait for a loading driver says it is s
 class Resident:
     """A model file served by one driver service; ``load()`` makes it ready."""
 
-    def __init__(self, service, name: str, path: Path | None, driver: str | None):
+    def __init__(self, service, name: str, path: Path | None, driver: str | None, version: str = ""):
         """path None: whatever file the (boot) driver runs, as its info says."""
         self.service = service              # the Inference service: its runtime, log and report
         self.runtime, self.log = service.runtime, service.log
-        self.name, self.path = name, path
+        self.name, self.path, self.version = name, path, version
         self.driver = driver                # None until the kernel has started an instance
+        self.boot = driver is not None      # the boot driver's model: never unloaded
         self.state = "loading"
-        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.error: str | None = None       # why it failed
+        self.info: dict = {}                # the driver's, once loaded
+        self.memory = 0                     # bytes it holds (weights + KV): estimated, then measured
+        self.keep_alive = -1.0 if self.boot else service.pager.keep_alive   # seconds; -1: for ever
+        self.waiters = 0                    # requests waiting for it to be ready
+        self.pins = 0                       # calls using it now (Inference._model): not idle while any
+        self.loaded_at: float | None = None
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future = loop.create_future()
+        self.gone: asyncio.Future = loop.create_future()    # unloaded: its memory is back
         self.step_id, self.in_flight = 0, None     # the driver's step now running: (id, batch, ahead)
         self.queues: dict[int, asyncio.Queue] = {}
         self.wake = asyncio.Event()
@@ -56,8 +66,9 @@ class Resident:
         from services.inference.engine import Engine
         try:
             if self.driver is None:
-                started = await self.runtime.call("kernel", "driver_start",
-                                                  {"model": self.name, "path": str(self.path)})
+                await self.service.pager.admit(self)
+                started = await self.runtime.call("kernel", "driver_start", {
+                    "model": self.name, "path": str(self.path), "version": self.version})
                 self.driver = started["service"]
             info = await self._driver_info(progress)
             if self.path is not None and os.path.realpath(info["model"]) != os.path.realpath(self.path):
@@ -72,13 +83,20 @@ class Resident:
             self.engine = Engine(info, self.tokenizer, max_running=c.max_running,
                                  token_budget=c.token_budget, max_queue=c.max_queue,
                                  decode_steps=c.decode_steps, policy=Policy(c.band, c.aging_s, c.quantum))
-        except errors.LLMOSError as e:
-            self.state = "failed"
+        except Exception as e:          # a bug of ours is loud, and still fails only this model
+            if not isinstance(e, errors.LLMOSError):
+                self.log.exception("model_load_bug", model=self.name)
+                e = errors.EIO(f"{type(e).__name__}: {e}")
+            self.state, self.error = "failed", e.message
             self.ready.set_exception(e)
             self.ready.exception()          # retrieved: nobody may be waiting yet
             self.log.warning("model_load_failed", model=self.name, path=str(self.path), error=e.message)
+            if not self.boot:
+                self.service.pager.changed()          # what it was counted for is free again
             return
-        self.state = "resident"
+        self.info = info
+        self.memory = int(info.get("weight_bytes") or 0) + int(info.get("kv_bytes") or 0)
+        self.state, self.loaded_at, self.last_used = "resident", time.time(), time.monotonic()
         self.loop_task = asyncio.get_running_loop().create_task(self._run())
         self.ready.set_result(None)
         self.log.info("model_resident", model=self.name, driver=self.driver, path=str(self.path))
@@ -107,6 +125,45 @@ class Resident:
         if self.loop_task is not None:
             self.loop_task.cancel()
 
+    # -- unloading -----------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Resident, with no request on it and none waiting for it."""
+        return self.state == "resident" and not self.pins and not self.queues \
+            and not self.engine.has_work()
+
+    def unloadable(self) -> bool:
+        return not self.boot and self.idle()
+
+    def expires_at(self) -> float | None:
+        """When (monotonic) keep_alive unloads it: None while in use, for ever, or the default model."""
+        if self.boot or self.keep_alive < 0 or not self.idle():
+            return None
+        return self.last_used + self.keep_alive
+
+    def describe_use(self) -> str:
+        if self.state != "resident":
+            return self.state
+        return f"{self.pins} requests"
+
+    async def unload(self, why: str) -> None:
+        """Stop the step loop, leave the contexts without K/V (their next turn loads the model
+        again), have the kernel stop the driver, and be gone. The Pager set "unloading"."""
+        self.log.info("model_unloading", model=self.name, driver=self.driver, why=why)
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.loop_task
+        try:
+            await self.runtime.call("kernel", "driver_stop", {"service": self.driver})
+        except errors.LLMOSError as e:          # gone already (its instance was removed): fine
+            self.log.warning("driver_stop_failed", driver=self.driver, error=e.message)
+        self.state = "absent"
+        self.service.forget(self)
+        self.gone.set_result(None)
+        self.log.info("model_unloaded", model=self.name, driver=self.driver, why=why)
+        self.service.pager.changed()
+        self.service.report(force=True)
+
     # -- the step loop -------------------------------------------------------------------------
     async def _run(self) -> None:
         engine, failures = self.engine, 0
@@ -122,6 +179,8 @@ class Resident:
                     self.service.spawn(self.runtime.call(self.driver, "release", {"seq_ids": step.release}))
                 if not step.seqs:
                     break           # nothing may run now; a request, a cancel, a CONT or time wakes us
+                turns = self.service.turns          # one step at a time on the device, by priority
+                await turns.take(self, self.urgency(step.batch))
                 self.step_id += 1
                 self.in_flight = (self.step_id, step.batch, any(m.get("steps", 1) > 1 for m in step.seqs))
                 try:
@@ -141,6 +200,7 @@ class Resident:
                     continue
                 finally:
                     self.in_flight = None
+                    turns.give(self)
                 failures = 0
                 self.deliver(engine.postprocess(step, sampled))
                 self.service.report()
@@ -170,6 +230,19 @@ class Resident:
             self.service.spawn(self.runtime.call(self.driver, "abort", {"id": step_id, "mode": "abort"}))
         elif ahead:             # decoding ahead: hand back after the token in progress
             self.yield_now()
+
+    def urgency(self, batch) -> int:
+        """The effective priority of a batch's most urgent request (lower is more urgent)."""
+        policy, now = self.engine.policy, time.monotonic()
+        return min((policy.effective(s.pid, s.last_served, now) for s, _ in batch.steps), default=0)
+
+    def give_up_step(self) -> None:
+        """A much more urgent step of another model waits for the device: the step running now
+        is given up between two layers and runs again after it."""
+        if self.in_flight is not None:
+            self.log.info("step_aborted", step=self.in_flight[0], for_model="another", driver=self.driver)
+            self.service.spawn(self.runtime.call(self.driver, "abort",
+                                                 {"id": self.in_flight[0], "mode": "abort"}))
 
     def yield_now(self) -> None:
         """A step decoding ahead hands back after the token in progress, so the next is decided anew."""

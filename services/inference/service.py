@@ -9,8 +9,10 @@ gave up, or died) cancels its request, whose blocks are freed at the next step.
 The default model runs on the boot driver (``cpu`` or ``cuda0``, as the kernel placed it), loaded
 before the service is READY. A request naming another registered model (``model``: its name, or
 its file's path) has the kernel start a driver instance for it and waits, queued here, while it
-loads; an unknown name is ENOENT naming the models there are. Context handles are the service's,
-one numbering across models.
+loads; an unknown name is ENOENT naming the models there are. Which models stay loaded is the
+Pager's (services/inference/pager.py: the memory budget, keep_alive). Context handles are the
+service's, one numbering across models; a context outlives its model's unloading and an update of
+its file, and its next turn runs on the model's current version, recomputed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from services.inference.pager import Pager, file_version
 from services.inference.resident import Resident
+from services.inference.turns import Turns
 from syscalls import errors, wire
 from syscalls.runtime.config import Config
 from syscalls.runtime.devices import model_driver
@@ -37,24 +41,39 @@ RANK = {"running": 0, "ready": 1, "suspended": 2, "throttled": 2, "stopped": 3, 
 
 class Inference(Service):
     name = "inference"
-    internal = ("sched_update", "process_exit", "model_users", "model_evict")
+    internal = ("sched_update", "process_exit", "model_users", "model_evict", "model_states",
+                "models_changed")
 
     async def start(self) -> None:
         self.registry = Registry(self.paths)
-        self.scheduler_cfg = Config.load(self.paths.home / "config.toml").scheduler
-        self.models: dict[str, Resident] = {}        # by the real path of the model's file
+        cfg = Config.load(self.paths.home / "config.toml")
+        self.scheduler_cfg = cfg.scheduler
+        self.models: dict[tuple[str, str], Resident] = {}   # by (real path, file_version) of its file
         self.contexts: dict[int, tuple[Resident, object]] = {}     # handle -> (model, Context)
         self._handles = itertools.count(1 + HANDLES_PER_START * int(os.environ.get(
             "LLMOS_SERVICE_RESTARTS", "0")))
         self.reported: dict = {}
         self.reported_at = 0.0
         self.background: set[asyncio.Task] = set()
+        self.turns = Turns(cfg.scheduler.band)      # whose step runs next on the device
+        self.pending: dict[int, dict] = {}          # requests waiting for their model: id -> {pid, ...}
+        self._pending_ids = itertools.count(1)
+        # Driver instances a previous run of this service started hold K/V of engines that are
+        # gone: stop them, so that what is resident is what the Pager counts.
+        for d in await self.runtime.call("kernel", "drivers", {}):
+            if d.get("path") and d["state"] != "STOPPING":
+                await self.runtime.call("kernel", "driver_stop", {"service": d["service"]})
         # the default model: the boot driver's, whatever file it was told to load
         boot = Resident(self, "", None, model_driver())
         await boot.load(self.scheduler_cfg, self.progress)
         await boot.ready                    # a failure here fails the start: the supervisor retries
         boot.name = self._name_of(boot.path)
-        self.default = self.models[os.path.realpath(boot.path)] = boot
+        real = os.path.realpath(boot.path)
+        boot.version = file_version(real)
+        self.default = self.models[(real, boot.version)] = boot
+        self.pager = Pager(self, cfg.models, cfg.driver, int(boot.info.get("memory_total") or 0))
+        self.pager.check_boot()
+        self.spawn(self.pager.run())
 
     async def stop(self) -> None:
         for model in self.models.values():
@@ -65,6 +84,20 @@ class Inference(Service):
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
+    def forget(self, model: Resident) -> None:
+        """An unloaded model leaves the table (a newer Resident may hold its key already)."""
+        key = (os.path.realpath(model.path), model.version)
+        if self.models.get(key) is model:
+            del self.models[key]
+
+    def superseded(self, model: Resident) -> bool:
+        """Whether model is an older version: its name stands for another file now, or its file changed."""
+        try:
+            current = os.path.realpath(self.registry.resolve(model.name))
+            return (current, file_version(current)) != (os.path.realpath(model.path), model.version)
+        except (errors.LLMOSError, OSError):
+            return False        # removed, or its file gone: keep_alive decides, as for any idle model
+
     def _name_of(self, path: Path) -> str:
         """The registered name of a model's file (its path when none is registered for it)."""
         real = os.path.realpath(path)
@@ -72,14 +105,16 @@ class Inference(Service):
                     str(path))
 
     # -- which model ---------------------------------------------------------------------------
-    async def _model(self, model: str | None, call: str) -> Resident:
-        """The model a request names, loaded (started on demand; the request waits meanwhile)."""
+    async def _model(self, model: str | None, call: str, keep_alive: float | None = None,
+                     pid: int = 0) -> Resident:
+        """The model a request names, loaded (started on demand; the request waits meanwhile).
+        keep_alive (seconds; -1: for ever) becomes the model's, as Ollama does."""
         if model is None:
+            self.default.last_used = time.monotonic()
             return self.default
         if os.path.isabs(model):
             real = os.path.realpath(model)
-            if real not in self.models and not any(os.path.realpath(m["path"]) == real
-                                                   for m in self.registry.list()):
+            if not any(os.path.realpath(m["path"]) == real for m in self.registry.list()):
                 raise errors.ENOENT(f"{call}: {model} is no registered model's file "
                                     f"(models: {', '.join(m['name'] for m in self.registry.list())})")
             name = self._name_of(Path(model))
@@ -88,16 +123,67 @@ class Inference(Service):
                 real, name = os.path.realpath(self.registry.resolve(model)), model
             except errors.ENOENT as e:
                 raise errors.ENOENT(f"{call}: {e.message}") from None
-        resident = self.models.get(real)
-        if resident is None or resident.state == "failed":
-            resident = self.models[real] = Resident(self, name, Path(real), None)
-            self.spawn(resident.load(self.scheduler_cfg))
+        while True:
+            try:
+                key = (real, file_version(real))
+            except OSError as e:        # deleted while resident: serve on what is loaded, if anything
+                resident = next((m for (p, _), m in self.models.items()
+                                 if p == real and m.state == "resident"), None)
+                if resident is None:
+                    raise errors.EIO(f"{call}: model {name!r} could not be loaded: its file {real} is "
+                                     f"gone ({e.strerror}); put it back, or model_remove it") from None
+                break
+            resident = self.models.get(key)
+            if resident is not None and resident.state == "unloading":
+                await asyncio.shield(resident.gone)     # then load it again
+                continue
+            if resident is None or resident.state in ("failed", "absent"):
+                resident = self.models[key] = Resident(self, name, Path(real), None, key[1])
+                self.spawn(resident.load(self.scheduler_cfg))
+            break
         resident.last_used = time.monotonic()
+        if not resident.boot:
+            resident.keep_alive = self.pager.keep_alive if keep_alive is None else keep_alive
+        # In use until this call ends (its stream included): an idle model is one nobody's call holds.
+        resident.pins += 1
+        asyncio.current_task().add_done_callback(lambda _: self._unpin(resident))
+        if resident.ready.done() and resident.ready.exception() is None:
+            return resident
+        resident.waiters += 1
+        ticket = next(self._pending_ids)
+        self.pending[ticket] = {"pid": pid, "model": resident, "since": time.monotonic()}
         try:
             await asyncio.shield(resident.ready)
+        except errors.EAGAIN as e:              # no room in the memory budget in time
+            raise errors.EAGAIN(f"{call}: model {name!r} could not be loaded: {e.message}") from None
         except errors.LLMOSError as e:          # the reason (a missing or unreadable file) in words
             raise errors.EIO(f"{call}: model {name!r} could not be loaded: {e.message}") from None
+        finally:
+            resident.waiters -= 1
+            del self.pending[ticket]
         return resident
+
+    def _unpin(self, model: Resident) -> None:
+        model.pins -= 1
+        model.last_used = time.monotonic()          # keep_alive counts from the last use's end
+        if not model.boot:
+            self.pager.changed()
+
+    async def _current(self, handle: int, caller: dict, call: str, keep_alive: float | None):
+        """_context, but on its model's current version: a context its model left (unloaded, or
+        updated to a new file) moves to the model as it is now, where its next turn recomputes
+        its history (cached_tokens 0). A context with a turn in flight stays where it is."""
+        model, ctx = self._context(handle, caller, call)
+        if ctx.busy is not None or (model.state == "resident" and not self.superseded(model)):
+            return model, ctx
+        new = await self._model(model.name, call, keep_alive, int(caller.get("pid") or 0))
+        if new is not model and self.contexts.get(handle, (None, None))[1] is ctx:
+            model.engine.blocks.free(ctx.owner)       # the old version keeps nothing of it
+            model.engine.contexts.pop(ctx.ctx, None)
+            new.engine.adopt_context(ctx)
+            self.contexts[handle] = (new, ctx)
+            self.log.info("context_moved", ctx=handle, model=new.name, driver=new.driver)
+        return new, ctx
 
     def report(self, force: bool = False) -> None:
         """Tell the kernel each process's model work (state, KV blocks, requests) over every model,
@@ -127,16 +213,19 @@ class Inference(Service):
 
     # -- the ops -------------------------------------------------------------------------------
     async def op_generate(self, args: dict, caller: dict, emit: Callable[..., None]) -> Reply:
-        model = await self._model(args.get("model"), "generate")
+        model = await self._model(args.get("model"), "generate", args.get("keep_alive"),
+                                  int(caller.get("pid") or 0))
         constraint = await self._constraint(model, args, None, "generate")
         return await self._stream(model, args["prompt"], args, emit, "generate", caller, constraint=constraint)
 
     async def op_chat(self, args: dict, caller: dict, emit: Callable[..., None]) -> Reply:
+        pid = int(caller.get("pid") or 0)
         if args.get("ctx") is None:
-            model, ctx = await self._model(args.get("model"), "chat"), None
+            model, ctx = await self._model(args.get("model"), "chat", args.get("keep_alive"), pid), None
         else:
-            model, ctx = self._context(args["ctx"], caller, "chat")
-            if args.get("model") is not None and await self._model(args["model"], "chat") is not model:
+            model, ctx = await self._current(args["ctx"], caller, "chat", args.get("keep_alive"))
+            if args.get("model") is not None and \
+                    await self._model(args["model"], "chat", args.get("keep_alive"), pid) is not model:
                 raise errors.EINVAL(f"chat: context {args['ctx']} is on model {model.name!r}, "
                                     f"not {args['model']!r}")
         from services.inference.tools import ToolError, Tools
@@ -200,7 +289,7 @@ class Inference(Service):
         return found
 
     async def op_open_context(self, args: dict, caller: dict) -> int:
-        model = await self._model(args.get("model"), "open_context")
+        model = await self._model(args.get("model"), "open_context", pid=int(caller.get("pid") or 0))
         messages = [{"role": "system", "content": args["system"]}] if args.get("system") else []
         return self._open(model, messages, caller, "open_context", "system")
 
@@ -264,33 +353,65 @@ class Inference(Service):
         self.report(force=True)
 
     def op_model_users(self, args: dict, caller: dict) -> list[dict]:
-        """From the tokenizer service (model_remove): who has requests or contexts on a model."""
-        model = self.models.get(os.path.realpath(str(args.get("path"))))
-        if model is None or model.state != "resident":
-            return []
-        return [{"pid": pid, "requests": w["sequences"], "contexts": w["contexts"]}
-                for pid, w in sorted(model.engine.by_process().items()) if w["sequences"] or w["contexts"]]
+        """From the tokenizer service (model_remove): who has requests or contexts on a model
+        (any version of its file; a context whose model was unloaded counts too)."""
+        real = os.path.realpath(str(args.get("path")))
+        users: dict[int, dict] = {}
+        for model in self._versions(real):
+            if model.state == "resident":
+                for pid, w in model.engine.by_process().items():
+                    users.setdefault(pid, {"pid": pid, "requests": 0, "contexts": 0})["requests"] += w["sequences"]
+        for model, ctx in self.contexts.values():
+            if os.path.realpath(model.path) == real:
+                users.setdefault(ctx.pid, {"pid": ctx.pid, "requests": 0, "contexts": 0})["contexts"] += 1
+        return [u for _, u in sorted(users.items()) if u["requests"] or u["contexts"]]
+
+    def _versions(self, real: str) -> list[Resident]:
+        return [m for (p, _), m in self.models.items() if p == real]
 
     def op_model_evict(self, args: dict, caller: dict) -> None:
         """From the tokenizer service (model_remove with force): the model's requests end with
-        ENOENT naming the removal, its contexts close and their blocks are freed; the next
-        request naming it finds no such model."""
+        ENOENT naming the removal, its contexts close and their blocks are freed, and its driver
+        is stopped; the next request naming it finds no such model."""
         real = os.path.realpath(str(args.get("path")))
-        model = self.models.get(real)
-        if model is None or model is self.default:
-            return
-        del self.models[real]
         why = f"model {args.get('name')!r} was removed (model_remove with force)"
-        if model.state == "resident":
-            for seq_id, queue in list(model.queues.items()):
-                model.engine.cancel(seq_id)
-                queue.put_nowait({"seq_id": seq_id, "text": "", "tokens": [], "finish": "error",
-                                  "error": why, "error_code": "ENOENT"})
-        for handle in [h for h, (m, _) in self.contexts.items() if m is model]:
+        for handle in [h for h, (m, _) in self.contexts.items() if os.path.realpath(m.path) == real]:
             self._close(handle)
-        model.wake.set()          # its loop tells the driver to release the sequences
+        for model in self._versions(real):
+            if model is self.default:
+                continue
+            if model.state == "resident":
+                for seq_id, queue in list(model.queues.items()):
+                    model.engine.cancel(seq_id)
+                    queue.put_nowait({"seq_id": seq_id, "text": "", "tokens": [], "finish": "error",
+                                      "error": why, "error_code": "ENOENT"})
+                self.pager.unload(model, why)
+            model.wake.set()
         self.log.info("model_evicted", model=args.get("name"), path=real)
         self.report(force=True)
+
+    def op_models_changed(self, args: dict, caller: dict) -> None:
+        """From the tokenizer service: a model was added, updated or removed: the default model
+        may have a name now, and an older version unloads once idle."""
+        self.default.name = self._name_of(self.default.path)
+        self.pager.changed()
+
+    def op_model_states(self, args: dict, caller: dict) -> dict:
+        """From the tokenizer service (models): every model this service holds or is loading, by
+        file, with its state, memory, last use and when keep_alive unloads it (wall-clock times)."""
+        now, wall = time.monotonic(), time.time()
+        rows = []
+        for (real, version), m in self.models.items():
+            expires = m.expires_at()
+            rows.append({
+                "name": m.name, "path": real, "version": version, "state": m.state,
+                "driver": m.driver, "error": m.error, "memory_bytes": m.memory,
+                "default": m is self.default, "requests": len(m.queues) + m.waiters, "waiting": m.waiters,
+                "position": self.pager.position(m), "keep_alive": m.keep_alive,
+                "last_used": round(wall - (now - m.last_used), 3),
+                "expires_at": None if expires is None else round(wall + expires - now, 3),
+                "loaded_at": m.loaded_at, "superseded": m.state == "resident" and self.superseded(m)})
+        return {"budget": self.pager.budget, "held": self.pager.held(), "models": rows}
 
     def op_runqueue(self, args: dict, caller: dict) -> dict:
         """Every model's requests; the counts and blocks are the sums over the models."""
@@ -309,6 +430,20 @@ class Inference(Service):
             out["blocks_used"] += usage["blocks_used"]
             out["blocks_cached"] += engine.blocks.distinct(c.owner for c in engine.scheduler.idle_contexts())
             out["requests"] += [dict(r, model=model.name) for r in requests if pid is None or r["pid"] == pid]
+        now = time.monotonic()
+        for p in self.pending.values():          # waiting for their model to load
+            m = p["model"]
+            if pid is None or p["pid"] == pid:
+                out["requests"].append({
+                    "pid": p["pid"], "request": None, "state": "queued" if m.state == "queued" else "loading",
+                    "priority": 0, "position": self.pager.position(m), "kv_blocks": 0,
+                    "prompt_tokens": 0, "generated": 0, "waited_s": round(now - p["since"], 3),
+                    "model": m.name})
+        held = self.op_model_states({}, caller)
+        out["memory_budget"], out["memory_held"] = held["budget"], held["held"]
+        out["models"] = [{k: m[k] for k in ("name", "state", "driver", "memory_bytes", "requests",
+                                             "position", "last_used", "expires_at", "keep_alive")}
+                         for m in held["models"]]
         return out
 
     def op_sched_update(self, args: dict, caller: dict) -> None:

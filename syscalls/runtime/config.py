@@ -9,6 +9,8 @@
                    (model work; see services/inference/policy.py)
     [driver]       device, model, kv_blocks, block_size, threads, kv_dtype, dense_copy,
                    dense_copy_budget, native, engine (drivers)
+    [models]       memory_budget, keep_alive, load_timeout: which models stay resident
+                   (services/inference/pager.py)
     [services]     enabled = ["storage", ...]; modules = {name = "python.module"} adds services
     [[daemons]]    name, argv, restart (never|on-failure|always), priority, env, cwd, privileged:
                    programs the kernel starts at boot and keeps running by their restart policy
@@ -22,6 +24,7 @@ An unknown section or key is an error, so a typo never silently leaves a default
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -120,11 +123,50 @@ class DriverConfig:
         return parse_budget(self.dense_copy_budget, total)
 
 
+@dataclass
+class ModelsConfig:
+    memory_budget: str = "50%"      # what resident models may hold (weights + KV): a share of the
+                                    # device's memory (RAM, or the GPU's) or bytes ("8GiB", 8000000000)
+    keep_alive: float = 300.0       # seconds an idle model stays loaded; -1: until evicted; 0: unload when idle
+    load_timeout: float = 60.0      # how long a request waits for room in the budget, then EAGAIN
+
+    def check(self) -> None:
+        parse_budget(self.memory_budget, 1, "models.memory_budget")
+        if self.load_timeout <= 0:
+            raise ValueError(f"config: models.load_timeout must be > 0 seconds, got {self.load_timeout}")
+        parse_keep_alive(self.keep_alive, "config: models.keep_alive")
+
+    def budget_bytes(self, total: int) -> int:
+        """memory_budget in bytes, given the memory of the device (RAM for the CPU)."""
+        return parse_budget(self.memory_budget, total, "models.memory_budget")
+
+
+_DURATION = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+
+
+def parse_keep_alive(value: object, what: str = "keep_alive") -> float:
+    """Seconds from a keep_alive as Ollama takes it: a number of seconds, or a duration such as
+    "5m", "1h", "30s", "-1"; any negative means for ever (-1.0 is returned)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what} must be seconds or a duration like \"5m\", got {value!r}")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*", value)
+        if m is None:
+            raise ValueError(f"{what} must be seconds or a duration like \"5m\", \"1h\", \"-1\", "
+                             f"got {value!r}")
+        seconds = float(m[1]) * _DURATION[m[2]]
+    else:
+        seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"),):
+        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+    return -1.0 if seconds < 0 else seconds
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
-def parse_budget(text: str, total: int) -> int:
+def parse_budget(text: str, total: int, what: str = "driver.dense_copy_budget") -> int:
     """ "20%" of total, or a size such as "2GiB", "512MB", "1073741824", as bytes."""
     t = text.strip().lower().replace(" ", "")
     try:
@@ -139,7 +181,7 @@ def parse_budget(text: str, total: int) -> int:
             raise ValueError
         return int(float(digits) * _UNITS[unit])
     except ValueError:
-        raise ValueError(f"config: driver.dense_copy_budget must be a share like \"20%\" or a size like"
+        raise ValueError(f"config: {what} must be a share like \"20%\" or a size like"
                          f" \"2GiB\", got {text!r}") from None
 
 
@@ -210,6 +252,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     driver: DriverConfig = field(default_factory=DriverConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     services: list[str] = field(default_factory=lambda: ["storage", "tokenizer", MODEL_DRIVER,
                                                          "inference"])
     daemons: list[DaemonConfig] = field(default_factory=list)
@@ -223,15 +266,19 @@ class Config:
             raw = tomllib.loads(path.read_text()) if path.exists() else {}
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config: {path} is not valid TOML: {e}") from None
-        sections = ("kernel", "supervisor", "storage", "scheduler", "driver", "gateway", "services",
-                    "daemons")
+        sections = ("kernel", "supervisor", "storage", "scheduler", "driver", "gateway", "models",
+                    "services", "daemons")
         for name in raw:
             if name not in sections or not isinstance(raw[name], list if name == "daemons" else dict):
                 raise ValueError(f"config: unknown section [{name}] (known: {', '.join(sections)})")
-        for section in sections[:6]:
+        budget = raw.get("models", {}).get("memory_budget")
+        if isinstance(budget, int) and not isinstance(budget, bool):       # bytes, as a TOML integer
+            raw["models"]["memory_budget"] = str(budget)
+        for section in sections[:7]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
         cfg.scheduler.check()
         cfg.driver.check()
+        cfg.models.check()
         cfg.gateway.check()
         services = raw.get("services", {})
         for key in services:

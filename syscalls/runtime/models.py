@@ -122,11 +122,12 @@ class Registry:
         return Path(entry["path"])
 
     def add(self, path: str, name: str | None = None, uid: int | None = None,
-            check: Callable[[Path], None] | None = None) -> dict:
+            check: Callable[[Path], None] | None = None, replace: bool = False) -> dict:
         """Record the file at path under name (default: the file's stem, lowercased), added by
         uid, once check(path) has passed (it raises an LLMOSError for a file llmos cannot run).
         Adding the same name for the same file again returns the existing entry, so a retried add
-        is harmless; any other clash is EEXIST."""
+        is harmless; any other clash is EEXIST. With replace, an added name is pointed at the new
+        file (or at its own file again, rewritten): a live update."""
         p = Path(path)
         if not p.is_absolute():
             raise errors.EINVAL(f"path {path!r} is not absolute (clients resolve it against their "
@@ -140,14 +141,22 @@ class Registry:
         if not NAME.fullmatch(name):
             raise errors.EINVAL(f"model name {name!r} is not allowed (1-64 letters, digits, '.', "
                                 f"'_' or '-', starting with a letter or digit)")
-        self._check_free(name, p, self._added())
+        if replace and name not in self._added():
+            known = ", ".join(m["name"] for m in self.list() if not m["default"]) or "none"
+            raise errors.ENOENT(f"no added model named {name!r} to replace (added models: {known})")
+        if not replace:
+            self._check_free(name, p, self._added())
         if check is not None:
             check(p)
         with self._lock:
             entries = self._added()
-            if entries.get(name, {}).get("path") == str(p):
+            if entries.get(name, {}).get("path") == str(p) and not replace:
                 return {"name": name, **entries[name]}      # a retry of this very add
-            self._check_free(name, p, entries)
+            if replace:
+                others = {n: e for n, e in entries.items() if n != name}
+                self._check_free(name, p, others)
+            else:
+                self._check_free(name, p, entries)
             entries[name] = {"path": str(p), "added": time.time(), "uid": uid}
             self._write(entries)
         return {"name": name, **entries[name]}

@@ -1,0 +1,305 @@
+"""Models paged in and out under a memory budget (issue 14, items 2, 3 and 7): keep_alive, LRU
+eviction of idle models, loads that wait for room and then fail by name, never an eviction under
+a running request, a live update while requests run, and a model file deleted while resident.
+
+One llmos boots with a tiny model on the boot driver and a budget that holds it plus two more
+tiny models, but not three; the models are tiny random GGUFs of the same shape, so each costs
+the same, and their drivers load in a second or two.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_CONFIG, FAST_SUPERVISION, Booted, run_cli, wait_until
+from model.tiny_gguf import write_tiny_gguf
+from syscalls import errors
+
+KV_BLOCKS = 1024        # of 16 tokens: a stream of 15,000 tokens fits
+CONTEXT = 16384
+LOAD_TIMEOUT = 2.0
+
+
+def footprint(path: Path) -> tuple[int, int]:
+    """(measured, estimated) bytes of a tiny model as the Pager counts them."""
+    from drivers.runner import ModelRunner
+    from services.inference.pager import estimate
+    from syscalls.runtime.config import DriverConfig
+    info = ModelRunner.from_gguf(path, num_blocks=KV_BLOCKS, native="never").info()
+    pool = KV_BLOCKS * 16 * 2 * 2 * 2 * 16 * 4          # blocks, tokens, layers, K+V, heads, dim, fp32
+    return info["weight_bytes"] + pool, estimate(path, DriverConfig(kv_blocks=KV_BLOCKS))["total"]
+
+
+@pytest.fixture(scope="module")
+def system():
+    home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+    boot_model = write_tiny_gguf(home / "boot.gguf", context=CONTEXT, seed=1)
+    measured, estimated = footprint(boot_model)
+    # the boot model and one more fit with room for a third's estimate; a third resident does not
+    budget = 2 * measured + estimated + measured // 2
+    (home / "config.toml").write_text(
+        FAST_SUPERVISION + '\n[gateway]\nlisten = "127.0.0.1:0"\n' + f'\n[driver]\ndevice = "cpu"\nmodel = "{boot_model}"\nkv_blocks = {KV_BLOCKS}\n'
+        f'\n[models]\nmemory_budget = {budget}\nkeep_alive = 60.0\nload_timeout = {LOAD_TIMEOUT}\n'
+        '[services]\nenabled = ["storage", "tokenizer", "driver", "inference"]\n')
+    booted = Booted(home).boot(timeout=120)
+    booted.budget = budget
+    booted.files = {name: write_tiny_gguf(home / f"{name}.gguf", context=CONTEXT, seed=seed)
+                    for name, seed in (("a", 2), ("b", 3), ("c", 4), ("d", 5))}
+    with booted.connect(privileged=True) as c:
+        c.model_add(str(boot_model), "boot")
+        for name, path in booted.files.items():
+            c.model_add(str(path), name)
+    from test_gateway import advertised
+    booted.url = advertised(booted)["advertised"]["url"]
+    try:
+        yield booted
+    finally:
+        booted.shutdown()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def rows(c) -> dict[str, dict]:
+    return {m["name"]: m for m in c.models()}
+
+
+def state(c, name: str) -> str:
+    return rows(c)[name]["state"]
+
+
+def gen(c, model: str, prompt: str = "hello", **kw) -> list[int]:
+    stream = c.generate(prompt, model=model, temperature=0.0, max_tokens=kw.pop("max_tokens", 4), **kw)
+    return [t for chunk in stream for t in chunk.tokens]
+
+
+def unload(c, *names: str) -> None:
+    """Unload the named models (a request with keep_alive 0) and wait until they are gone."""
+    for name in names:
+        if state(c, name) == "resident":
+            gen(c, name, keep_alive=0)
+    for name in names:
+        wait_until(lambda: state(c, name) == "absent", 20, f"{name} unloaded")
+
+
+class Streaming:
+    """A long generation on model, in a thread that owns its connection, until stop(); its first
+    chunk is awaited. tokens grows as chunks come."""
+
+    def __init__(self, system, model: str, prompt: str = "on and on"):
+        self.system, self.model, self.prompt = system, model, prompt
+        self.first, self.done, self.quit = threading.Event(), threading.Event(), threading.Event()
+        self.tokens, self.error, self.finish = [], None, None
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        assert self.first.wait(60), "the stream never started"
+
+    def _run(self):
+        try:
+            with self.system.connect() as c:
+                stream = c.generate(self.prompt, model=self.model, max_tokens=15000, temperature=0.0,
+                                    ignore_eos=True)
+                for chunk in stream:
+                    self.tokens += chunk.tokens
+                    self.first.set()
+                    if self.quit.is_set():
+                        stream.close()
+                        break
+                else:
+                    self.finish = stream.result.finish
+        except errors.LLMOSError as e:
+            self.error = e
+        finally:
+            self.first.set()
+            self.done.set()
+
+    def stop(self):
+        self.quit.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def test_budget_evicts_the_least_recently_used_idle_model(system):
+    with system.connect(privileged=True) as c:
+        unload(c, "a", "b", "c", "d")
+        gen(c, "a")
+        gen(c, "b")
+        assert {n: state(c, n) for n in "ab"} == {"a": "resident", "b": "resident"}
+        gen(c, "a")                     # a is now more recently used than b
+        gen(c, "c")                     # no room for c: b goes, a stays
+        now = rows(c)
+        assert (now["a"]["state"], now["b"]["state"], now["c"]["state"]) == ("resident", "absent", "resident")
+        assert "cpu@b" not in {s["name"] for s in c.services()}
+        assert now["boot"]["driver"] == "cpu" and now["boot"]["expires_at"] is None
+        assert sum(r["memory_bytes"] for r in now.values() if r["state"] == "resident") <= system.budget
+        assert now["c"]["budget"] == system.budget and now["c"]["expires_at"] > now["c"]["last_used"]
+
+
+def test_keep_alive_per_request(system):
+    """keep_alive 0 unloads the model as soon as it is idle; -1 keeps it (no expiry); a short
+    one unloads it that long after its last use."""
+    with system.connect(privileged=True) as c:
+        unload(c, "c", "d")
+        gen(c, "a", keep_alive=-1)
+        r = rows(c)["a"]
+        assert r["state"] == "resident" and r["expires_at"] is None and r["keep_alive"] == -1
+        gen(c, "a", keep_alive=0.5)
+        r = rows(c)["a"]
+        assert r["keep_alive"] == 0.5 and r["expires_at"] == pytest.approx(r["last_used"] + 0.5, abs=0.05)
+        wait_until(lambda: state(c, "a") == "absent", 20, "a unloaded after its keep_alive")
+        gen(c, "a", keep_alive=0)
+        wait_until(lambda: state(c, "a") == "absent", 20, "a unloaded when idle")
+        with pytest.raises(errors.EINVAL, match="keep_alive"):
+            gen(c, "a", keep_alive=-5)
+
+
+def test_no_eviction_under_a_running_request_a_load_waits_then_fails_by_name(system):
+    """Two models stream: a request for a third waits in the queue, shown queued with its
+    position, and gets EAGAIN naming the budget after load_timeout; once a stream ends, a
+    request for the third evicts that idle model and runs."""
+    with system.connect(privileged=True) as c:
+        unload(c, "a", "b", "c", "d")
+        first, second = Streaming(system, "a"), Streaming(system, "b")
+        try:
+            got = {}
+
+            def waiting():
+                with system.connect() as w:
+                    try:
+                        got["tokens"] = gen(w, "c")
+                    except errors.LLMOSError as e:
+                        got["error"] = e
+            t = threading.Thread(target=waiting)
+            t.start()
+            wait_until(lambda: any(r["state"] == "queued" and r["model"] == "c"
+                                   for r in c.runqueue()["requests"]), 10, "c queued in the runqueue")
+            queued = rows(c)["c"]
+            assert queued["state"] == "queued" and queued["position"] == 1
+            t.join(LOAD_TIMEOUT + 20)
+            e = got["error"]
+            assert isinstance(e, errors.EAGAIN)
+            assert "model 'c' could not be loaded: no room for it within the memory budget" in e.message
+            assert "a (1 requests)" in e.message and "b (1 requests)" in e.message
+            assert not first.done.is_set() and not second.done.is_set()     # neither was evicted
+            second.stop()
+            assert len(gen(c, "c")) == 4
+            now = rows(c)
+            assert (now["a"]["state"], now["b"]["state"], now["c"]["state"]) == ("resident", "absent", "resident")
+            assert not first.done.is_set() and first.error is None
+        finally:
+            first.stop()
+            second.stop()
+
+
+def test_a_model_bigger_than_the_budget_is_refused_at_once(system):
+    with system.connect(privileged=True) as c:
+        with pytest.raises(errors.EIO, match=r"more than the whole memory budget"):
+            gen(c, "smollm2-135m-instruct")
+        assert rows(c)["smollm2-135m-instruct"]["state"] == "failed"
+        assert "memory budget" in rows(c)["smollm2-135m-instruct"]["error"]
+
+
+def test_live_update_while_requests_run(system):
+    """model_add with replace while a stream runs on the model: the stream goes on on the old
+    file, new requests get the new file's tokens at once, a context goes on on the new version
+    (recomputed), models shows the new version, and the old one unloads once idle."""
+    from test_models_on_demand import in_process
+    new_file = write_tiny_gguf(system.home / "d-v2.gguf", context=CONTEXT, seed=11)
+    want_new = in_process(new_file, "hello", 4)["tokens"]
+    with system.connect(privileged=True) as c:
+        unload(c, "a", "b", "c")
+        ctx = c.open_context(system="Be brief.", model="d")
+        c.chat([{"role": "user", "content": "Hi"}], ctx=ctx, max_tokens=3, temperature=0.0).text
+        old = Streaming(system, "d")
+        before = rows(c)["d"]
+        try:
+            c.model_add(str(new_file), "d", replace=True)
+            at_update = len(old.tokens)
+            assert gen(c, "d") == want_new
+            turn = c.chat([{"role": "user", "content": "Again"}], ctx=ctx, max_tokens=3, temperature=0.0)
+            turn.text
+            assert turn.result.cached_tokens == 0 and turn.result.finish in ("stop", "length")
+            now = rows(c)["d"]
+            assert now["path"] == str(new_file) and now["version"] != before["version"]
+            assert now["state"] == "resident" and now["driver"] != before["driver"]
+            assert [o["driver"] for o in now["older"]] == [before["driver"]]
+            assert not old.done.is_set(), "the old stream ended before the update was tried"
+        finally:
+            old.stop()
+        assert old.error is None
+        n = min(len(old.tokens), at_update + 200)
+        assert n > at_update
+        assert old.tokens[:n] == in_process(system.files["d"], "on and on", n, ignore_eos=True)["tokens"]
+        wait_until(lambda: rows(c)["d"]["older"] == [], 20, "the old version of d unloaded")
+        assert before["driver"] not in {s["name"] for s in c.services()}
+        c.close_context(ctx)
+
+
+def test_a_model_file_deleted_while_resident(system):
+    """Its requests go on while it is loaded; once unloaded, the next request gets EIO saying the
+    file is gone, models says why, and other models answer as before."""
+    victim = system.home / "gone.gguf"
+    shutil.copy(system.files["a"], victim)
+    with system.connect(privileged=True) as c:
+        c.model_add(str(victim), "gone")
+        assert len(gen(c, "gone")) == 4
+        victim.unlink()
+        assert len(gen(c, "gone", keep_alive=0)) == 4
+        wait_until(lambda: state(c, "gone") != "resident", 20, "gone unloaded")
+        with pytest.raises(errors.EIO, match=r"model 'gone' could not be loaded: its file .*gone.gguf is gone"):
+            gen(c, "gone")
+        assert rows(c)["gone"]["error"]
+        assert len(gen(c, "b")) == 4
+        assert len(list(c.generate("still", max_tokens=2))) >= 1
+        c.model_remove("gone")
+
+
+def test_a_budget_smaller_than_the_smallest_model_is_refused_at_boot():
+    home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+    try:
+        (home / "config.toml").write_text(FAST_CONFIG + '\n[models]\nmemory_budget = "1MB"\n'
+                                          '[services]\nenabled = ["storage", "tokenizer", "driver", "inference"]\n')
+        r = run_cli(home, "boot", "--timeout", "30", timeout=60)
+        assert r.returncode == 1
+        assert "models.memory_budget '1MB' is 1000000 bytes, less than the smallest model" in r.stderr
+        assert "smollm2-135m-instruct" in r.stderr
+    finally:
+        run_cli(home, "shutdown", timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_gateway_lists_every_model_and_honours_keep_alive(system):
+    """/v1/models and /api/tags list every registered model, /api/ps the resident ones with
+    expires_at; Ollama's keep_alive (a duration, or seconds) is the model's from then on."""
+    import datetime
+
+    import ollama
+    import openai
+    client = ollama.Client(host=system.url, timeout=60)
+    with system.connect(privileged=True) as c:
+        unload(c, "a", "b", "c", "d")
+        names = set(rows(c))
+    oai = openai.OpenAI(base_url=system.url + "/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in oai.models.list().data} == names
+    assert oai.models.retrieve("c").id == "c"
+    assert {m.model for m in client.list().models} == names
+    assert [m.model for m in client.ps().models] == ["boot"]
+    (boot,) = client.ps().models
+    assert boot.expires_at.year > 2300                   # the boot driver's model never unloads
+
+    r = client.generate(model="c", prompt="hello", keep_alive="10m", options={"num_predict": 2})
+    assert r.done
+    loaded = {m.model: m for m in client.ps().models}
+    assert set(loaded) == {"boot", "c"} and loaded["c"].size > 0
+    left = loaded["c"].expires_at - datetime.datetime.now(datetime.timezone.utc)
+    assert 9 * 60 < left.total_seconds() <= 10 * 60
+    client.chat(model="c", messages=[{"role": "user", "content": "hi"}], keep_alive=0,
+                options={"num_predict": 2})
+    wait_until(lambda: [m.model for m in client.ps().models] == ["boot"], 20, "c unloaded (keep_alive 0)")
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="c", prompt="x", keep_alive="soon")
+    assert e.value.status_code == 400 and "keep_alive" in e.value.error
