@@ -119,7 +119,8 @@ def test_the_daemon_waits_for_a_taken_port_and_comes_back_when_killed(home):
         holder.close()
         first = advertised(system)
         assert first["advertised"]["url"] == f"http://127.0.0.1:{port}" and first["restarts"] == 0
-        assert httpx.get(first["advertised"]["url"] + "/v1/models").json() == {"object": "list", "data": []}
+        listed = httpx.get(first["advertised"]["url"] + "/v1/models").json()   # registered, none loaded
+        assert [m["id"] for m in listed["data"]] == ["smollm2-135m-instruct"]
         os.kill(first["os_pid"], signal.SIGKILL)
         again = advertised(system, old_os_pid=first["os_pid"])
         assert again["pid"] == first["pid"] and again["restarts"] == 1 and again["restart"] == "always"
@@ -185,8 +186,8 @@ def test_llmos_errors_become_statuses_clients_act_on():
 
 
 # -- the OpenAI API ---------------------------------------------------------------------------------
-def test_models_lists_the_loaded_model(oai):
-    assert [m.id for m in oai.models.list().data] == ["tiny"]
+def test_models_lists_every_registered_model(oai):
+    assert [m.id for m in oai.models.list().data] == ["smollm2-135m-instruct", "tiny"]
     assert oai.models.retrieve("tiny").owned_by == "llmos"
 
 

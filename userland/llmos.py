@@ -123,12 +123,14 @@ def cmd_status(paths: Paths, args) -> int:
               f"{_fmt_uptime(s['uptime']):>8}  {s['last_exit'] or ''}")
     if models:
         from userland.shell.builtin import size
-        from userland.shell.commands.models import model_state
-        print(f"{'MODEL':<24} {'STATE':<12} {'DRIVER':<16} {'MEM':>8}")
+        from userland.shell.commands.models import expires, held, model_state, used
+        budget = models[0].get("budget")
+        total = sum(m.get("memory_bytes") or 0 for m in models if m.get("state") != "failed")
+        print(f"{'MODEL':<24} {'STATE':<12} {'DRIVER':<16} {'MEM':>8} {'USED':>10} {'EXPIRES':>10}"
+              + (f"  (memory budget {size(budget)}, {size(total)} held)" if budget else ""))
     for m in models:
-        rss = m["memory"]["rss"] if m.get("memory") and m["memory"].get("rss") else None
-        print(f"{m['name']:<24} {model_state(m):<12} {m.get('driver') or '-':<16} "
-              f"{size(rss) if rss else '-':>8}")
+        print(f"{m['name']:<24} {model_state(m):<12} {m.get('driver') or '-':<16} {held(m):>8} "
+              f"{used(m):>10} {expires(m):>10}" + (f"  {m['error']}" if m.get("error") else ""))
     daemons = [p for p in procs if p["daemon"]]
     if daemons:
         print(f"{'DAEMON':<12} {'PID':>7} {'STATE':<10} {'RESTARTS':>8}  ADVERTISED")
@@ -198,9 +200,10 @@ def cmd_model(paths: Paths, args) -> int:
         if args.action == "show":
             from userland.shell.commands.models import find_model, show_model
             show_model(sys.stdout, find_model(os_.models(), args.name))
-        elif args.action == "add":
-            m = os_.model_add(os.path.abspath(args.path), args.name)
-            print(f"llmos: added model {m['name']}: {m['path']}")
+        elif args.action in ("add", "update"):
+            replace = args.action == "update" or args.replace
+            m = os_.model_add(os.path.abspath(args.path), args.name, replace=replace)
+            print(f"llmos: {'updated' if replace else 'added'} model {m['name']}: {m['path']}")
         else:
             os_.model_remove(args.name, force=args.force)
             print(f"llmos: removed model {args.name}")
@@ -258,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     a = action.add_parser("add", help="check a Llama GGUF file and add it under a name")
     a.add_argument("path")
     a.add_argument("--name", help="default: the file's name without .gguf, lowercased")
+    a.add_argument("--replace", action="store_true",
+                   help="the name exists: point it at this file live (as model update)")
+    a = action.add_parser("update", help="point an added model at a new file (or its file, "
+                                         "rewritten) live: requests in flight finish on the old one")
+    a.add_argument("name")
+    a.add_argument("path")
     a = action.add_parser("rm", help="forget an added model (the file stays)")
     a.add_argument("name")
     a.add_argument("--force", action="store_true",

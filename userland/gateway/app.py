@@ -63,9 +63,10 @@ class Gateway:
         return held
 
     async def models(self) -> list[dict]:
-        """The models llmos knows that can be read; ``device`` is set for those loaded."""
+        """The registered models whose file can be read (one that failed to load is still listed:
+        its next request tries again); ``state`` says which are resident."""
         try:
-            return [m for m in await self.conn.models() if not m.get("error")]
+            return [m for m in await self.conn.models() if m.get("architecture")]
         except LLMOSError as e:
             raise from_llmos(e) from None
 

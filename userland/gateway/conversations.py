@@ -42,9 +42,10 @@ def extend(digest: bytes, message: dict) -> bytes:
     return hashlib.sha256(digest + json.dumps([message["role"], message["content"]]).encode()).digest()
 
 
-def digests(messages: list[dict]) -> list[bytes]:
-    """The digest of each leading part of a conversation: item k-1 stands for messages[:k]."""
-    out, digest = [], b""
+def digests(messages: list[dict], model: str | None = None) -> list[bytes]:
+    """The digest of each leading part of a conversation with a model: item k-1 stands for
+    messages[:k]. The model is part of it: a conversation held on one model is not another's."""
+    out, digest = [], hashlib.sha256(json.dumps(model).encode()).digest()
     for m in messages:
         digest = extend(digest, m)
         out.append(digest)
@@ -90,7 +91,7 @@ class Conversations:
         that holds the longest leading part of it, or on a new one, or (none free) on none; its
         stream, first chunk and Turn. Raises what the call raises."""
         messages = args["messages"]
-        chain = digests(messages)
+        chain = digests(messages, args.get("model"))
         for k in range(len(messages) - 1, 0, -1):
             ctx = self.idle.pop(chain[k - 1], None)
             if ctx is None:
@@ -101,7 +102,7 @@ class Conversations:
             if started is not None:
                 return started
             break
-        ctx = await self._open(conn)
+        ctx = await self._open(conn, args.get("model"))
         if ctx is not None:
             started = await self._turn(conn, ctx, None, chain[-1], args)
             if started is not None:
@@ -109,7 +110,7 @@ class Conversations:
         stream = await conn.chat(**args)
         return stream, await first_chunk(stream), None
 
-    async def _open(self, conn) -> int | None:
+    async def _open(self, conn, model: str | None) -> int | None:
         """A new context, taken for a turn, making room by closing the least recently used; None
         when there is no room (every one is in a turn) or llmos refuses one."""
         while self.idle and self.held() >= self.limit:
@@ -118,7 +119,7 @@ class Conversations:
             return None
         self.taken += 1
         try:
-            return await conn.open_context()
+            return await conn.open_context(model=model)
         except errors.LLMOSError as e:      # the chat call that follows says why, if it fails too
             self.taken -= 1
             self.log.info("context_refused", error=str(e))

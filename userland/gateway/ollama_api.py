@@ -39,7 +39,7 @@ def routes(gateway) -> list[Route]:
     async def ps(request: Request) -> JSONResponse:
         await gateway.caller(request)
         return JSONResponse({"models": [_loaded(m, gateway.started)
-                                        for m in await gateway.models() if m.get("device")]})
+                                        for m in await gateway.models() if m.get("state") == "resident"]})
 
     async def show(request: Request) -> JSONResponse:
         await gateway.caller(request)
@@ -164,13 +164,21 @@ def _entry(m: dict, started: float) -> dict:
             "size": m["file_size"] or 0, "digest": digest, "details": _details(m)}
 
 
+FOREVER = "2318-08-25T00:00:00Z"      # Ollama's expires_at of a model kept loaded (keep_alive -1)
+
+
 def _loaded(m: dict, started: float) -> dict:
-    """A loaded model as /api/ps lists it: what its weights and KV cache take, on which device."""
-    memory = m.get("memory") or {}
-    size = int(memory.get("weight_bytes") or 0) + int(memory.get("kv_bytes") or 0)
-    return dict(_entry(m, started), size=size, size_vram=0 if m["device"] == "cpu" else size,
-                context_length=m["context_length"],
-                expires_at=_iso(time.time() + 365 * 86400))     # llmos keeps it loaded
+    """A loaded model as /api/ps lists it: what its weights and KV cache take, on which device,
+    and when keep_alive unloads it (in use: its keep_alive from now, as Ollama shows it)."""
+    size = int(m.get("memory_bytes") or 0)
+    if m.get("expires_at") is not None:
+        expires = _iso(m["expires_at"])
+    elif m.get("default") or m.get("keep_alive") is None or m["keep_alive"] < 0:
+        expires = FOREVER                 # the boot driver's model, or keep_alive -1
+    else:
+        expires = _iso(time.time() + m["keep_alive"])
+    return dict(_entry(m, started), size=size, size_vram=0 if m.get("device") == "cpu" else size,
+                context_length=m["context_length"], expires_at=expires)
 
 
 def _details(m: dict) -> dict:

@@ -26,17 +26,16 @@ from .responses import OPENAI, ApiError, Sender, Watched, dumps, from_llmos, rea
 def routes(gateway) -> list[Route]:
     async def list_models(request: Request) -> JSONResponse:
         await gateway.caller(request)
-        return JSONResponse({"object": "list", "data": [
-            _model(m) for m in await gateway.models() if m.get("device")]})
+        return JSONResponse({"object": "list", "data": [_model(m) for m in await gateway.models()]})
 
     async def one_model(request: Request) -> JSONResponse:
         await gateway.caller(request)
         name = request.path_params["model"]
         for m in await gateway.models():
-            if m.get("device") and m["name"] == name:
+            if m["name"] == name:
                 return JSONResponse(_model(m))
-        raise ApiError(404, f"model {name!r} is not loaded in llmos", param="model",
-                       code="model_not_found")
+        raise ApiError(404, f"model {name!r} is not registered in llmos (llmos model add PATH "
+                            f"--name NAME adds one)", param="model", code="model_not_found")
 
     async def chat(request: Request) -> Watched:
         conn = await gateway.caller(request)

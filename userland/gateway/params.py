@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from syscalls.runtime.config import parse_keep_alive
 from syscalls.table import BY_NAME
 
 from .responses import ApiError
@@ -20,6 +21,7 @@ MAX_TOKENS = int(_CHAT["max_tokens"].max)       # no limit asked: as many as the
 MAX_STOPS = int(_CHAT["stop"].max_len)
 MAX_TOP = int(_CHAT["logprobs"].max)
 MAX_TOP_K = int(_CHAT["top_k"].max)
+MAX_KEEP_ALIVE = float(_CHAT["keep_alive"].max)
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
@@ -315,6 +317,11 @@ def _ollama_common(body: dict) -> tuple[dict, Fields, bool, int | None]:
     f = Fields(body)
     args: dict[str, Any] = {"model": model_name(f)}
     ollama_options(body, args)
+    if body.get("keep_alive") is not None:        # seconds or "5m"; negative: loaded for ever
+        try:
+            args["keep_alive"] = min(parse_keep_alive(body["keep_alive"]), MAX_KEEP_ALIVE)
+        except ValueError as e:
+            raise f.bad("keep_alive", str(e).removeprefix("keep_alive ")) from None
     stream = f.boolean("stream")
     fmt = body.get("format")
     if fmt == "json":

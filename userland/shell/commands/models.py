@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from syscalls import errors
 
-from ..builtin import Shell, Streams, Usage, command, for_each, operands, options, size, table
+from ..builtin import Shell, Streams, Usage, command, duration, for_each, operands, options, size, table
 
 
 def _piece(text: str) -> str:
@@ -51,9 +52,12 @@ def cmd_models(sh: Shell, io: Streams, args: list[str]) -> None:
     """List the models llmos knows; a * after its name marks the default (used when a call names none).
 
     Columns: name, architecture, parameters, quantization, context length in tokens, file
-    size, its state (resident, loading with its progress, failed, absent: any model loads when a
-    call names it), the device a driver runs it on and that driver's memory (- when not loaded),
-    and the file (or why it cannot be read).
+    size, its state (resident; queued:#N, waiting for room in the memory budget; loading with
+    its progress; unloading; failed; absent: any model loads when a call names it), the device
+    a driver runs it on, the memory it holds (weights and KV, as the budget counts it), when it
+    was last used, when keep_alive unloads it (never: the default, -1, or in use), and the file
+    (or why it cannot be read or load). An older version still finishing requests after an
+    update shows as a line of its own, "NAME (old)".
     """
     operands(args)
     show_models(io.stdout, sh.call("models"))
@@ -61,24 +65,49 @@ def cmd_models(sh: Shell, io: Streams, args: list[str]) -> None:
 
 def show_models(out, models: list[dict]) -> None:
     """The table `models` prints (llmos models prints it too)."""
-    rows = [[m["name"] + ("*" if m["default"] else ""), m["architecture"] or "-",
-             _count(m["parameters"]), m["quantization"] or "-",
-             "-" if m["context_length"] is None else str(m["context_length"]),
-             "-" if m["file_size"] is None else size(m["file_size"]),
-             model_state(m), m.get("device") or "-",
-             size(m["memory"]["rss"]) if m.get("memory") and m["memory"].get("rss") else "-",
-             m["path"] + (f" ({m['error']})" if m["error"] else "")]
-            for m in models]
-    table(out, ["NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "STATE", "DEVICE", "MEM", "PATH"],
-          rows, right={"PARAMS", "CONTEXT", "SIZE", "MEM"})
+    rows = []
+    for m in models:
+        rows.append([m["name"] + ("*" if m["default"] else ""), m["architecture"] or "-",
+                     _count(m["parameters"]), m["quantization"] or "-",
+                     "-" if m["context_length"] is None else str(m["context_length"]),
+                     "-" if m["file_size"] is None else size(m["file_size"]),
+                     model_state(m), m.get("device") or "-", held(m), used(m), expires(m),
+                     m["path"] + (f" ({m['error']})" if m["error"] else "")])
+        rows += [[f"{m['name']} (old)", "-", "-", "-", "-", "-", o["state"], "-", "-", "-",
+                  f"{o['requests']} requests", o["path"]] for o in m.get("older") or ()]
+    table(out, ["NAME", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "STATE", "DEVICE", "MEM",
+                "USED", "EXPIRES", "PATH"], rows, right={"PARAMS", "CONTEXT", "SIZE", "MEM"})
 
 
 def model_state(m: dict) -> str:
-    """resident, absent, failed, or loading with how far (loading:40%)."""
+    """resident, absent, unloading, failed, queued with its place (queued:#1), or loading with
+    how far (loading:40%)."""
     state, p = m.get("state") or "-", m.get("progress") or {}
     if state == "loading" and p.get("total"):
         return f"loading:{100 * int(p.get('done') or 0) // max(1, int(p['total']))}%"
+    if state == "queued" and m.get("position"):
+        return f"queued:#{m['position']}"
     return state
+
+
+def held(m: dict) -> str:
+    """The memory a model holds as the budget counts it (an estimate while it loads)."""
+    return size(m["memory_bytes"]) if m.get("memory_bytes") and m.get("state") != "absent" else "-"
+
+
+def used(m: dict) -> str:
+    if m.get("state") in (None, "absent") or not m.get("last_used"):
+        return "-"
+    return f"{duration(time.time() - m['last_used'])} ago"
+
+
+def expires(m: dict) -> str:
+    """in 4m59s; never (the default, keep_alive -1); busy (in use: the clock starts when idle)."""
+    if m.get("state") != "resident":
+        return "-"
+    if m.get("expires_at") is None:
+        return "never" if m.get("default") or (m.get("keep_alive") or 0) < 0 else "busy"
+    return f"in {duration(m['expires_at'] - time.time())}"
 
 
 def show_model(out, m: dict) -> None:
@@ -111,13 +140,17 @@ def show_model(out, m: dict) -> None:
         table(out, ["TYPE", "TENSORS", "SIZE", "HELD"], rows, right={"TENSORS", "SIZE"})
 
 
-@command("add PATH [--name NAME]  |  model rm [--force] NAME...  |  model show NAME")
+@command("add PATH [--name NAME] [--replace]  |  model update NAME PATH  |  model rm [--force] NAME...  |  "
+         "model show NAME")
 def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
     """Add a GGUF model file under a name, remove added models (their files stay), or show one.
 
     `model add PATH` checks the file (a Llama GGUF whose tokenizer llmos can read) and names
     the model after the file, lowercased and without .gguf, unless --name NAME. Every user
-    sees it in `models`; `tokens --model NAME` and `gen --model NAME` use it. `model rm NAME`
+    sees it in `models`; `tokens --model NAME` and `gen --model NAME` use it. `model update
+    NAME PATH` (or `model add PATH --name NAME --replace`) points NAME at a new file, or at its
+    own file rewritten, live: new requests run on it at once, requests in flight finish on the
+    old version, which unloads when idle, and contexts go on on the new one. `model rm NAME`
     forgets it; the default model cannot be removed, nor one with requests or contexts on it
     (the error names their processes) unless --force, which ends them. `model show NAME` says how the model's weights are held:
     for the loaded model each kind of matrix, its GGUF types, the layout and bytes it is held
@@ -125,13 +158,20 @@ def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
     layout each tensor type would get.
     """
     if not args:
-        raise Usage("missing add, rm or show")
+        raise Usage("missing add, update, rm or show")
     sub, rest = args[0], args[1:]
     if sub == "add":
-        opts, rest = options(rest, "", ("name=",), anywhere=True)     # model add PATH --name NAME
+        opts, rest = options(rest, "", ("name=", "replace"), anywhere=True)  # model add PATH --name NAME
         (path,) = operands(rest, "PATH")
-        added = sh.call("model_add", path=os.path.abspath(path), name=opts.get("--name"))
-        print(f"added model {added['name']}: {added['path']}", file=io.stdout)
+        added = sh.call("model_add", path=os.path.abspath(path), name=opts.get("--name"),
+                        replace="--replace" in opts)
+        print(f"{'updated' if '--replace' in opts else 'added'} model {added['name']}: {added['path']}",
+              file=io.stdout)
+        return 0
+    if sub == "update":
+        name, path = operands(rest, "NAME", "PATH")
+        added = sh.call("model_add", path=os.path.abspath(path), name=name, replace=True)
+        print(f"updated model {added['name']}: {added['path']}", file=io.stdout)
         return 0
     if sub == "show":
         (name,) = operands(rest, "NAME")

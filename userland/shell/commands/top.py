@@ -21,7 +21,7 @@ import tty
 from syscalls import errors
 
 from ..builtin import (Shell, Streams, command, duration, error_text, int_arg, operands, options,
-                       seconds_arg, table)
+                       seconds_arg, size, table)
 
 STATES = ("RUNNING", "READY", "SUSPENDED", "BLOCKED", "STOPPED", "ZOMBIE")
 ORDER = {s: i for i, s in enumerate(STATES)}
@@ -116,6 +116,7 @@ def frame(sh: Shell) -> list[str]:
             f"{queue.get('suspended', 0)} suspended (at most {queue.get('max_running', '-')} running, "
             f"{queue.get('max_queue', '-')} queued); KV blocks {queue.get('blocks_used', 0)}/"
             f"{queue.get('blocks_total', 0)} used, {queue.get('blocks_cached', 0)} cached")
+        lines += _models(queue, now)
     lines.append("")
     procs.sort(key=lambda p: (-(p.get("tok_s") or 0), ORDER.get(p["state"], len(ORDER)), p["pid"]))
     rows = [[str(p["pid"]), p["name"] or "-", p["state"], str(p["priority"]),
@@ -127,14 +128,31 @@ def frame(sh: Shell) -> list[str]:
     requests = queue.get("requests", []) if queue else []
     if requests:
         lines.append("")
-        rows = [[str(r.get("pid")), str(r.get("request")), r.get("state", "-"), str(r.get("priority")),
+        rows = [[str(r.get("pid")), str(r.get("request")), r.get("model") or "-", r.get("state", "-"),
+                 str(r.get("priority")),
                  "-" if r.get("position") is None else str(r["position"]), str(r.get("kv_blocks", 0)),
                  str(r.get("prompt_tokens", 0)), str(r.get("generated", 0)),
                  f"{r.get('waited_s') or 0:.1f}s"] for r in requests]
-        lines += _table(["PID", "REQUEST", "STATE", "PRI", "POS", "KV", "PROMPT", "GENERATED",
+        lines += _table(["PID", "REQUEST", "MODEL", "STATE", "PRI", "POS", "KV", "PROMPT", "GENERATED",
                          "WAITED"], rows, right={"PID", "REQUEST", "PRI", "POS", "KV", "PROMPT",
                                                  "GENERATED"})
     return lines
+
+
+def _models(queue: dict, now: float) -> list[str]:
+    """A line per model loaded or on its way: its state, memory, last use and expiry."""
+    models = queue.get("models") or []
+    if not models:
+        return []
+    out = [f"models: {size(queue.get('memory_held') or 0)} held of a {size(queue.get('memory_budget') or 0)} budget"]
+    for m in models:
+        expiry = "-" if m.get("state") != "resident" else \
+            ("never" if (m.get("keep_alive") or 0) < 0 else "busy") if m.get("expires_at") is None \
+            else f"expires in {duration(m['expires_at'] - now)}"
+        place = f" #{m['position']}" if m.get("position") else ""
+        out.append(f"  {m['name']}: {m['state']}{place}, {size(m.get('memory_bytes') or 0)}, "
+                   f"{m.get('requests') or 0} requests, used {duration(now - m['last_used'])} ago, {expiry}")
+    return out
 
 
 def _table(header: list[str], rows: list[list[str]], right: set[str]) -> list[str]:
