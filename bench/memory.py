@@ -10,8 +10,10 @@
    same way: its driver's peak RSS against (file size + KV pool bytes). The issue's target: <= 1.3x.
 
 Each figure is the median of --repeat boots. The driver's RSS is also split into anonymous memory
-(what llmos allocated: weights, KV, torch's own state) and file pages (torch's shared libraries),
-so a reader sees what a fixed cost is and what grows with the model.
+(what llmos allocated: KV, norms, the interpreter's and, on the torch engine, torch's own state)
+and file pages (the model file's pages read, and shared libraries), so a reader sees what a fixed
+cost is and what grows with the model. With `dense_copy = "never"` the driver runs the lean engine
+(drivers/model/lean.py, no torch) where native.c multiplies the file; each line names its engine.
 """
 
 from __future__ import annotations
@@ -59,14 +61,14 @@ def boot_and_measure(model: Path, dense_copy: str, tokens: int) -> dict:
             generated = reply.result["generated_tokens"]
             loaded = next(m for m in c.models() if m.get("memory"))["memory"]
         return {**proc_status(pid), "generated": generated, "kv_bytes": loaded["kv_bytes"],
-                "weight_bytes": loaded["weight_bytes"]}
+                "weight_bytes": loaded["weight_bytes"], "engine": loaded.get("engine", "torch")}
     finally:
         subprocess.run([sys.executable, "-m", "userland.llmos", "shutdown"], env=env, stdout=subprocess.DEVNULL)
         shutil.rmtree(home, ignore_errors=True)
 
 
 def median_of(runs: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return {k: statistics.median(r[k] for r in runs) if k != "engine" else runs[0][k] for k in runs[0]}
 
 
 def mib(n: float) -> str:
@@ -84,12 +86,12 @@ def main() -> None:
     print(f"SmolLM2-135M Q4_1 ({mib(model.stat().st_size)} file), KV pool {POOL_TOKENS} tokens, "
           f"{args.tokens} tokens generated, median of {args.repeat}:")
     lean = median_of([boot_and_measure(model, "never", args.tokens) for _ in range(args.repeat)])
-    print(f"  llmos driver, dense_copy never: peak RSS {mib(lean['VmHWM'])} (now {mib(lean['VmRSS'])}: "
-          f"anonymous {mib(lean['RssAnon'])}, file pages {mib(lean['RssFile'])}; weights "
-          f"{mib(lean['weight_bytes'])}, KV {mib(lean['kv_bytes'])})", flush=True)
+    print(f"  llmos driver, dense_copy never ({lean['engine']} engine): peak RSS {mib(lean['VmHWM'])} (now "
+          f"{mib(lean['VmRSS'])}: anonymous {mib(lean['RssAnon'])}, file pages {mib(lean['RssFile'])}; "
+          f"weights {mib(lean['weight_bytes'])}, KV {mib(lean['kv_bytes'])})", flush=True)
     fast = median_of([boot_and_measure(model, "auto", args.tokens) for _ in range(args.repeat)])
-    print(f"  llmos driver, dense_copy auto:  peak RSS {mib(fast['VmHWM'])} (weights and copies "
-          f"{mib(fast['weight_bytes'])})", flush=True)
+    print(f"  llmos driver, dense_copy auto ({fast['engine']} engine):  peak RSS {mib(fast['VmHWM'])} "
+          f"(weights and copies {mib(fast['weight_bytes'])})", flush=True)
     if importlib.util.find_spec("llama_cpp") is not None:
         from bench.llamacpp import measure
         from drivers.model.tokenizer import Tokenizer
@@ -112,7 +114,7 @@ def main() -> None:
         big = median_of(runs)
         kv = big["kv_bytes"]
         print(f"synthetic 1.1B Q4_0 ({mib(size)} file), KV pool {POOL_TOKENS} tokens ({mib(kv)}), "
-              f"dense_copy never, median of {args.repeat}:")
+              f"dense_copy never ({big['engine']} engine), median of {args.repeat}:")
         print(f"  llmos driver: peak RSS {mib(big['VmHWM'])} (now {mib(big['VmRSS'])}: anonymous "
               f"{mib(big['RssAnon'])}, file pages {mib(big['RssFile'])}; weights {mib(big['weight_bytes'])})")
         print(f"  ratio peak RSS / (file + KV pool): {big['VmHWM'] / (size + kv):.2f}  (target <= 1.3)")
