@@ -325,6 +325,14 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "has loaded. state is resident (a driver holds it), loading (its driver is "
                 "starting: progress is {what, done, total, ...}), failed (error says why) or "
                 "absent (the first call naming it loads it); driver names its driver service."),
+    Syscall("model_load", "inference", (
+        Arg("model", "str", max_len=256, doc="a registered model's name or file"),
+        Arg("keep_alive", "float", None, min=-1, max=1e9,
+            doc="as generate's: from now on; 0 unloads the model as soon as it is idle"),
+    ), result="{model, state, driver}", errors=("ENOENT", "EIO", "EAGAIN"),
+        doc="Load a model now, ahead of the requests that will name it (the call waits while it "
+            "loads, as a request would); with keep_alive 0, unload it once idle instead (a model "
+            "not loaded stays so). The default model is never unloaded."),
     Syscall("model_add", "tokenizer", (
         Arg("path", "str", max_len=4096, doc="absolute path of a GGUF file (Llama architecture)"),
         Arg("name", "str", None, max_len=64,

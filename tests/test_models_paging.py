@@ -33,7 +33,7 @@ def footprint(path: Path) -> tuple[int, int]:
     from syscalls.runtime.config import DriverConfig
     info = ModelRunner.from_gguf(path, num_blocks=KV_BLOCKS, native="never").info()
     pool = KV_BLOCKS * 16 * 2 * 2 * 2 * 16 * 4          # blocks, tokens, layers, K+V, heads, dim, fp32
-    return info["weight_bytes"] + pool, estimate(path, DriverConfig(kv_blocks=KV_BLOCKS))["total"]
+    return info["weight_bytes"] + pool, estimate(path, DriverConfig(kv_blocks=KV_BLOCKS), 1 << 30)["total"]
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +300,11 @@ def test_the_gateway_lists_every_model_and_honours_keep_alive(system):
     client.chat(model="c", messages=[{"role": "user", "content": "hi"}], keep_alive=0,
                 options={"num_predict": 2})
     wait_until(lambda: [m.model for m in client.ps().models] == ["boot"], 20, "c unloaded (keep_alive 0)")
+    # an empty prompt loads (ollama run's warm-up), and with keep_alive 0 unloads (ollama stop)
+    assert client.generate(model="d", prompt="", keep_alive=-1).done_reason == "load"
+    assert {m.model: m.expires_at.year for m in client.ps().models}["d"] > 2300
+    assert client.generate(model="d", prompt="", keep_alive=0).done_reason == "unload"
+    wait_until(lambda: [m.model for m in client.ps().models] == ["boot"], 20, "d unloaded (ollama stop)")
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="c", prompt="x", keep_alive="soon")
     assert e.value.status_code == 400 and "keep_alive" in e.value.error

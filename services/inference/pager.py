@@ -2,8 +2,10 @@
 
 Models are to llmos what pages are to an OS: a driver instance is a frame, and the Pager decides
 which model holds one. What it counts is what a model holds while loaded, its weights and its KV
-pool: an estimate from the file's header until its driver has loaded it, then the driver's own
-figures (``weight_bytes + kv_bytes``). The driver processes' own runtime is not counted.
+pool (and the bf16 copies of quantised matrices the driver may keep for batched steps): an
+estimate from the file's header, an upper bound, until its driver has loaded it, then the
+driver's own figures (``weight_bytes + kv_bytes``). The driver processes' own runtime is not
+counted.
 
 - A load must fit ``[models] memory_budget``: if it does not, the least recently used idle model
   is unloaded first, then the next, until it fits. Loads wait in one queue, first come first
@@ -42,8 +44,12 @@ def file_version(path: str | os.PathLike) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
-def estimate(path: Path, driver: DriverConfig) -> dict:
-    """What a model will hold once loaded, from its file's header: {weights, kv, total} bytes."""
+def estimate(path: Path, driver: DriverConfig, device_memory: int) -> dict:
+    """What a model will hold once loaded, from its file's header: {weights, copies, kv, total}
+    bytes. copies is the most the driver's bf16 copies of quantised matrices may take (it keeps
+    them only where they measured faster, within [driver] dense_copy_budget): an upper bound, so
+    that a load never takes the budget by surprise."""
+    import gguf
     from drivers.model import describe, read_metadata
     info, meta = describe(path), read_metadata(path)
     arch = info["architecture"]
@@ -56,7 +62,14 @@ def estimate(path: Path, driver: DriverConfig) -> dict:
     width = KV_BYTES.get(driver.kv_dtype, 4 if all_f32 else 2)
     kv = driver.kv_blocks * driver.block_size * layers * 2 * kv_heads * head_dim * width
     weights = sum(row["bytes"] for row in info["held"])
-    return {"weights": weights, "kv": kv, "total": weights + kv}
+    copies = 0
+    if driver.dense_copy != "never":
+        for row in info["held"]:
+            if row["type"] not in ("F32", "F16", "BF16"):
+                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[row["type"]]]
+                copies += 2 * row["bytes"] // size * block
+        copies = min(copies, driver.budget_bytes(device_memory))
+    return {"weights": weights, "copies": copies, "kv": kv, "total": weights + copies + kv}
 
 
 def human(n: int) -> str:
@@ -73,7 +86,7 @@ class Pager:
     def __init__(self, service, cfg: ModelsConfig, driver: DriverConfig, device_memory: int):
         self.service = service          # the Inference service: its models, registry and log
         self.cfg, self.driver = cfg, driver
-        self.budget = cfg.budget_bytes(device_memory)
+        self.budget, self.device_memory = cfg.budget_bytes(device_memory), device_memory
         self.keep_alive = cfg.keep_alive
         self.queue: list = []           # Residents waiting for room, first first
         self._changed = asyncio.Event()
@@ -89,7 +102,7 @@ class Pager:
             key = (os.path.realpath(path), file_version(path))
             if key not in self._estimates:
                 load_gguf(path)         # the header and tensor table only: ~0.1 s, no weights read
-                self._estimates[key] = estimate(Path(path), self.driver)
+                self._estimates[key] = estimate(Path(path), self.driver, self.device_memory)
         except FileNotFoundError:
             raise errors.ENOENT(f"{path}: no such model file") from None
         except ModelError as e:

@@ -187,8 +187,10 @@ class Resident:
                     sampled = await self.runtime.call(self.driver, "step",
                                                       {"batch": step.seqs, "id": self.step_id})
                 except errors.ECANCELED:
+                    turns.give(self)
                     continue                # aborted for an urgent request: nothing of it counts
                 except errors.LLMOSError as e:
+                    turns.give(self)
                     failures += 1
                     self.log.warning("driver_step_failed", driver=self.driver, error=str(e),
                                      failures=failures)
@@ -198,11 +200,16 @@ class Resident:
                     else:
                         engine.device_lost()     # most likely it restarted: recompute on the new one
                     continue
+                except BaseException:
+                    turns.give(self)             # cancelled (unloading): the device goes on
+                    raise
                 finally:
                     self.in_flight = None
-                    turns.give(self)
                 failures = 0
-                self.deliver(engine.postprocess(step, sampled))
+                try:
+                    self.deliver(engine.postprocess(step, sampled))
+                finally:        # kept for our next step if we are far more urgent than the waiters
+                    turns.give(self, self.urgency(step.batch) if engine.has_work() else None)
                 self.service.report()
             self.service.report(force=True)
 

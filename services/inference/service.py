@@ -112,17 +112,7 @@ class Inference(Service):
         if model is None:
             self.default.last_used = time.monotonic()
             return self.default
-        if os.path.isabs(model):
-            real = os.path.realpath(model)
-            if not any(os.path.realpath(m["path"]) == real for m in self.registry.list()):
-                raise errors.ENOENT(f"{call}: {model} is no registered model's file "
-                                    f"(models: {', '.join(m['name'] for m in self.registry.list())})")
-            name = self._name_of(Path(model))
-        else:
-            try:
-                real, name = os.path.realpath(self.registry.resolve(model)), model
-            except errors.ENOENT as e:
-                raise errors.ENOENT(f"{call}: {e.message}") from None
+        real, name = self._resolve(model, call)
         while True:
             try:
                 key = (real, file_version(real))
@@ -162,6 +152,35 @@ class Inference(Service):
             resident.waiters -= 1
             del self.pending[ticket]
         return resident
+
+    def _resolve(self, model: str, call: str) -> tuple[str, str]:
+        """(real path, name) of a registered model named by its name or its file's path."""
+        if os.path.isabs(model):
+            real = os.path.realpath(model)
+            if not any(os.path.realpath(m["path"]) == real for m in self.registry.list()):
+                raise errors.ENOENT(f"{call}: {model} is no registered model's file "
+                                    f"(models: {', '.join(m['name'] for m in self.registry.list())})")
+            return real, self._name_of(Path(model))
+        try:
+            return os.path.realpath(self.registry.resolve(model)), model
+        except errors.ENOENT as e:
+            raise errors.ENOENT(f"{call}: {e.message}") from None
+
+    async def op_model_load(self, args: dict, caller: dict) -> dict:
+        """Load a model ahead of its requests (keep_alive from now on), or, with keep_alive 0,
+        have it unloaded as soon as it is idle (Ollama's load and unload)."""
+        if args.get("keep_alive") == 0:
+            real, name = self._resolve(args["model"], "model_load")
+            for model in self._versions(real):
+                if not model.boot:
+                    model.keep_alive = 0.0
+            self.pager.changed()
+            here = next((m for m in self._versions(real) if m.state != "absent"), None)
+            return {"model": name, "state": here.state if here else "absent",
+                    "driver": here.driver if here else None}
+        model = await self._model(args["model"], "model_load", args.get("keep_alive"),
+                                  int(caller.get("pid") or 0))
+        return {"model": model.name, "state": model.state, "driver": model.driver}
 
     def _unpin(self, model: Resident) -> None:
         model.pins -= 1

@@ -85,3 +85,39 @@ def test_a_cancelled_wait_leaves_no_turn_behind():
             await waiting_a
         assert turns.holder is None
     asyncio.run(main())
+
+
+def test_an_urgent_model_keeps_the_turn_for_its_next_step():
+    """Giving the turn back with more to do, far more urgent than the waiters: kept for its next
+    step, so the waiter does not slip in between; not taken within RESERVE_S, it passes on."""
+    async def main():
+        turns, order = Turns(band=5), []
+        urgent, low = Model("urgent"), Model("low")
+        await turns.take(urgent, 0)
+        waiting = asyncio.create_task(granted(turns, low, 10, order))
+        await asyncio.sleep(0)
+        assert urgent.calls == [] and low.calls == []      # its step is not cut short by a lesser one
+        turns.give(urgent, again=0)
+        await asyncio.sleep(0)
+        assert order == [] and turns.holder is urgent
+        await turns.take(urgent, 0)                         # at once: it was kept
+        turns.give(urgent, again=3)                         # within the band of the waiter: hand on
+        await waiting
+        assert order == ["low"] and turns.holder is low
+        urgent_again = asyncio.create_task(granted(turns, urgent, 0, order))
+        await asyncio.sleep(0)
+        assert low.calls == ["give_up"]
+        turns.give(low, again=10)
+        await urgent_again
+        turns.give(urgent, again=0)                         # kept, but nobody waits: not kept
+        assert turns.holder is None
+        await turns.take(low, 10)
+        turns.give(low, again=0)
+        assert turns.holder is None
+        await turns.take(urgent, 0)
+        waiting = asyncio.create_task(granted(turns, low, 10, order))
+        await asyncio.sleep(0)
+        turns.give(urgent, again=0)
+        await asyncio.wait_for(waiting, 1.0)                # never taken: passed on after RESERVE_S
+        assert turns.holder is low
+    asyncio.run(main())

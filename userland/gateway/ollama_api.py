@@ -71,8 +71,13 @@ def routes(gateway) -> list[Route]:
                        gateway.log)
 
     async def answer(out: Sender, conn, r: "Reply", stream: bool) -> None:
-        if "prompt" not in r.args and "messages" not in r.args:     # generate, no prompt: "load"
-            return await out.json(dict(r.record(""), done=True, done_reason="load"))
+        if "prompt" not in r.args and "messages" not in r.args:     # no prompt: load, or unload
+            keep = r.args.get("keep_alive")
+            try:
+                await conn.model_load(r.args["model"], keep_alive=keep)
+            except LLMOSError as e:
+                raise from_llmos(e, "model") from None
+            return await out.json(dict(r.record(""), done=True, done_reason="unload" if keep == 0 else "load"))
         call, param = ("generate", "prompt") if "prompt" in r.args else ("chat", "messages")
         # /api/chat resends its history; /api/generate's one turn is never followed up
         held = r.chat and not params.uses_tools(r.args)     # as openai_api's: computed afresh
