@@ -27,6 +27,8 @@ if models.default_path() is None:
 
 SERVICES = '[services]\nenabled = ["storage", "tokenizer", "driver", "inference"]\n'
 TINY_CONTEXT = 4096          # long enough for a generation that lasts while another model loads
+LONG = 3500                  # tokens such a generation asks for (the KV pool holds 4096)
+COMPARED = 400               # of which the first are compared with the engine in this process
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +135,23 @@ def test_two_models_serve_at_once_and_a_loading_one_queues(system):
         registered(c, "tiny2", system.tiny2)
         registered(c, "tiny", system.tiny)
         assert "cpu@tiny2" not in services(c)
-    long_want = in_process(system.tiny, "a long one", 1500, ignore_eos=True, repetition_penalty=3.0)
+    long_want = in_process(system.tiny, "a long one", COMPARED, ignore_eos=True, repetition_penalty=3.0)
     short_want = in_process(system.tiny2, "hello there", 10)
-    first_chunk, results = threading.Event(), {}
+    first_chunk, answered, results = threading.Event(), threading.Event(), {}
 
     def long_run():
         with system.connect() as c:
-            stream = c.generate("a long one", model="tiny", max_tokens=1500, temperature=0.0,
+            stream = c.generate("a long one", model="tiny", max_tokens=LONG, temperature=0.0,
                                 ignore_eos=True, repetition_penalty=3.0)
-            got = []
+            got, ended = [], True
             for chunk in stream:
                 got += chunk.tokens
                 first_chunk.set()
-            results["long"] = (got, stream.result)
+                if answered.is_set() and len(got) >= COMPARED:
+                    stream.close()              # enough to compare: the rest is only time
+                    ended = False
+                    break
+            results["long"] = (got, ended)
 
     t = threading.Thread(target=long_run)
     t.start()
@@ -155,11 +161,12 @@ def test_two_models_serve_at_once_and_a_loading_one_queues(system):
             tokens, text, end = generated(c, "hello there", max_tokens=10, model="tiny2")
             during = "long" not in results             # tiny was still streaming meanwhile
     finally:
+        answered.set()
         t.join(120)
     assert tokens == short_want["tokens"] and text == short_want["text"]
-    got, long_end = results["long"]
-    assert got == long_want["tokens"] and long_end.finish == "length"
-    assert during, "the long generation ended before tiny2 answered: nothing overlapped"
+    got, ended = results["long"]
+    assert got[:COMPARED] == long_want["tokens"]
+    assert during and not ended, "the long generation ended before tiny2 answered: nothing overlapped"
 
 
 def test_contexts_on_a_model_and_its_driver_restarted(system):
@@ -176,17 +183,23 @@ def test_contexts_on_a_model_and_its_driver_restarted(system):
             c.chat([{"role": "user", "content": "x"}], ctx=ctx, model="smollm2-135m-instruct").text
         c.close_context(ctx)
 
-        want = in_process(system.tiny, "crash", 1500, ignore_eos=True, repetition_penalty=3.0)
+        want = in_process(system.tiny, "crash", COMPARED, ignore_eos=True, repetition_penalty=3.0)
         old = services(c)["cpu@tiny"]
-        stream = c.generate("crash", model="tiny", max_tokens=1500, temperature=0.0,
+        stream = c.generate("crash", model="tiny", max_tokens=LONG, temperature=0.0,
                             ignore_eos=True, repetition_penalty=3.0)
-        got, killed = [], False
-        for chunk in stream:
-            got += chunk.tokens
-            if len(got) >= 5 and not killed:
-                os.kill(old["pid"], signal.SIGKILL)
-                killed = True
-        assert got == want["tokens"] and stream.result.preemptions >= 1
+        got, before_kill = [], None
+        with system.connect() as watcher:
+            for chunk in stream:
+                got += chunk.tokens
+                if len(got) >= 5 and before_kill is None:
+                    (request,) = [r for r in watcher.runqueue()["requests"] if r["model"] == "tiny"]
+                    before_kill = request["generated"]      # at most this many came from the old driver
+                    os.kill(old["pid"], signal.SIGKILL)
+                if len(got) >= COMPARED:
+                    break
+        stream.close()      # the rest is only time: the tokens after the restart are compared
+        assert before_kill is not None and before_kill + 50 <= COMPARED, before_kill
+        assert got[:COMPARED] == want["tokens"]
         wait_until(lambda: services(c)["cpu@tiny"]["pid"] not in (None, old["pid"]), 20,
                    "a restarted tiny driver")
         assert services(c)["cpu@tiny"]["restarts"] == old["restarts"] + 1
