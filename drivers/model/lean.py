@@ -84,6 +84,11 @@ class LeanPool:
         return KV_NAMES[self.data.dtype]
 
     @property
+    def kind(self) -> int:
+        """native.c's element kind of the pool: 0 fp32, 1 bf16, 2 fp16."""
+        return native_lib.KINDS[str(self.data.dtype)]
+
+    @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
@@ -122,10 +127,12 @@ class LeanLlama:
         def product(*names: str) -> tuple:
             return self.lib.prepare([mapped(n) for n in names])
 
-        def vector(name: str) -> np.ndarray:
+        def vector(name: str) -> tuple[np.ndarray, int]:
+            """A norm's weights, fp32, and their address (for the step's direct calls)."""
             nonlocal done
             done += mf.tensors[name].nbytes
-            return np.ascontiguousarray(mf.read(name).dequantize().reshape(-1), dtype=np.float32)
+            w = np.ascontiguousarray(mf.read(name).dequantize().reshape(-1), dtype=np.float32)
+            return w, w.ctypes.data
 
         self.norm = vector("output_norm.weight")
         out_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
@@ -220,27 +227,36 @@ class LeanLlama:
         attn = np.empty((T, H, D), np.float32)
         o = np.empty((T, c.hidden), np.float32)
         gate_up = np.empty((T, 2 * c.ffn), np.float32)
-        act = np.empty((T, c.ffn), np.float32)
         down = np.empty((T, c.hidden), np.float32)
-        eps, scale = c.rms_eps, D ** -0.5
+        act = np.empty((T, c.ffn), np.float32)
+        # straight to the C functions with addresses taken once a step: numpy's .ctypes costs 3-5 us an
+        # array, and a layer passes ~25 of them
+        L, eps, scale, kind = lib.lib, c.rms_eps, D ** -0.5, pool.kind
+        X, Hp, QKV, Qp, A, O, GU, ACT, DOWN = (a.ctypes.data for a in (x, h, qkv, q, attn, o, gate_up, act, down))
+        ROPE, SLOTS, TABLE, LENGTH = (a.ctypes.data for a in (rope, slots, table, length))
+        base, per_layer, per_half = pool.data.ctypes.data, pool.data.strides[0], pool.data.strides[1]
+        gemm = L.llmos_gemm
+        qkv_width, width2 = qkv.shape[1], gate_up.shape[1]
         delta = None                                # the last product, not yet added to the residual
         for i, (attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down) in enumerate(self.layers):
             if should_stop is not None and should_stop():
                 raise StepAborted(f"step aborted before layer {i}")
-            k, v = pool.data[i, 0], pool.data[i, 1]
-            lib.rms_norm_into(x, attn_norm, eps, delta, h)
-            lib.gemm(wqkv, h, qkv)
-            lib.rope_store_into(qkv, H, KVH, rope, k.reshape(-1, KVH, D), v.reshape(-1, KVH, D), slots, q)
-            lib.attend_into(q, k, v, table, length, scale, attn)
-            lib.gemm(wo, attn.reshape(T, H * D), o)
-            lib.rms_norm_into(x, ffn_norm, eps, o, h)
-            lib.gemm(w_gate_up, h, gate_up)
-            lib.silu_mul_into(gate_up, act)
-            lib.gemm(w_down, act, down)
-            delta = down
+            K = base + i * per_layer
+            V = K + per_half
+            if (L.llmos_rms_norm(X, delta, 0, attn_norm[1], T, c.hidden, eps, Hp, 0)
+                    or gemm(*wqkv, Hp, T, QKV, qkv_width)
+                    or L.llmos_rope_store(QKV, 0, T, H, KVH, D, qkv_width, ROPE, K, V, kind, SLOTS, Qp)
+                    or L.llmos_attend(Qp, T, H, KVH, D, K, V, kind, pool.block_size, TABLE, width, LENGTH, scale, A)
+                    or gemm(*wo, A, T, O, c.hidden)
+                    or L.llmos_rms_norm(X, O, 0, ffn_norm[1], T, c.hidden, eps, Hp, 0)
+                    or gemm(*w_gate_up, Hp, T, GU, width2)
+                    or L.llmos_silu_mul(GU, 0, T, c.ffn, ACT, 0)
+                    or gemm(*w_down, ACT, T, DOWN, c.hidden)):
+                raise ValueError(f"native.c refused layer {i}'s arguments (step of {T} tokens)")
+            delta = DOWN
         x += down
         if not lay.logit_rows:
             return np.empty((0, c.vocab_size), np.float32)
         last = x[lay.logit_rows]
-        h = lib.rms_norm_into(last, self.norm, eps, None, np.empty_like(last))
+        h = lib.rms_norm_into(last, self.norm[0], eps, None, np.empty_like(last))
         return lib.gemm(self.output, h, np.empty((len(lay.logit_rows), c.vocab_size), np.float32))
