@@ -9,7 +9,7 @@ the same, and their drivers load in a second or two.
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import tempfile
 import threading
@@ -20,6 +20,8 @@ import pytest
 from conftest import FAST_CONFIG, FAST_SUPERVISION, Booted, run_cli, wait_until
 from model.tiny_gguf import write_tiny_gguf
 from syscalls import errors
+from test_llmsh import sh, table
+from userland.shell.builtin import size
 
 KV_BLOCKS = 1024        # of 16 tokens: a stream of 15,000 tokens fits
 CONTEXT = 16384
@@ -137,6 +139,16 @@ def test_budget_evicts_the_least_recently_used_idle_model(system):
         assert now["boot"]["driver"] == "cpu" and now["boot"]["expires_at"] is None
         assert sum(r["memory_bytes"] for r in now.values() if r["state"] == "resident") <= system.budget
         assert now["c"]["budget"] == system.budget and now["c"]["expires_at"] > now["c"]["last_used"]
+    # llmsh's models and llmos status show the same
+    r = sh(system.home, "models")
+    shown = {row["NAME"]: row for row in table(r.stdout)}
+    assert (shown["c"]["STATE"], shown["b"]["STATE"], shown["boot"]["EXPIRES"]) == ("resident", "absent", "never")
+    assert re.fullmatch(r"\d+s", shown["c"]["USED"]) and re.fullmatch(r"(\d+m)?\d+s", shown["c"]["EXPIRES"])
+    assert shown["b"]["MEM"] == shown["b"]["EXPIRES"] == "-"
+    status = run_cli(system.home, "status").stdout
+    assert f"(memory budget {size(system.budget)}," in status
+    assert any(line.split()[:3] == ["c", "resident", "cpu@c"] and line.split()[-1] != "-"
+               for line in status.splitlines())
 
 
 def test_keep_alive_per_request(system):

@@ -86,6 +86,8 @@ class Pager:
     def __init__(self, service, cfg: ModelsConfig, driver: DriverConfig, device_memory: int):
         self.service = service          # the Inference service: its models, registry and log
         self.cfg, self.driver = cfg, driver
+        if not device_memory:           # a driver that does not say: the machine's RAM
+            device_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         self.budget, self.device_memory = cfg.budget_bytes(device_memory), device_memory
         self.keep_alive = cfg.keep_alive
         self.queue: list = []           # Residents waiting for room, first first

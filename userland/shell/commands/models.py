@@ -54,8 +54,9 @@ def cmd_models(sh: Shell, io: Streams, args: list[str]) -> None:
     Columns: name, architecture, parameters, quantization, context length in tokens, file
     size, its state (resident; queued:#N, waiting for room in the memory budget; loading with
     its progress; unloading; failed; absent: any model loads when a call names it), the device
-    a driver runs it on, the memory it holds (weights and KV, as the budget counts it), when it
-    was last used, when keep_alive unloads it (never: the default, -1, or in use), and the file
+    a driver runs it on, the memory it holds (weights and KV, as the budget counts it), how long
+    ago it was last used (USED), how long until keep_alive unloads it (EXPIRES; never: the
+    default model, or keep_alive -1; busy: in use, the clock starts when it is idle), and the file
     (or why it cannot be read or load). An older version still finishing requests after an
     update shows as a line of its own, "NAME (old)".
     """
@@ -98,16 +99,16 @@ def held(m: dict) -> str:
 def used(m: dict) -> str:
     if m.get("state") in (None, "absent") or not m.get("last_used"):
         return "-"
-    return f"{duration(time.time() - m['last_used'])} ago"
+    return duration(time.time() - m["last_used"])
 
 
 def expires(m: dict) -> str:
-    """in 4m59s; never (the default, keep_alive -1); busy (in use: the clock starts when idle)."""
+    """4m59s (from now); never (the default, keep_alive -1); busy (in use: the clock starts when idle)."""
     if m.get("state") != "resident":
         return "-"
     if m.get("expires_at") is None:
         return "never" if m.get("default") or (m.get("keep_alive") or 0) < 0 else "busy"
-    return f"in {duration(m['expires_at'] - time.time())}"
+    return duration(m["expires_at"] - time.time())
 
 
 def show_model(out, m: dict) -> None:
