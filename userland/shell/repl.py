@@ -49,6 +49,15 @@ def repl(sh: Shell) -> int:
             continue
         except EOFError:
             return sh.status
+        if not reader.pending and line.lstrip().startswith("?"):    # ? TEXT: a proposal, run on y
+            from .ask import ask
+            try:
+                sh.status = ask(sh, line.lstrip()[1:], True, lambda question: session.prompt(
+                    question).strip().lower() in ("y", "yes"))
+            except (KeyboardInterrupt, EOFError):
+                sh.status = 130
+                print(file=sys.stderr)
+            continue
         try:
             script = reader.feed(line)
         except ParseError as e:

@@ -312,6 +312,10 @@ class Shell:
         """Run commands from lines (a file, stdin, -c); a syntax error stops it with status 2."""
         reader = LineReader()
         for line in lines:
+            if not reader.pending and line.lstrip().startswith("?"):    # ? TEXT: only shown
+                from .ask import ask
+                self.status = ask(self, line.lstrip()[1:], interactive=False, confirm=None)
+                continue
             try:
                 script = reader.feed(line)
             except ParseError as e:

@@ -14,12 +14,16 @@ Words are separated by spaces; quote one that has spaces or ;&|<> ('as is', "wit
   a < FILE  a reads the local FILE as its input
   $?  the status of the last command   $$  this shell's PID
   $!  the last background job (%N), or the PID of the last spawn or run --daemon
+  ? TEXT    the model proposes a command line that does TEXT; it runs only if you say y
 """
 
 
 @command("[CMD...]")
 def cmd_help(sh: Shell, io: Streams, args: list[str]) -> int:
-    """Show the commands, or how to use the ones named."""
+    """Show the commands, or how to use the ones named.
+
+    Example: help ls  # how to use ls
+    """
     if not args:
         print("llmsh, the llmos shell. Commands:", file=io.stdout)
         width = max(map(len, sh.commands))
@@ -48,7 +52,10 @@ def cmd_exit(sh: Shell, io: Streams, args: list[str]) -> None:
 
 @command("[WORD...]")
 def cmd_echo(sh: Shell, io: Streams, args: list[str]) -> None:
-    """Print the words, separated by spaces."""
+    """Print the words, separated by spaces.
+
+    Example: echo done  # print done
+    """
     print(" ".join(args), file=io.stdout)
 
 

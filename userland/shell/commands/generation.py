@@ -44,7 +44,7 @@ def cmd_gen(sh: Shell, io: Streams, args: list[str]) -> None:
     --raw sends it to the model as it is (plain completion). Ctrl-C stops the generation. --stats
     prints the counts (tokens, time to first token, tok/s) on standard error. --ignore-eos goes
     on past the end of the answer, to max-tokens (for load tests).
-    Example: gen --max-tokens 64 "Write a haiku about kernels."
+    Example: gen --max-tokens 64 "Write a haiku about kernels."  # ask the model for a haiku
     """
     opts, rest = options(args, "", GEN_OPTIONS, repeated=("--stop",))
     stop = opts.get("--stop", [])
@@ -68,6 +68,7 @@ def cmd_chat(sh: Shell, io: Streams, args: list[str]) -> None:
     (userland/programs/chat.py), with its commands: /system TEXT (start over with a system
     prompt), /set NAME VALUE (temperature, top_p, top_k, min_p, max_tokens, seed,
     repetition_penalty), /save NAME and /load NAME (chats/NAME in storage), /clear, /bye.
+    Example: chat "What is a microkernel?"  # ask the model one question
     """
     opts, rest = options(args, "", ("model=", "system="))
     settings: dict[str, Any] = {"model": opts["--model"]} if "--model" in opts else {}

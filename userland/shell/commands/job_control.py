@@ -10,6 +10,7 @@ def cmd_jobs(sh: Shell, io: Streams, args: list[str]) -> None:
     """List the background jobs: [N], + for the current one, Running, Stopped, Done or Exit STATUS.
 
     A job is a command list ended by &; those that ended are listed once, then forgotten.
+    Example: jobs  # what runs in the background
     """
     operands(args)
     for job in list(sh.jobs.jobs.values()):
@@ -23,6 +24,7 @@ def cmd_fg(sh: Shell, io: Streams, args: list[str]) -> int:
 
     Ctrl-C then interrupts the job (a second one kills its programs), not the shell; Ctrl-Z
     stops its programs and gives the prompt back (bg or fg resumes them).
+    Example: fg %3  # bring job 3 back
     """
     job = sh.jobs.find(operands(args, "%N")[0] if args else None)
     status = job.wait(announce=lambda: print(job.text, file=io.stdout, flush=True))

@@ -31,6 +31,7 @@ def cmd_nice(sh: Shell, io: Streams, args: list[str]) -> int:
     that priority; `nice run PROG` gives the program's llmos processes that priority;
     `nice spawn PROG` and `nice run --daemon PROG` start it at that priority. A negative N (more
     urgent than the shell) needs privilege; without it nice fails and runs nothing.
+    Example: nice -n 5 gen "Summarize the news"  # generate with a less urgent priority
     """
     opts, rest = options(args, "n:")
     if not rest:
@@ -59,6 +60,7 @@ def cmd_renice(sh: Shell, io: Streams, args: list[str]) -> int:
 
     Without privilege only this shell ($$) and its children, and only to a less urgent priority.
     Renicing $$ also sets the priority of what the shell starts next (pipelines, jobs, run).
+    Example: renice 10 4242  # make process 4242 less urgent
     """
     if args[:1] == ["-n"]:
         args = args[1:]
@@ -95,6 +97,7 @@ def cmd_ulimit(sh: Shell, io: Streams, args: list[str]) -> int:
     it, and `unlimited` lifts it. The resources: kv_blocks, sequences, tokens_per_minute and
     storage_bytes. Lowering is always allowed; raising or lifting a limit needs privilege. Limits
     set on this shell also bind what it starts next (pipelines, jobs, run, spawn).
+    Example: ulimit tokens_per_minute 600  # allow this shell 600 tokens a minute
     """
     opts, rest = options(args, "ap:")
     pid = pid_arg(opts["-p"]) if "-p" in opts else None

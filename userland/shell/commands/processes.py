@@ -44,6 +44,7 @@ def cmd_ps(sh: Shell, io: Streams, args: list[str]) -> int:
     SUSPENDED; BLOCKED in wait or recv; STOPPED; ZOMBIE), priority (a nice value), name, age, KV
     cache blocks held, tokens in (prompts) and out (generated), generated tokens per second,
     syscalls made, bytes stored, and the command line.
+    Example: ps -t  # show the processes as a tree
     """
     opts, rest = options(args, "t")
     pids = [pid_arg(a) for a in rest]
@@ -82,6 +83,8 @@ def cmd_kill(sh: Shell, io: Streams, args: list[str]) -> int:
     A signal is named with or without SIG, in any case, or by number: kill -9 PID.
     %N signals the programs that background job N started with run; TERM, INT, HUP or KILL
     also stop a builtin it runs (gen, recv, wait), as Ctrl-C would.
+    Example: kill -KILL 1234  # end process 1234 at once
+    Example: kill -CONT %1  # let job 1 go on
     """
     sig = "TERM"
     if args[:1] == ["-l"]:
@@ -118,6 +121,7 @@ def cmd_spawn(sh: Shell, io: Streams, args: list[str]) -> None:
     this shell unless --daemon, which parents it to pid 1 so it outlives the shell. --priority
     sets its nice value (-20..19); by default it has the shell's priority and limits. Its output
     goes to $LLMOS_HOME/logs/proc-PID.log.
+    Example: spawn --name indexer python3 index.py  # start index.py under llmos
     """
     opts, argv = options(args, "", ("daemon", "name=", "priority="))
     if not argv:
@@ -158,6 +162,7 @@ def cmd_run(sh: Shell, io: Streams, args: list[str]) -> int | None:
     spawn --daemon does, and prints its PID (also $!): its output goes to
     $LLMOS_HOME/logs/proc-PID.log, and --restart never|on-failure|always says when the kernel
     starts it again.
+    Example: run chat  # run the chat program
     """
     opts, argv = options(args, "", ("daemon", "restart=", "name="))
     if not argv:
@@ -181,6 +186,7 @@ def cmd_wait(sh: Shell, io: Streams, args: list[str]) -> int:
     number (143 for TERM), as in sh. Waiting for a child of this shell reaps it. %N waits for
     job N (as fg does, but quietly). --timeout S gives up on a process after S seconds
     (status 1); Ctrl-C stops waiting.
+    Example: wait %1  # wait for job 1 to finish
     """
     opts, rest = options(args, "", ("timeout=",))
     if not rest:

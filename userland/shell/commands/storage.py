@@ -14,6 +14,7 @@ def cmd_put(sh: Shell, io: Streams, args: list[str]) -> None:
 
     Without VALUE, stores what it reads from stdin, less its final newline (cat k | put k2).
     --if-version V stores only if the key is at version V; 0 means only if it does not exist.
+    Example: put greeting "hello world"  # store hello world under the key greeting
     """
     opts, rest = options(args, "", ("ns=", "if-version="))
     if len(rest) == 1:
@@ -28,7 +29,10 @@ def cmd_put(sh: Shell, io: Streams, args: list[str]) -> None:
 
 @command("[--ns NS] KEY")
 def cmd_get(sh: Shell, io: Streams, args: list[str]) -> None:
-    """Print the value stored under KEY: a string as it is, any other value as JSON."""
+    """Print the value stored under KEY: a string as it is, any other value as JSON.
+
+    Example: get config/theme  # print what is stored under config/theme
+    """
     opts, rest = options(args, "", ("ns=",))
     (key,) = operands(rest, "KEY")
     print(show(sh.call("get", key=key, ns=opts.get("--ns"))["value"]), file=io.stdout)
@@ -36,7 +40,10 @@ def cmd_get(sh: Shell, io: Streams, args: list[str]) -> None:
 
 @command("[--ns NS] [KEY...]")
 def cmd_cat(sh: Shell, io: Streams, args: list[str]) -> int:
-    """Print the values of keys, one after another (as get does); without KEY, copy stdin."""
+    """Print the values of keys, one after another (as get does); without KEY, copy stdin.
+
+    Example: cat a b  # print the values of the keys a and b
+    """
     opts, rest = options(args, "", ("ns=",))
     if not rest:
         while chunk := io.stdin.read(65536):
@@ -48,7 +55,10 @@ def cmd_cat(sh: Shell, io: Streams, args: list[str]) -> int:
 
 @command("[-l] [--ns NS] [PREFIX]")
 def cmd_ls(sh: Shell, io: Streams, args: list[str]) -> None:
-    """List the keys starting with PREFIX, in order; -l adds each one's version and size."""
+    """List the keys starting with PREFIX, in order; -l adds each one's version and size.
+
+    Example: ls -l drafts/  # list the keys under drafts with their sizes
+    """
     opts, rest = options(args, "l", ("ns=",))
     if len(rest) > 1:
         raise Usage(f"unexpected argument {rest[1]!r}")
@@ -66,7 +76,10 @@ def cmd_ls(sh: Shell, io: Streams, args: list[str]) -> None:
 
 @command("[--ns NS] KEY...")
 def cmd_rm(sh: Shell, io: Streams, args: list[str]) -> int:
-    """Delete keys."""
+    """Delete keys.
+
+    Example: rm tmp/1 tmp/2  # delete the keys tmp/1 and tmp/2
+    """
     opts, rest = options(args, "", ("ns=",))
     if not rest:
         raise Usage("missing KEY")

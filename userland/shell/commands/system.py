@@ -18,6 +18,7 @@ def cmd_services(sh: Shell, io: Streams, args: list[str]) -> int:
     Columns: name, OS pid, state (STARTING, READY, BACKOFF, FAILED, STOPPED), restarts so far,
     time since it became READY, and how its last process ended. `services restart NAME` kills
     and restarts a service, and clears a FAILED state.
+    Example: services restart storage  # restart the storage service
     """
     if not args:
         rows = [[s["name"], str(s["pid"] or "-"), s["state"], str(s["restarts"]),
@@ -35,7 +36,10 @@ def cmd_services(sh: Shell, io: Streams, args: list[str]) -> int:
 
 @command()
 def cmd_uname(sh: Shell, io: Streams, args: list[str]) -> None:
-    """Print the system's name, version, ABI version, kernel OS pid, uptime and home."""
+    """Print the system's name, version, ABI version, kernel OS pid, uptime and home.
+
+    Example: uname  # which llmos is this
+    """
     operands(args)
     u = sh.call("uname")
     print(f"{u['system']} {u['version']} abi {u['abi']} kernel-pid {u['kernel_pid']} "
@@ -44,7 +48,10 @@ def cmd_uname(sh: Shell, io: Streams, args: list[str]) -> None:
 
 @command("[-n N]")
 def cmd_dmesg(sh: Shell, io: Streams, args: list[str]) -> None:
-    """Print the last N lines (20 unless -n) of the kernel's log, one readable line per event."""
+    """Print the last N lines (20 unless -n) of the kernel's log, one readable line per event.
+
+    Example: dmesg -n 50  # print the last 50 lines of the kernel's log
+    """
     opts, rest = options(args, "n:")
     operands(rest)
     n = int_arg(opts["-n"], "-n", 1) if "-n" in opts else 20
