@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,11 @@ class Streaming:
     """A long generation on model, in a thread that owns its connection, until stop(); its first
     chunk is awaited. tokens grows as chunks come."""
 
-    def __init__(self, system, model: str, prompt: str = "on and on"):
-        self.system, self.model, self.prompt = system, model, prompt
+    def __init__(self, system, model: str, prompt: str = "on and on", nice: int = 0):
+        self.system, self.model, self.prompt, self.nice = system, model, prompt, nice
         self.first, self.done, self.quit = threading.Event(), threading.Event(), threading.Event()
         self.tokens, self.error, self.finish = [], None, None
+        self.arrived: list[tuple[float, int]] = []         # (monotonic time, tokens) per chunk
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
         assert self.first.wait(60), "the stream never started"
@@ -103,10 +105,13 @@ class Streaming:
     def _run(self):
         try:
             with self.system.connect() as c:
+                if self.nice:
+                    c.nice(self.nice)
                 stream = c.generate(self.prompt, model=self.model, max_tokens=15000, temperature=0.0,
                                     ignore_eos=True)
                 for chunk in stream:
                     self.tokens += chunk.tokens
+                    self.arrived.append((time.monotonic(), len(chunk.tokens)))
                     self.first.set()
                     if self.quit.is_set():
                         stream.close()
@@ -205,6 +210,29 @@ def test_no_eviction_under_a_running_request_a_load_waits_then_fails_by_name(sys
         finally:
             first.stop()
             second.stop()
+
+
+def test_an_urgent_request_on_one_model_runs_before_low_priority_work_on_another(system):
+    """Four nice-10 streams decode on b; an urgent (nice 0) request on a: the device's turns go
+    to a's steps while it runs, so b's streams get far fewer tokens meanwhile than a does (each
+    of them would get about as many as a, were the two drivers stepping side by side)."""
+    with system.connect(privileged=True) as c:
+        unload(c, "c", "d")
+        gen(c, "a")
+        gen(c, "b")
+        lows = [Streaming(system, "b", prompt=f"low {i}", nice=10) for i in range(4)]
+        try:
+            stream = c.generate("urgent", model="a", max_tokens=200, temperature=0.0, ignore_eos=True)
+            times = []
+            for chunk in stream:
+                times += [time.monotonic()] * len(chunk.tokens)
+            assert len(times) == 200 and all(not s.done.is_set() for s in lows)
+            start, end = times[0], times[-1]
+            meanwhile = sum(n for s in lows for t, n in s.arrived if start < t < end)
+        finally:
+            for s in lows:
+                s.stop()
+        assert meanwhile < 200, f"b's streams got {meanwhile} tokens while a generated 200"
 
 
 def test_a_model_bigger_than_the_budget_is_refused_at_once(system):
