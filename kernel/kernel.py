@@ -38,7 +38,7 @@ from syscalls.runtime.channel import SENT, Channel
 from syscalls.runtime.config import Config
 from syscalls.table import BY_NAME
 
-from . import accounting, instances, traps
+from . import accounting, instances, traps, users
 from .launcher import Launcher
 from .proctable import KERNEL_PID, Process, ProcessTable
 from .routing import Forwarded, Router
@@ -51,15 +51,6 @@ TRAPS = {name[4:]: fn for name, fn in vars(traps).items() if name.startswith("sy
 BLOCKING = frozenset(name for name, fn in TRAPS.items() if inspect.iscoroutinefunction(fn))
 
 
-def _peer(head: zmq.Frame) -> tuple[int | None, int | None]:
-    """(uid, OS pid) of the peer behind a message; libzmq reads them with SO_PEERCRED on ipc://."""
-    try:
-        parts = head.get("Peer-Address").split(":")
-        return int(parts[-3]), int(parts[-1])
-    except (zmq.ZMQError, ValueError, IndexError, AttributeError):
-        return None, None
-
-
 class Kernel:
     """The kernel process: its sockets, the process table, and the loop that serves them."""
 
@@ -69,6 +60,7 @@ class Kernel:
         self.boot_time = time.time()
         self.boot_id = secrets.token_hex(4)
         self.uid = os.getuid()
+        self.users = users.Users(cfg.kernel.users_group)
         self.table = ProcessTable(self.uid, cfg.kernel.zombies_per_parent)
         self.table.get(KERNEL_PID).os_pid = os.getpid()
         self.counters = dict.fromkeys((
@@ -82,6 +74,7 @@ class Kernel:
         self.ctx = zmq.Context()
         self.programs = self._bind(paths.programs_endpoint, self._on_program)
         self.services_ch = self._bind(paths.services_endpoint, self._on_service)
+        self.users.protect(paths)
         mon = self.programs.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.monitor = Channel(self.loop, mon, self._on_monitor)
         self.router = Router(self.services_ch, self.table, self.counters, self.boot_id, self.uid,
@@ -170,10 +163,18 @@ class Kernel:
         self._reply(ident, wire.err(cid, "EPROTO", why))
 
     def _register(self, ident: bytes, head: zmq.Frame, name: Any, args: Any) -> Process:
-        uid, os_pid = _peer(head)
+        """The process a new connection is: its spawned entry (by token, same user), or a new one.
+        Raises EPERM for a user who may not connect, EAGAIN past the user's process quota."""
+        uid, gid, os_pid = users.peer(head)
+        if not self.users.admits(uid, gid):
+            raise errors.EPERM(f"uid {uid} may not use this llmos: only root, the kernel's user "
+                               f"(uid {self.uid})" + (f" and members of group {self.users.group!r}"
+                                                      if self.users.group else ""))
         token = args.get("spawn_token") if name == "hello" and isinstance(args, dict) else None
         proc = self.table.by_token.get(token) if isinstance(token, str) else None
-        if proc is None or not proc.alive or proc.ident is not None:
+        if proc is None or not proc.alive or proc.ident is not None or \
+                proc.uid != uid and not users.trusted(uid):
+            users.check_quota(self.table, uid, self.cfg.kernel.processes_per_user, "connect")
             proc = self.table.create(ppid=KERNEL_PID, uid=uid, name="", argv=[], os_pid=os_pid)
         self.table.bind(proc, ident)
         return proc
@@ -181,7 +182,12 @@ class Kernel:
     def _syscall(self, ident: bytes, head: zmq.Frame, msg: list) -> None:
         self.counters["calls"] += 1
         cid, name, args = msg[2], msg[3], msg[4]
-        proc = self.table.by_ident.get(ident) or self._register(ident, head, name, args)
+        proc = self.table.by_ident.get(ident)
+        if proc is None:
+            try:
+                proc = self._register(ident, head, name, args)
+            except LLMOSError as e:
+                return self._reply(ident, wire.err(cid, e.code, e.message))
         proc.syscalls += 1
         if self.stopping:
             return self._reply(ident, wire.err(cid, "ESHUTDOWN", "llmos is shutting down"))
@@ -200,8 +206,11 @@ class Kernel:
                                f"(limit {self.cfg.kernel.max_in_flight})"))
         try:
             args = spec.check_args(args)
-            if spec.privilege and not proc.privileged:
+            if spec.privilege == "admin" and not proc.privileged:
                 raise errors.EPERM(f"{name} needs privilege ({spec.privilege}); pid {proc.pid} has none")
+            if spec.privilege == "owner" and not users.trusted(proc.uid):
+                raise errors.EPERM(f"{name} acts for every user: only root and the kernel's user "
+                                   f"(uid {self.uid}) may make it; pid {proc.pid} runs as uid {proc.uid}")
             if spec.target != "kernel":
                 return self.router.forward(proc, cid, spec, args)
             if name in BLOCKING:
@@ -301,7 +310,7 @@ class Kernel:
             return
         kind = msg[1]
         if svc is None:
-            if kind == wire.HELLO:
+            if kind == wire.HELLO and users.trusted(users.peer(head)[0]):
                 self._service_hello(ident, msg)
             else:
                 self.counters["forged_service_messages"] += 1

@@ -13,7 +13,6 @@ Output goes to LLMOS_HOME/logs/proc-PID.log, appended across restarts.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 from typing import Callable
@@ -23,6 +22,7 @@ from syscalls.runtime import child
 from syscalls.runtime.backoff import Backoff
 from syscalls.runtime.config import SupervisorConfig
 
+from . import users
 from .proctable import RESTARTING, RUNNING, Process
 
 ENDING_SIGNALS = {"TERM", "INT", "HUP", "KILL"}
@@ -45,9 +45,10 @@ class Launcher:
                    LLMOS_PID=str(proc.pid))
         with open(self.paths.log_file(f"proc-{proc.pid}"), "ab") as out:
             # a group of its own, so that a signal reaches what it started too (like a shell's job)
+            as_user, _ = users.spawn_as(proc.uid)      # its caller's user, never the kernel's
             program = child.Child(self.loop, proc.command, env, self._exited,
                                   group=True, stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, cwd=proc.cwd)
+                                  stderr=subprocess.STDOUT, cwd=proc.cwd, as_user=as_user)
         proc.os_pid = program.pid
         proc.state = RUNNING
         self.running[program.pid] = (proc, program)
@@ -102,7 +103,7 @@ class Launcher:
         if proc.os_pid in self.running:
             self.running[proc.os_pid][1].signal(signum)
         else:
-            os.kill(proc.os_pid, signum)
+            users.signal_peer(proc.os_pid, proc.uid, signum)
 
     async def stop_all(self, grace: float) -> None:
         """TERM every program the kernel started, then KILL what is left after ``grace``."""

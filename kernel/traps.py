@@ -21,7 +21,7 @@ import time
 from syscalls import errors, wire
 from syscalls.table import MAX_ADVERTISED_VALUE, MODEL_LIMITS, RESOURCES
 
-from . import __version__
+from . import __version__, users
 from .launcher import ENDING_SIGNALS
 from .proctable import BLOCKED, KERNEL_PID, RESTARTING, RUNNING, STOPPED, Process, ProcessTable
 
@@ -102,9 +102,16 @@ def sys_spawn(kernel, proc: Process, a: dict) -> int:
             raise errors.EINVAL(f"spawn: argument '{name}' holds a NUL character")
     if any("=" in k for k in a["env"] or {}):
         raise errors.EINVAL("spawn: argument 'env': a variable's name may not hold '='")
-    env = dict(os.environ)
+    users.check_quota(kernel.table, proc.uid, kernel.cfg.kernel.processes_per_user, "spawn")
+    try:    # a program runs as its caller's user, in an environment of that user's
+        _, base = users.spawn_as(proc.uid)
+    except PermissionError as e:
+        raise errors.EPERM(f"spawn: {e}") from None
+    env = dict(os.environ) if base is None else base
     env.update(a["env"] or {})
     cwd = a["cwd"]
+    if cwd is None and base is not None:
+        cwd = base["HOME"] if os.path.isdir(base["HOME"]) else "/"
     if cwd is not None and not os.path.isdir(cwd):
         raise errors.ENOENT(f"spawn: argument 'cwd': no such directory {cwd!r}")
     program = argv[0]
@@ -138,6 +145,7 @@ def sys_kill(kernel, proc: Process, a: dict) -> None:
         raise errors.ESRCH(f"kill: no process with pid {a['pid']}")
     if target.pid == KERNEL_PID:
         raise errors.EPERM("kill: pid 1 is the kernel; use shutdown to stop llmos")
+    _same_user(proc, target, "kill")
     if not (proc.privileged or kernel.table.is_descendant(target.pid, proc.pid)):
         raise errors.EPERM(f"kill: pid {target.pid} is neither the caller (pid {proc.pid}) nor "
                            f"one of its descendants; signalling it needs privilege")
@@ -207,6 +215,7 @@ def _may_change(kernel, proc: Process, pid: int | None, call: str) -> Process:
     target = proc if pid is None else kernel.table.get(pid)
     if target is None or not target.alive:
         raise errors.ESRCH(f"{call}: no process with pid {pid}")
+    _same_user(proc, target, call)
     if not (proc.privileged or kernel.table.is_descendant(target.pid, proc.pid)):
         raise errors.EPERM(f"{call}: pid {target.pid} is neither the caller nor one of its "
                            f"descendants; that needs privilege")
@@ -270,6 +279,7 @@ def sys_send(kernel, proc: Process, a: dict) -> None:
     target = kernel.table.get(a["pid"])
     if target is None or not target.alive or target.pid == KERNEL_PID:
         raise errors.ESRCH(f"send: no process with pid {a['pid']}")
+    _same_user(proc, target, "send")
     if not _deliver(kernel, target, {"from": proc.pid, "topic": None, "data": a["data"]}, size):
         cfg = kernel.cfg.kernel
         raise errors.EAGAIN(f"send: mailbox of pid {target.pid} is full ({len(target.mailbox)} "
@@ -312,7 +322,8 @@ def sys_publish(kernel, proc: Process, a: dict) -> int:
     topic, reached, size = a["topic"], 0, len(wire.pack(a["data"]))
     message = {"from": proc.pid, "topic": topic, "data": a["data"]}
     for p in list(kernel.table):
-        if p.alive and p.subscriptions and any(topic.startswith(s) for s in p.subscriptions):
+        if p.alive and p.subscriptions and (p.uid == proc.uid or proc.privileged) and \
+                any(topic.startswith(s) for s in p.subscriptions):     # never to another user's
             if _deliver(kernel, p, message, size):
                 reached += 1
             else:
@@ -368,6 +379,13 @@ def sys_shutdown(kernel, proc: Process, a: dict) -> None:
 
 
 # == helpers =======================================================================================
+def _same_user(proc: Process, target: Process, call: str) -> None:
+    """Processes of different OS users are apart: only privilege crosses (kernel/users.py)."""
+    if target.uid != proc.uid and not proc.privileged:
+        raise errors.EPERM(f"{call}: pid {target.pid} belongs to uid {target.uid}, not to the "
+                           f"caller's uid {proc.uid}")
+
+
 @contextlib.contextmanager
 def _blocked(proc: Process):
     """The process is BLOCKED while the kernel holds one of its calls waiting."""

@@ -153,7 +153,8 @@ class Syscall:
     result: str = "null"
     errors: tuple[str, ...] = ()
     doc: str = ""
-    privilege: str | None = None     # "admin": only a privileged process may make the call
+    privilege: str | None = None     # "admin": only a privileged process may make the call;
+                                     # "owner": only a process of root or of the kernel's OS user
     idempotent: bool = False         # safe to run twice: retried once if its service dies mid-call
     stream: bool = False             # answered by CHUNK messages and an END
     caller: tuple[str, ...] = ()     # caller context the handler needs (keys of CALLER_CONTEXT)
@@ -161,6 +162,8 @@ class Syscall:
 
     def __post_init__(self) -> None:
         self.by_name.update({a.name: a for a in self.args})
+        if self.privilege not in (None, "admin", "owner"):
+            raise TypeError(f"syscall {self.name}: unknown privilege {self.privilege!r}")
         unknown = set(self.caller) - set(CALLER_CONTEXT)
         if unknown:
             raise TypeError(f"syscall {self.name}: unknown caller context {sorted(unknown)}")

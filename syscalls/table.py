@@ -105,9 +105,11 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("name", "str", None, max_len=128),
         Arg("restart", "str", "never", choices=("never", "on-failure", "always"),
             doc="when the kernel starts it again (same PID) after it exits; not after llmos's kill"),
-    ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM"),
-        doc="Start a program as a child of the caller. Its output goes to logs/proc-PID.log, "
-            "appended across restarts."),
+    ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM", "EAGAIN"),
+        doc="Start a program as a child of the caller, running as the caller's OS user (another "
+            "user's program gets an environment of its own, not the kernel's, and starts in its "
+            "home unless cwd). Its output goes to logs/proc-PID.log, appended across restarts. "
+            "EAGAIN: the user has kernel.processes_per_user processes."),
     Syscall("kill", "kernel", (
         _pid, Arg("signal", "str", "TERM", choices=SIGNALS),
     ), errors=("ESRCH", "EPERM"),
@@ -152,14 +154,16 @@ SYSCALLS: tuple[Syscall, ...] = (
             "storage_bytes is the net bytes a process may add to storage; the model resources "
             "are enforced by the scheduler."),
     # -- messages between programs --------------------------------------------------------------
-    Syscall("send", "kernel", (_pid, Arg("data", "any")), errors=("ESRCH", "EAGAIN"),
-            doc="Put a message in another process's mailbox (bounded; EAGAIN when full)."),
+    Syscall("send", "kernel", (_pid, Arg("data", "any")), errors=("ESRCH", "EAGAIN", "EPERM"),
+            doc="Put a message in another process's mailbox (bounded; EAGAIN when full). A process "
+                "of another OS user is EPERM without privilege."),
     Syscall("recv", "kernel", (_timeout,), result="{from, topic, data}", errors=("ETIMEDOUT", "EAGAIN"),
             doc="Take the oldest message from the caller's mailbox, waiting for one if empty. "
                 "topic is null for send(), the topic for publish(). One recv waits at a time "
                 "(EAGAIN)."),
     Syscall("publish", "kernel", (_topic, Arg("data", "any")), result="int (processes reached)",
-            doc="Deliver a message to every subscriber of a matching topic. A subscriber whose "
+            doc="Deliver a message to every subscriber of a matching topic, of the caller's OS "
+                "user (any user's, with privilege). A subscriber whose "
                 "mailbox is full misses it (counted in its ps entry as dropped)."),
     Syscall("subscribe", "kernel", (_topic,), idempotent=True, errors=("EAGAIN",),
             doc="Receive, through recv(), every message published to a topic starting with this "
@@ -342,15 +346,18 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "rewritten) from now on; requests in flight finish on the old version, which "
                 "unloads when idle, and contexts go on on the new one, recomputed"),
     ), result="{name, path, added}", errors=("ENOENT", "EEXIST", "EINVAL"), idempotent=True,
-        doc="Register a GGUF file under a name, for every user. Its header, architecture and "
+        privilege="owner",
+        doc="Register a GGUF file under a name, for every user (so only root and the kernel's OS "
+            "user may: the file is read as the kernel's user). Its header, architecture and "
             "tokenizer are checked first (EINVAL says what is wrong). Idempotent: adding the same "
             "name for the same file again returns the existing entry; another clash is EEXIST."),
     Syscall("model_remove", "tokenizer", (
         Arg("name", "str", max_len=64),
         Arg("force", "bool", False, doc="remove it even in use: its requests end with ENOENT "
                                         "and its contexts close"),
-    ), errors=("ENOENT", "EPERM", "EBUSY"),
-        doc="Forget an added model (the file stays). The default model cannot be removed; one "
+    ), errors=("ENOENT", "EPERM", "EBUSY"), privilege="owner",
+        doc="Forget an added model (the file stays); root and the kernel's OS user only. The "
+            "default model cannot be removed; one "
             "with requests or open contexts is EBUSY naming the processes, unless force. "
             "Not idempotent: a retry of a removal that happened would be ENOENT."),
 )
@@ -370,7 +377,8 @@ DISPATCH_ERRORS: dict[str, tuple[str, str]] = {
     "ESHUTDOWN": ("every call", "llmos is shutting down"),
     "EIO": ("every call", "a bug in the kernel or in the service that ran the call, logged with "
                           "its traceback"),
-    "EPERM": ("calls that need privilege", "the caller is not privileged"),
+    "EPERM": ("calls that need privilege", "the caller is not privileged (admin), or runs as "
+                                           "an OS user other than root and the kernel's (owner)"),
     "ESRVDOWN": ("calls to a service", "the service is not enabled, has FAILED, or died while "
                                        "running a call that is not retried"),
     "ETIMEDOUT": ("calls to a service", "the service did not come back within "

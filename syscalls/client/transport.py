@@ -12,10 +12,16 @@ from .core import ClientCore
 
 
 def open_dealer(ctx: zmq.Context, paths: Paths) -> zmq.Socket:
-    """A socket connected to llmos in paths.home; ECONNREFUSED where none runs there."""
-    if not paths.programs_sock.exists():
+    """A socket connected to llmos in paths.home; ECONNREFUSED where none runs there, EPERM
+    where one runs that this OS user may not reach (not in its [kernel] users_group)."""
+    try:
+        os.stat(paths.programs_sock)
+    except FileNotFoundError:
         raise errors.ECONNREFUSED(f"llmos is not running in {paths.home} (no {paths.programs_sock}); "
-                                  f"start it with `llmos boot`")
+                                  f"start it with `llmos boot`") from None
+    except PermissionError:
+        raise errors.EPERM(f"the llmos in {paths.home} is not open to this user (uid {os.getuid()}): "
+                           f"its admin may add you to the group its [kernel] users_group names") from None
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
     sock.setsockopt(zmq.LINGER, 0)

@@ -60,15 +60,18 @@ class Exit:
 
 class Child:
     """One child process. ``group``: it leads a process group of its own, and signals go to the
-    whole group (as a shell's job). ``on_exit(exit)`` runs on the loop when the pidfd says it
+    whole group (as a shell's job). ``as_user``: Popen's user, group and extra_groups, to run it
+    as another OS user. ``on_exit(exit)`` runs on the loop when the pidfd says it
     ended, unless ``close()`` came first. Raises OSError if it cannot be started."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, argv: list[str], env: dict[str, str],
-                 on_exit: Callable[[Exit], None], *, group: bool = False, **popen_args):
+                 on_exit: Callable[[Exit], None], *, group: bool = False,
+                 as_user: dict | None = None, **popen_args):
         self.loop, self.group, self.on_exit = loop, group, on_exit
+        # (Popen switches user before preexec_fn runs, so PDEATHSIG, which a switch clears, holds)
         self.popen = subprocess.Popen(argv, env=with_llmos_path(dict(env)), close_fds=True,
                                       start_new_session=group, preexec_fn=_die_with_parent,
-                                      **popen_args)
+                                      **popen_args, **(as_user or {}))
         self.pid = self.popen.pid
         self.pidfd: int | None = os.pidfd_open(self.pid)
         loop.add_reader(self.pidfd, self._exited)

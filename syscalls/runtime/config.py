@@ -1,7 +1,7 @@
 """llmos's tunables, read from LLMOS_HOME/config.toml by the kernel and by the services; every key is optional.
 
     [kernel]       max_in_flight, mailbox_messages, mailbox_bytes, call_deadline,
-                   zombies_per_parent
+                   zombies_per_parent, users_group, processes_per_user
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
     [storage]      value_limit, quota_bytes
@@ -23,6 +23,7 @@ An unknown section or key is an error, so a typo never silently leaves a default
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import re
 import sys
@@ -51,6 +52,18 @@ class KernelConfig:
     mailbox_bytes: int = 16 << 20
     call_deadline: float = 60.0       # how long a call may wait for its service to come back
     zombies_per_parent: int = 256
+    users_group: str = ""             # an OS group whose members may connect too (kernel/users.py)
+    processes_per_user: int = 256     # live processes one uid may have, beside root and the kernel's
+
+    def check(self) -> None:
+        if self.users_group:
+            try:
+                grp.getgrnam(self.users_group)
+            except KeyError:
+                raise ValueError(f"config: kernel.users_group names no OS group: "
+                                 f"{self.users_group!r}") from None
+        if self.processes_per_user < 1:
+            raise ValueError("config: kernel.processes_per_user must be >= 1")
 
 
 @dataclass
@@ -276,6 +289,7 @@ class Config:
             raw["models"]["memory_budget"] = str(budget)
         for section in sections[:7]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
+        cfg.kernel.check()
         cfg.scheduler.check()
         cfg.driver.check()
         cfg.models.check()
