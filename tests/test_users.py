@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_CONFIG, ROOT, Booted, wait_until
+from conftest import FAST_CONFIG, ROOT, Booted, run_cli, wait_until
 from model.tiny_gguf import write_tiny_gguf
+from syscalls.paths import Paths
 from tiny_system import MODEL_SERVICES
 
 SECRET = "LLMOS_TEST_KERNEL_SECRET"
@@ -235,3 +236,10 @@ def test_processes_per_user_is_a_quota(machine):
     """)
     assert got["opened"] == QUOTA and "processes_per_user" in got["refused"], got
     _none_left(machine, "b")            # and they end with their connections
+
+
+def test_an_unknown_users_group_stops_the_boot(home):
+    (home / "config.toml").write_text(FAST_CONFIG + '[kernel]\nusers_group = "no-such-group-llmos"\n')
+    r = run_cli(home, "boot", "--timeout", "20", timeout=40)
+    assert r.returncode != 0 and "users_group names no OS group: 'no-such-group-llmos'" in r.stdout + r.stderr
+    assert Paths(home).kernel_pid() is None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import os
 import re
 import sys
 import tomllib
@@ -58,10 +59,13 @@ class KernelConfig:
     def check(self) -> None:
         if self.users_group:
             try:
-                grp.getgrnam(self.users_group)
+                gid = grp.getgrnam(self.users_group).gr_gid
             except KeyError:
                 raise ValueError(f"config: kernel.users_group names no OS group: "
                                  f"{self.users_group!r}") from None
+            if os.geteuid() != 0 and gid not in os.getgroups():     # it could not chgrp its socket
+                raise ValueError(f"config: kernel.users_group: the kernel's user (uid {os.geteuid()}) "
+                                 f"must be root or a member of group {self.users_group!r}")
         if self.processes_per_user < 1:
             raise ValueError("config: kernel.processes_per_user must be >= 1")
 
