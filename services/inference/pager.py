@@ -192,18 +192,27 @@ class Pager:
         """Unload each idle model when its keep_alive is over, and an old version once idle."""
         while True:
             changed, now, soonest = self._changed, time.monotonic(), None
-            for model in list(self.service.models.values()):
-                if not model.unloadable():
-                    continue
-                if self.service.superseded(model):
-                    self.unload(model, "a newer version serves its name")
-                    continue
-                expires = model.expires_at()
-                if expires is None:
-                    continue
-                if expires <= now:
-                    self.unload(model, f"idle for its keep_alive ({model.keep_alive:g}s)")
-                else:
-                    soonest = expires if soonest is None else min(soonest, expires)
+            try:
+                soonest = self._expire_idle(now)
+            except Exception:               # a bug of ours: loud, and the clock goes on
+                self.service.log.exception("pager_bug")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), None if soonest is None else soonest - now)
+
+    def _expire_idle(self, now: float) -> float | None:
+        """Start unloading what is due; when the next keep_alive runs out (None: none will)."""
+        soonest = None
+        for model in list(self.service.models.values()):
+            if not model.unloadable():
+                continue
+            if self.service.superseded(model):
+                self.unload(model, "a newer version serves its name")
+                continue
+            expires = model.expires_at()
+            if expires is None:
+                continue
+            if expires <= now:
+                self.unload(model, f"idle for its keep_alive ({model.keep_alive:g}s)")
+            else:
+                soonest = expires if soonest is None else min(soonest, expires)
+        return soonest

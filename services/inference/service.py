@@ -95,8 +95,8 @@ class Inference(Service):
         try:
             current = os.path.realpath(self.registry.resolve(model.name))
             return (current, file_version(current)) != (os.path.realpath(model.path), model.version)
-        except (errors.LLMOSError, OSError):
-            return False        # removed, or its file gone: keep_alive decides, as for any idle model
+        except (errors.LLMOSError, OSError, ValueError):
+            return False        # removed, its file gone (or the registry unreadable): keep_alive decides
 
     def _name_of(self, path: Path) -> str:
         """The registered name of a model's file (its path when none is registered for it)."""
