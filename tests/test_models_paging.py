@@ -71,6 +71,11 @@ def rows(c) -> dict[str, dict]:
     return {m["name"]: m for m in c.models()}
 
 
+def rows_of(system) -> dict[str, dict]:
+    with system.connect() as c:
+        return rows(c)
+
+
 def state(c, name: str) -> str:
     return rows(c)[name]["state"]
 
@@ -150,6 +155,15 @@ def test_budget_evicts_the_least_recently_used_idle_model(system):
     assert (shown["c"]["STATE"], shown["b"]["STATE"], shown["boot"]["EXPIRES"]) == ("resident", "absent", "never")
     assert re.fullmatch(r"\d+s", shown["c"]["USED"]) and re.fullmatch(r"(\d+m)?\d+s", shown["c"]["EXPIRES"])
     assert shown["b"]["MEM"] == shown["b"]["EXPIRES"] == "-"
+    r = run_cli(system.home, "model", "unload", "c")
+    assert (r.returncode, r.stdout) == (0, "llmos: model c unloads once idle\n"), r.stderr
+    with system.connect() as c:
+        wait_until(lambda: state(c, "c") == "absent", 20, "c unloaded (llmos model unload)")
+    r = run_cli(system.home, "model", "load", "c", "--keep-alive", "10m")
+    assert (r.returncode, r.stdout) == (0, "llmos: model c is resident (cpu@c)\n"), r.stderr
+    assert rows_of(system)["c"]["keep_alive"] == 600
+    r = run_cli(system.home, "model", "load", "c", "--keep-alive", "soon")
+    assert r.returncode == 2 and "--keep-alive must be seconds or a duration" in r.stderr
     status = run_cli(system.home, "status").stdout
     assert f"(memory budget {size(system.budget)}," in status
     assert any(line.split()[:3] == ["c", "resident", "cpu@c"] and line.split()[-1] != "-"

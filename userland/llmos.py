@@ -204,6 +204,19 @@ def cmd_model(paths: Paths, args) -> int:
             replace = args.action == "update" or args.replace
             m = os_.model_add(os.path.abspath(args.path), args.name, replace=replace)
             print(f"llmos: {'updated' if replace else 'added'} model {m['name']}: {m['path']}")
+        elif args.action == "load":
+            from syscalls.runtime.config import parse_keep_alive
+            try:
+                keep = None if args.keep_alive is None else parse_keep_alive(args.keep_alive, "--keep-alive")
+            except ValueError as e:
+                print(f"llmos: model load: {e}", file=sys.stderr)
+                return 2
+            m = os_.model_load(args.name, keep_alive=keep)
+            print(f"llmos: model {m['model']} is {m['state']} ({m['driver']})")
+        elif args.action == "unload":
+            m = os_.model_load(args.name, keep_alive=0)
+            print(f"llmos: model {m['model']} unloads once idle" if m["state"] != "absent"
+                  else f"llmos: model {m['model']} is not loaded")
         else:
             os_.model_remove(args.name, force=args.force)
             print(f"llmos: removed model {args.name}")
@@ -267,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "rewritten) live: requests in flight finish on the old one")
     a.add_argument("name")
     a.add_argument("path")
+    a = action.add_parser("load", help="load a model now, ahead of its requests")
+    a.add_argument("name")
+    a.add_argument("--keep-alive", help="how long it stays loaded once idle: seconds, or 5m, 1h; -1: "
+                                        "until evicted (default: [models] keep_alive)")
+    a = action.add_parser("unload", help="unload a model as soon as it is idle")
+    a.add_argument("name")
     a = action.add_parser("rm", help="forget an added model (the file stays)")
     a.add_argument("name")
     a.add_argument("--force", action="store_true",
