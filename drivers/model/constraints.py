@@ -17,6 +17,7 @@ Never: import torch (a driver may run without it), or look at a prompt's text.
 from __future__ import annotations
 
 import json
+import os
 import re
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -193,11 +194,15 @@ class Constraint:
             self.fed.extend(rest)
 
     def compute(self) -> None:
-        """The mask of the next token (releases the GIL while it works)."""
+        """The mask of the next token (llguidance releases the GIL while it works)."""
         self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+        self._allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little",
+                                      count=self.vocab_size).view(bool)
+        self._refused = ~self._allowed
 
     def allowed(self) -> np.ndarray:
-        return np.unpackbits(self.bits.view(np.uint8), bitorder="little", count=self.vocab_size).view(bool)
+        """The tokens the last compute() allows, one bool per token."""
+        return self._allowed
 
     def blocked(self) -> bool:
         """No token can continue: the matcher is in error, or it allows only the end of generation
@@ -206,8 +211,8 @@ class Constraint:
             return True
         if self.matcher.is_accepting():
             return False
-        allowed = self.allowed()
-        return not (allowed.any() and (allowed.sum() > len(self.eos) or not allowed[self.eos].all()))
+        allowed = self._allowed
+        return not (allowed.any() and (np.count_nonzero(allowed) > len(self.eos) or not allowed[self.eos].all()))
 
     def why(self) -> str:
         text = self.vocab.decode_str(self.fed)
@@ -217,9 +222,8 @@ class Constraint:
     def apply(self, row: np.ndarray) -> None:
         """Set the logit of every token the grammar does not allow to -inf, in place (a float32 row
         of the model's vocabulary, which may be wider than the tokenizer's)."""
-        allowed = self.allowed()
-        width = min(len(row), len(allowed))
-        np.copyto(row[:width], -np.inf, where=~allowed[:width])
+        width = min(len(row), self.vocab_size)
+        np.copyto(row[:width], -np.inf, where=self._refused[:width])
         row[width:] = -np.inf
 
 
@@ -271,10 +275,17 @@ class Constrained:
 
     ``admit`` reads a step's "constraint" (sent with its sampling parameters), ``masks`` starts the
     masks of the rows about to be sampled, ``release`` forgets sequences. The vocabulary is built
-    from the model's file at the first constrained sequence."""
+    from the model's file at the first constrained sequence.
 
-    def __init__(self, model_path: str):
+    Masks are built beside the forward pass only when the process may use more CPUs than the
+    forward pass's `threads`: on a machine without a spare core the worker thread would take one
+    from the pass, whose threads all wait for the slowest (measured on 2 cores: a step of 8
+    sequences, half constrained, 1.3x with the thread, 1.0x without). A mask takes ~0.05 ms."""
+
+    def __init__(self, model_path: str, threads: int = 0):
         self.model_path = model_path
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.background = threads > 0 and cpus > threads
         self.vocab: llguidance.LLTokenizer | None = None
         self.by_seq: dict[int, Constraint] = {}
 
@@ -296,7 +307,7 @@ class Constrained:
         """rows: (row of the logits, seq_id, its tokens so far) of each sequence sampled; None when
         none of them is constrained (an unconstrained batch pays nothing more)."""
         work = [(row, self.by_seq[sid], tokens) for row, sid, tokens in rows if sid in self.by_seq]
-        return Masks(work) if work else None
+        return Masks(work, self.background) if work else None
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for sid in seq_ids:
