@@ -14,7 +14,8 @@ import os
 from typing import Any
 
 from drivers.model.batch import Chunk, StepAborted
-from drivers.model.sampling import SamplingParams, SequenceSampler, sample
+from drivers.model.constraints import Constrained
+from drivers.model.sampling import SamplingParams, SequenceSampler, host_logits, sample
 from syscalls.runtime.steps import Sampled, SeqStep
 
 
@@ -57,6 +58,7 @@ class ModelRunner:
         self.kernels = kernels or {}          # drivers.model.kernels.choose's plan
         self._samplers: dict[int, Any] = {}
         self._history: dict[int, list[int]] = {}   # every token fed, by position: the repetition penalty's view
+        self._constrained = Constrained(name, getattr(model, "threads", 0))   # constrained sequences' grammars
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
@@ -128,8 +130,9 @@ class ModelRunner:
         if not more:
             return out
         by_id = {o["seq_id"]: o for o in out}
-        active = [sid for sid in more if by_id[sid]["token"] not in more[sid].get("stop_ids", ())]
-        done = 1
+        active = [sid for sid in more if "error" not in by_id[sid]
+                  and by_id[sid]["token"] not in more[sid].get("stop_ids", ())]
+        done, stuck = 1, set()
         while active and not (should_yield and should_yield()):
             steps = []
             for sid in active:
@@ -143,9 +146,12 @@ class ModelRunner:
                 break                       # what was decoded so far stands; this sub-step never happened
             done += 1
             for p in picks:
+                if p.get("error"):              # its constraint is stuck: the next step says so
+                    stuck.add(p["seq_id"])
+                    continue
                 by_id[p["seq_id"]].setdefault("next", []).append(
                     {"token": p["token"], "logprob": p["logprob"], "top": p["top"]})
-            active = [sid for sid in active if done < more[sid]["steps"]
+            active = [sid for sid in active if sid not in stuck and done < more[sid]["steps"]
                       and by_id[sid]["next"][-1]["token"] not in more[sid].get("stop_ids", ())]
         return out
 
@@ -164,19 +170,29 @@ class ModelRunner:
                 hist[:] = s["history"]
             del hist[s["start"]:]
             hist.extend(s["tokens"])
+            self._constrained.admit(s)
             chunks.append(Chunk(s["tokens"], s["start"], s["block_table"], "last" if s["sample"] else "none"))
             if s["sample"]:
                 samplers.append(self._samplers[sid])
                 histories.append(hist)
                 ids.append(sid)
-        logits = self.model.step(self.pool, chunks, should_stop)
+        masks = self._constrained.masks([(i, sid, h) for i, (sid, h) in enumerate(zip(ids, histories))])
+        logits = self.model.step(self.pool, chunks, should_stop)   # masks built beside it, if a core is spare
         if not ids:
             return []
+        blocked = {}
+        if masks is not None:
+            logits = host_logits(logits)
+            blocked = masks.apply(logits)
         picks = sample(logits, samplers, histories)
-        return [{"seq_id": sid, "token": p.token, "logprob": p.logprob, "top": [list(t) for t in p.top]}
-                for sid, p in zip(ids, picks)]
+        out = [{"seq_id": sid, "token": p.token, "logprob": p.logprob, "top": [list(t) for t in p.top]}
+               for sid, p in zip(ids, picks)]
+        for row, why in blocked.items():
+            out[row]["error"] = why
+        return out
 
     def release(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:
             self._samplers.pop(sid, None)
             self._history.pop(sid, None)
+        self._constrained.release(seq_ids)
