@@ -9,7 +9,10 @@ knew JSON. (tests/test_structured_smollm.py runs the default model.)
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -20,7 +23,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import FAST_SUPERVISION, Booted, wait_until
+from conftest import FAST_SUPERVISION, ROOT, Booted, llmsh_terminal, wait_until
 from model.tiny_gguf import write_tiny_gguf
 from syscalls import errors
 
@@ -40,7 +43,8 @@ SCHEMAS = {
                      "minItems": 2, "maxItems": 4},
     "ranges": {"type": "object", "properties": {
         "age": {"type": "integer", "minimum": 18, "maximum": 99},
-        "score": {"type": "number", "minimum": -1.5, "maximum": 2.5}},
+        # a number without multipleOf may have any number of digits: a random model writes many
+        "score": {"type": "number", "minimum": -1.5, "maximum": 2.5, "multipleOf": 0.25}},
         "required": ["age", "score"], "additionalProperties": False},
     "optional": {"type": "object", "properties": {
         "id": {"type": "integer", "minimum": 1, "maximum": 1000},
@@ -68,9 +72,9 @@ PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, 
 @pytest.fixture(scope="module")
 def system():
     home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
-    model = write_tiny_gguf(home / "tiny.gguf", context=2048)
+    model = write_tiny_gguf(home / "tiny.gguf", context=8192)     # room for ? TEXT's prompt (few tokens per word)
     (home / "config.toml").write_text(
-        FAST_SUPERVISION + f'\n[driver]\nmodel = "{model}"\nkv_blocks = 512\n' + SERVICES +
+        FAST_SUPERVISION + f'\n[driver]\nmodel = "{model}"\nkv_blocks = 1024\n' + SERVICES +
         '\n[gateway]\nlisten = "127.0.0.1:0"\n')
     booted = Booted(home).boot()
     try:
@@ -295,3 +299,48 @@ def test_ollama_client_format_and_tools(system):
     (call,) = r["message"]["tool_calls"]
     assert call["function"]["name"] == "add" and isinstance(call["function"]["arguments"], dict)
     jsonschema.validate(call["function"]["arguments"], PARAMS["add"])
+
+
+# -- llmsh: ? TEXT --------------------------------------------------------------------------------
+
+def llmsh(system: Booted, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "userland.llmsh", "--home", str(system.home), *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+
+
+def test_llmsh_proposes_a_command_line_that_parses_and_runs_nothing(system):
+    """With -c the proposal is printed alone on the first line and never run; whatever the (random)
+    model says, the grammar made from the command table makes it a line llmsh parses, of builtins."""
+    from userland.shell.commands import COMMANDS
+    from userland.shell.parse import parse
+    with system.connect() as c:
+        before = {p["pid"] for p in c.ps()}
+    for request in ("list the running processes", "show the keys under notes", "stop job 2"):
+        r = llmsh(system, "-c", f"? {request}")
+        assert r.returncode == 0, r.stderr
+        line, why = r.stdout.splitlines()[:2]
+        (item,) = parse(line + "\n")
+        for pipeline in [item.first] + [p for _, p in item.rest]:
+            for command in pipeline.commands:
+                assert "".join(command.words[0].parts) in COMMANDS, line
+        assert why.startswith("# ") and why[2:].split(":")[0] == line.split()[0]
+    r = llmsh(system, "-c", "?")
+    assert r.returncode == 2 and "say what to do" in r.stderr
+    with system.connect() as c:                       # nothing was started, nothing was stopped
+        assert {p["pid"] for p in c.ps()} - before - {c.getpid()} == set() and c.ps(pid=1)
+
+
+def test_llmsh_at_a_terminal_shows_the_proposal_and_runs_it_only_on_yes(system):
+    term = llmsh_terminal(system.home, timeout=60)
+    try:
+        term.expect(r"llmsh\$")
+        term.sendline("? show the keys under notes")
+        term.expect(r"\n  # (\w+): ")
+        term.expect(r"run it\? \[y/N\]")
+        term.sendline("")                              # the default is no
+        term.expect(r"llmsh\$")
+        term.sendline("echo $?")
+        term.expect(r"[^0-9]0\r\n")              # nothing ran: the status is ?'s own
+    finally:
+        term.close(force=True)
