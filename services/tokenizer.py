@@ -244,7 +244,10 @@ class TokenizerService(Service):
                    "path": m["path"], "added": m["added"], "default": m["default"], "error": None,
                    "version": None, "mtime": None}
             try:
-                st = os.stat(m["path"])
+                try:
+                    st = os.stat(m["path"])
+                except FileNotFoundError:
+                    raise ModelError(f"{m['path']}: no such model file") from None
                 key = (os.path.realpath(m["path"]), st.st_size, st.st_mtime_ns)
                 row.update(version=f"{st.st_size}-{st.st_mtime_ns}", mtime=st.st_mtime)
                 if key not in self.described:

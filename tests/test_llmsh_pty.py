@@ -122,7 +122,7 @@ def test_top_redraws_until_q(term, tiny_system):  # noqa: F811
     term.sendline("top -d 0.1")
     term.expect(r"\x1b\[\?1049h")                           # the alternate screen
     term.expect(r"model: 1 running")
-    term.expect(r"PID REQUEST STATE")
+    term.expect(r"PID REQUEST MODEL +STATE")
     term.expect(r"top - ")                                  # redrawn
     term.send("q")
     term.expect(r"\x1b\[\?1049l")                           # the screen is given back

@@ -161,13 +161,17 @@ def test_tokens_and_chat_template_of_the_default_model(llmos):
 
         (listed,) = c.models()
         info = describe(models.default_path())
+        st = os.stat(models.default_path())
+        assert listed.pop("version") == f"{st.st_size}-{st.st_mtime_ns}" and listed.pop("mtime") == st.st_mtime
         assert listed == {"name": models.DEFAULT, "architecture": "llama",
                           "parameters": info["parameters"], "quantization": "Q4_1",
                           "context_length": 8192, "file_size": info["file_size"],
                           "path": str(models.default_path()), "added": None, "default": True,
                           "error": None, "device": None, "memory": None, "weights": None,
                           "held": info["held"], "state": "absent", "driver": None,
-                          "progress": None}      # a light llmos: no driver runs it
+                          "progress": None, "older": [], "budget": None, "memory_bytes": None,
+                          "last_used": None, "expires_at": None, "keep_alive": None, "requests": None,
+                          "position": None}      # a light llmos: no driver runs it, no inference service
         assert {h["type"]: h["layout"] for h in listed["held"]} == {"Q4_1": "int4pack", "Q8_0": "int4pack",
                                                                      "F32": "fp32"}
 

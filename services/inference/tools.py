@@ -197,6 +197,8 @@ def check_messages(messages: list) -> None:
             if not isinstance(m.get("tool_call_id", ""), str):
                 raise ToolError(f"{where}.tool_call_id must be a string")
         calls = m.get("tool_calls")
+        if m.get("role") != "tool" and calls is None and not isinstance(m.get("content"), str):
+            raise ToolError(f"{where} needs its text as a string 'content'")
         if calls is None:
             continue
         if m.get("role") != "assistant" or not isinstance(calls, list):
