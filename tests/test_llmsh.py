@@ -424,6 +424,16 @@ def test_the_shell_survives_a_reboot_of_llmos(home):
         Booted(home).shutdown()
 
 
+def interrupt_a_blocked_recv(child, c) -> int:
+    """Send recv, wait until llmsh blocks in it, Ctrl-C, and see the [130] prompt; llmsh's pid."""
+    me = next(p["pid"] for p in c.ps() if p["name"] == "llmsh")
+    child.sendline("recv")
+    wait_until(lambda: c.ps(pid=me)[0]["state"] == "BLOCKED", 10, "llmsh to block in recv")
+    child.sendintr()
+    child.expect(r"\[130\] llmsh\$")
+    return me
+
+
 def test_interactive_repl(llmos):
     child = llmsh_terminal(llmos.home, timeout=20)
     try:
@@ -437,11 +447,7 @@ def test_interactive_repl(llmos):
         child.expect(r"llmsh\$")
         # Ctrl-C during a command cancels it, and its call in the kernel: recv does not linger
         with llmos.connect() as c:
-            me = next(p["pid"] for p in c.ps() if p["name"] == "llmsh")
-            child.sendline("recv")
-            wait_until(lambda: c.ps(pid=me)[0]["state"] == "BLOCKED", 10, "llmsh to block in recv")
-            child.sendintr()
-            child.expect(r"\[130\] llmsh\$")
+            me = interrupt_a_blocked_recv(child, c)
             wait_until(lambda: c.ps(pid=me)[0]["state"] == "RUNNING", 10, "the recv to be cancelled")
             child.sendline("send $$ ping; recv --timeout 10")
             child.expect(rf"from {me}: ping")
@@ -474,10 +480,6 @@ def test_ctrl_c_works_when_started_with_sigint_ignored(llmos):
         child.expect(rf"kernel-pid {llmos.kernel_pid}")
         child.expect(r"llmsh\$")
         with llmos.connect() as c:
-            me = next(p["pid"] for p in c.ps() if p["name"] == "llmsh")
-            child.sendline("recv")
-            wait_until(lambda: c.ps(pid=me)[0]["state"] == "BLOCKED", 10, "llmsh to block in recv")
-            child.sendintr()
-            child.expect(r"\[130\] llmsh\$")
+            interrupt_a_blocked_recv(child, c)
     finally:
         child.close(force=True)

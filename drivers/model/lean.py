@@ -159,10 +159,6 @@ class LeanLlama:
 
     # ---------------------------------------------------------------------------------- what a runner asks
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
     def new_kv_pool(self, num_blocks: int, block_size: int = 16) -> LeanPool:
         return LeanPool(self.config, num_blocks, block_size, self.kv_dtype)
 
@@ -206,16 +202,17 @@ class LeanLlama:
         lay = lay_out(chunks, c.vocab_size, self.max_positions, pool.num_blocks, pool.block_size)
         T = len(lay.tokens)
         H, KVH, D = c.n_heads, c.n_kv_heads, c.head_dim
-        # every token attends as its own row: a decoding one over its sequence, a prompt's up to itself
-        tables, lengths = list(lay.decode_tables), list(lay.decode_lengths)
-        for p in lay.prompts:
-            tables += [p.blocks] * p.n
-            lengths += range(p.start + 1, p.start + p.n + 1)
-        width = max(len(t) for t in tables)
+        # every token attends as its own row: a decoding one over its sequence, a prompt's up to
+        # itself (decoding rows come first in the layout, then each prompt's rows)
+        width = max([len(t) for t in lay.decode_tables] + [len(p.blocks) for p in lay.prompts])
         table = np.zeros((T, width), dtype=np.int64)
-        for row, t in enumerate(tables):
+        length = np.empty(T, dtype=np.int32)
+        for row, t in enumerate(lay.decode_tables):
             table[row, :len(t)] = t
-        length = np.asarray(lengths, dtype=np.int32)
+        length[:lay.n_decode] = lay.decode_lengths
+        for p in lay.prompts:
+            table[p.first:p.first + p.n, :len(p.blocks)] = p.blocks
+            length[p.first:p.first + p.n] = np.arange(p.start + 1, p.start + p.n + 1)
         slots = np.asarray(lay.slots, dtype=np.int64)
         angles = np.outer(np.asarray(lay.positions, dtype=np.float64) / c.rope_scale, self.inv_freq)
         rope = np.stack([np.cos(angles), np.sin(angles)], -1).astype(np.float32)       # [T, D/2, 2]

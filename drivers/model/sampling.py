@@ -56,8 +56,7 @@ def host_logits(logits) -> np.ndarray:
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Row-wise log_softmax of fp32 x [N, V], in fp32 (max-shifted, so no row overflows)."""
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return x - _logsumexp(x)
 
 
 def sample(logits, samplers: Sequence[SequenceSampler],
