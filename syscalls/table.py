@@ -239,10 +239,14 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall("open_context", "inference", (
         Arg("system", "str", None, max_len=MAX_PROMPT, doc="the system prompt"),
         Arg("model", "str", None, max_len=256, doc=_MODEL_DOC),
+        Arg("cache", "bool", False,
+            doc="a cache context does not keep its model resident: its next turn after an unload "
+                "recomputes its history (cached_tokens 0)"),
     ), result="int (a context handle)", errors=("ENOENT", "EINVAL", "EDQUOT", "EIO", "EAGAIN"),
         doc="Open a conversation kept by the kernel: chat(messages, ctx=handle) appends turns "
             "and reuses its cached KV prefix. It belongs to the caller and is closed when the "
-            "caller exits; its cached blocks count against the caller's kv_blocks."),
+            "caller exits; its cached blocks count against the caller's kv_blocks. While it is "
+            "open its model is not unloaded (by keep_alive or the memory budget), unless cache."),
     Syscall("close_context", "inference", (Arg("ctx", "int", min=1),), errors=("EBADF",),
             doc="Close a context and free its KV blocks."),
     Syscall("save_context", "inference", (Arg("ctx", "int", min=1), _key, _ns),

@@ -1,6 +1,7 @@
 """Models paged in and out under a memory budget (issue 14, items 2, 3 and 7): keep_alive, LRU
 eviction of idle models, loads that wait for room and then fail by name, never an eviction under
-a running request, a live update while requests run, and a model file deleted while resident.
+a running request or an open context (a cache context excepted), a live update while requests
+run, and a model file deleted while resident.
 
 One llmos boots with a tiny model on the boot driver and a budget that holds it plus two more
 tiny models, but not three; the models are tiny random GGUFs of the same shape, so each costs
@@ -224,6 +225,50 @@ def test_no_eviction_under_a_running_request_a_load_waits_then_fails_by_name(sys
         finally:
             first.stop()
             second.stop()
+
+
+def test_open_contexts_keep_their_model_and_a_cache_context_does_not(system):
+    """A model with an open context is not evicted under the budget (an older model goes
+    instead) nor unloaded by keep_alive 0; a load that finds every model kept so gets EAGAIN
+    naming the pid whose contexts keep them; once a context closes its model goes. A context
+    opened with cache keeps nothing: its model unloads, and its next turn loads it again and
+    recomputes (cached_tokens 0)."""
+    hi = [{"role": "user", "content": "Hi"}]
+    with system.connect(privileged=True) as c:
+        unload(c, "a", "b", "c", "d")
+        me = c.getpid()
+        on_a = c.open_context(system="Be brief.", model="a")
+        gen(c, "b")
+        gen(c, "c")                 # no room for c: b goes, though a was used before it
+        now = rows(c)
+        assert (now["a"]["state"], now["b"]["state"], now["c"]["state"]) == ("resident", "absent", "resident")
+        assert now["a"]["expires_at"] is None
+        on_c = c.open_context(model="c")
+        gen(c, "a", keep_alive=0)
+        gen(c, "c", keep_alive=0)
+        with pytest.raises(errors.EAGAIN) as e:
+            gen(c, "b")
+        assert f"a (0 requests; contexts open in pid {me}: 1)" in e.value.message
+        assert f"c (0 requests; contexts open in pid {me}: 1)" in e.value.message
+        # the Pager looked when those keep_alive 0 calls ended, seconds ago: both stay
+        assert (state(c, "a"), state(c, "c")) == ("resident", "resident")
+        c.close_context(on_c)
+        wait_until(lambda: state(c, "c") == "absent", 20, "c unloaded once its context closed")
+        assert len(gen(c, "b")) == 4
+        c.close_context(on_a)
+        unload(c, "a", "b")
+
+        cache = c.open_context(system="Be brief.", model="a", cache=True)
+        first = c.chat(hi, ctx=cache, max_tokens=3, temperature=0.0)
+        assert first.text is not None and first.result.finish in ("stop", "length")
+        gen(c, "a", keep_alive=0)
+        wait_until(lambda: state(c, "a") == "absent", 20, "a unloaded under its cache context")
+        turn = c.chat([{"role": "user", "content": "Again"}], ctx=cache, max_tokens=3, temperature=0.0)
+        assert turn.text is not None and turn.result.finish in ("stop", "length")
+        assert turn.result.cached_tokens == 0 and state(c, "a") == "resident"
+        (row,) = [x for x in c.contexts() if x["ctx"] == cache]
+        assert row["model"] == "a" and row["messages"] == 5
+        c.close_context(cache)
 
 
 def test_an_urgent_request_on_one_model_runs_before_low_priority_work_on_another(system):

@@ -5,7 +5,9 @@ the negative id ``owner``). A turn (chat with ctx) renders the whole conversatio
 blocks of the longest prefix it has in common with the context's tokens, and computes only the
 rest; when the turn ends, its blocks become the context's. Under memory pressure an idle context's
 blocks are the first to go (least recently used first); its next turn then recomputes the
-history, which changes nothing but the time it takes.
+history, which changes nothing but the time it takes. An open context keeps its model resident
+(services/inference/pager.py), unless it was opened as a cache (``cache``: the gateway's held
+conversations), whose model may be unloaded under it.
 
 Never: talk to the driver or storage (the engine and the service do).
 """
@@ -27,6 +29,7 @@ class Context:
     messages: list[dict] = field(default_factory=list)   # the conversation so far
     tokens: list[int] = field(default_factory=list)      # the history whose K/V the context's blocks hold
     busy: int | None = None                              # the seq_id of the turn in flight
+    cache: bool = False                                  # True: it does not keep its model resident
     last_used: float = field(default_factory=time.monotonic)
 
     @property

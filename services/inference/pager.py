@@ -10,15 +10,19 @@ counted.
 - A load must fit ``[models] memory_budget``: if it does not, the least recently used idle model
   is unloaded first, then the next, until it fits. Loads wait in one queue, first come first
   served (their position is shown); one that still does not fit after ``load_timeout`` is EAGAIN
-  saying what holds the memory. A model that alone needs more than the budget is refused at once.
+  saying what holds the memory, and who (the requests, the pids whose contexts keep a model). A
+  model that alone needs more than the budget is refused at once.
 - An idle model (no request on it, none waiting for it) is unloaded ``keep_alive`` seconds after
   its last use: the config's, or the last request's own (-1: never; 0: as soon as it is idle).
   An older version of a model (its name now stands for another file, or its file changed) is
-  unloaded as soon as it is idle.
+  unloaded as soon as it is idle, open contexts or not: they go on on the current version at
+  their next turn, recomputed.
 - Never unloaded: the default model (the boot driver holds it, so a call naming no model never
-  waits), a model with requests running or waiting. Contexts do not pin a model: an idle
-  context's K/V is a cache (as under memory pressure), and its next turn loads the model again and
-  recomputes them.
+  waits), a model with requests running or waiting, and a model with open contexts
+  (``Resident.holders``): neither keep_alive nor the budget unloads a model under a conversation.
+  Except a context opened as a cache (open_context with ``cache``, as the HTTP gateway's held
+  conversations are): it keeps nothing, and its next turn after an unload loads the model again
+  and recomputes its history (cached_tokens 0).
 
 Never: talk to a driver (the Resident does), or decide anything about a request's tokens.
 """

@@ -48,6 +48,7 @@ class Resident:
         self.keep_alive = -1.0 if self.boot else service.pager.keep_alive   # seconds; -1: for ever
         self.waiters = 0                    # requests waiting for it to be ready
         self.pins = 0                       # calls using it now (Inference._model): not idle while any
+        self.engine = None                  # once loaded
         self.loaded_at: float | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future = loop.create_future()
@@ -131,19 +132,34 @@ class Resident:
         return self.state == "resident" and not self.pins and not self.queues \
             and not self.engine.has_work()
 
+    def holders(self) -> dict[int, int]:
+        """The processes whose open contexts keep it resident: {pid: contexts}. A cache context
+        (open_context with cache) keeps nothing."""
+        held: dict[int, int] = {}
+        for ctx in self.engine.contexts.values() if self.engine is not None else ():
+            if not ctx.cache:
+                held[ctx.pid] = held.get(ctx.pid, 0) + 1
+        return held
+
     def unloadable(self) -> bool:
-        return not self.boot and self.idle()
+        """Idle, not the default model, and no open context keeps it; an older version goes even
+        so: its contexts move to the current one at their next turn and keep nothing here."""
+        return not self.boot and self.idle() and (not self.holders() or self.service.superseded(self))
 
     def expires_at(self) -> float | None:
-        """When (monotonic) keep_alive unloads it: None while in use, for ever, or the default model."""
-        if self.boot or self.keep_alive < 0 or not self.idle():
+        """When (monotonic) keep_alive unloads it: None while in use or kept by a context, for
+        ever, or the default model."""
+        if self.boot or self.keep_alive < 0 or not self.idle() or self.holders():
             return None
         return self.last_used + self.keep_alive
 
     def describe_use(self) -> str:
+        """What keeps it: "2 requests", "0 requests; contexts open in pid 12: 1, pid 14: 3"."""
         if self.state != "resident":
             return self.state
-        return f"{self.pins} requests"
+        held = self.holders()
+        kept = "; contexts open in " + ", ".join(f"pid {pid}: {n}" for pid, n in sorted(held.items()))
+        return f"{self.pins} requests" + (kept if held else "")
 
     async def unload(self, why: str) -> None:
         """Stop the step loop, leave the contexts without K/V (their next turn loads the model
@@ -172,6 +188,10 @@ class Resident:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), HELD_RECHECK_S if engine.has_work() else None)
             self.wake.clear()
+            if not engine.has_work() and not self.boot:
+                # woken with nothing to run: a context closed (Inference._close), a request was
+                # cancelled: what kept the model may be gone, so the Pager looks again
+                self.service.pager.changed()
             while engine.has_work():
                 step = engine.schedule()
                 self.deliver(step.events)

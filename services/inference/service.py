@@ -310,7 +310,9 @@ class Inference(Service):
     async def op_open_context(self, args: dict, caller: dict) -> int:
         model = await self._model(args.get("model"), "open_context", pid=int(caller.get("pid") or 0))
         messages = [{"role": "system", "content": args["system"]}] if args.get("system") else []
-        return self._open(model, messages, caller, "open_context", "system")
+        handle = self._open(model, messages, caller, "open_context", "system")
+        self.contexts[handle][1].cache = bool(args.get("cache"))    # a cache does not pin its model
+        return handle
 
     def _open(self, model: Resident, messages: list[dict], caller: dict, call: str, arg: str) -> int:
         from services.inference.engine import QuotaExceeded

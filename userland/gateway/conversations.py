@@ -15,7 +15,9 @@ Exact by construction: a context is used only when its conversation is, message 
 the request would have without it; and the service shares KV only for equal tokens (which a
 recompute computes again in one prefill: equal up to how the model's products round). Bounded: at
 most ``limit`` contexts per process, whose KV blocks count against the process's kv_blocks limit
-and are the first the scheduler takes back when memory is short.
+and are the first the scheduler takes back when memory is short. They are opened as caches
+(``cache``): a held conversation never keeps its model resident, so keep_alive and the memory
+budget unload models as if the gateway held none; a turn after an unload recomputes.
 
 Never: guess what a context holds. The service appends the reply to a context's messages when a
 turn ends with stop or length; a turn that ends with the gateway unsure how (a client gone, a
@@ -119,7 +121,7 @@ class Conversations:
             return None
         self.taken += 1
         try:
-            return await conn.open_context(model=model)
+            return await conn.open_context(model=model, cache=True)    # keeps no model resident
         except errors.LLMOSError as e:      # the chat call that follows says why, if it fails too
             self.taken -= 1
             self.log.info("context_refused", error=str(e))
