@@ -271,6 +271,37 @@ def test_open_contexts_keep_their_model_and_a_cache_context_does_not(system):
         c.close_context(cache)
 
 
+def test_the_kv_blocks_limit_counts_every_model(system):
+    """A process's kv_blocks limit counts its blocks on every model: its idle context on a gives
+    its blocks back for a request on b that needs them, and a prompt on b that cannot fit beside
+    its request holding blocks on a is EDQUOT at once, naming what a holds."""
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    with system.connect(privileged=True) as root:
+        unload(root, "c", "d")
+    with system.connect() as c:
+        ctx = c.open_context(model="a")
+        c.chat([{"role": "user", "content": text}], ctx=ctx, max_tokens=2, temperature=0.0).text
+        (row,) = c.contexts()
+        on_a = row["kv_blocks"]
+        stream = c.generate(text, model="b", max_tokens=1, temperature=0.0)
+        list(stream)
+        need = stream.result.prompt_tokens // 16 + 1         # blocks of 16 tokens that text takes on b
+        assert 3 <= need <= on_a, (need, on_a)
+        c.setrlimit("kv_blocks", on_a + 2)          # a's context and b's request do not fit together
+        assert len(gen(c, "b", text, max_tokens=4)) == 4
+        (row,) = c.contexts()
+        assert row["kv_blocks"] == 0, "a's idle context kept its blocks"
+
+        c.setrlimit("tokens_per_minute", 2)         # a's request holds its blocks, throttled
+        held = c.generate(text, model="a", max_tokens=50, temperature=0.0, ignore_eos=True)
+        assert next(iter(held)).tokens
+        with pytest.raises(errors.EDQUOT) as e:
+            gen(c, "b", text)
+        assert f"kv_blocks limit is {on_a + 2}, of which its requests hold " in e.value.message
+        assert re.search(r"on other models \(a: \d+\)$", e.value.message), e.value.message
+        held.close()
+
+
 def test_an_urgent_request_on_one_model_runs_before_low_priority_work_on_another(system):
     """Four nice-10 streams decode on b; an urgent (nice 0) request on a: the device's turns go
     to a's steps while it runs, so b's streams get far fewer tokens meanwhile than a does (each

@@ -30,7 +30,7 @@ from drivers.model.tokenizer import StreamDecoder, Tokenizer
 from services.inference.blocks import BlockAllocator
 from services.inference.contexts import MAX_PER_PROCESS as MAX_CONTEXTS, Context, common_prefix
 from services.inference.policy import Policy
-from services.inference.scheduler import Batch, Scheduler
+from services.inference.scheduler import Batch, Scheduler, held_on
 from services.inference.sequence import Sequence, Status
 from syscalls.runtime.steps import Sampled, SeqStep
 
@@ -192,10 +192,13 @@ class Engine:
                 raise QuotaExceeded(f"pid {pid} has {mine} requests running or queued; its sequences "
                                     f"limit is {limits['sequences']}")
         if "kv_blocks" in limits:
+            # the limit counts every model's blocks; the process's idle contexts elsewhere give way
             need = self.blocks.blocks_for(prompt_len + 1)
-            if need > limits["kv_blocks"]:
+            elsewhere = self.scheduler.elsewhere(pid)
+            if need > limits["kv_blocks"] - sum(busy for _, busy in elsewhere.values()):
                 raise QuotaExceeded(f"the prompt needs {need} KV blocks of {self.blocks.block_size} tokens; "
-                                    f"pid {pid}'s kv_blocks limit is {limits['kv_blocks']}")
+                                    f"pid {pid}'s kv_blocks limit is {limits['kv_blocks']}"
+                                    f"{held_on(elsewhere, requests=True)}")
         if "tokens_per_minute" in limits:
             now = time.monotonic()
             wait = proc.throttle_left(now)

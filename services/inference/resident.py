@@ -84,6 +84,9 @@ class Resident:
             self.engine = Engine(info, self.tokenizer, max_running=c.max_running,
                                  token_budget=c.token_budget, max_queue=c.max_queue,
                                  decode_steps=c.decode_steps, policy=Policy(c.band, c.aging_s, c.quantum))
+            # a process's kv_blocks limit counts its blocks on every model
+            self.engine.scheduler.elsewhere = self._held_elsewhere
+            self.engine.scheduler.reclaim_elsewhere = self._reclaim_elsewhere
         except Exception as e:          # a bug of ours is loud, and still fails only this model
             if not isinstance(e, errors.LLMOSError):
                 self.log.exception("model_load_bug", model=self.name)
@@ -179,6 +182,31 @@ class Resident:
         self.log.info("model_unloaded", model=self.name, driver=self.driver, why=why)
         self.service.pager.changed()
         self.service.report(force=True)
+
+    # -- KV blocks on the other models ---------------------------------------------------------
+    def _others(self) -> list["Resident"]:
+        return [m for m in self.service.models.values() if m is not self and m.state == "resident"]
+
+    def _held_elsewhere(self, pid: int) -> dict[str, tuple[int, int]]:
+        """The KV blocks pid holds on the other models: {name: (blocks, of which its requests')}."""
+        held: dict[str, tuple[int, int]] = {}
+        for m in self._others():
+            scheduler = m.engine.scheduler
+            if blocks := scheduler.held_blocks(pid):
+                before = held.get(m.name, (0, 0))
+                held[m.name] = (before[0] + blocks, before[1] + scheduler.request_blocks(pid))
+        return held
+
+    def _reclaim_elsewhere(self, pid: int) -> bool:
+        """Take back pid's least recently used idle context on another model (its next turn
+        there recomputes); False when it has none."""
+        idle = [(ctx, m) for m in self._others() for ctx in m.engine.scheduler.idle_contexts(pid)]
+        if not idle:
+            return False
+        ctx, model = min(idle, key=lambda pair: pair[0].last_used)
+        model.engine.scheduler.evict(ctx)
+        self.log.info("context_evicted", pid=pid, model=model.name, for_model=self.name)
+        return True
 
     # -- the step loop -------------------------------------------------------------------------
     async def _run(self) -> None:

@@ -16,9 +16,12 @@ is the cheap choice whenever keeping is impossible (a CUDA driver could swap to 
 Each step has a token budget. Decoding requests (one pending token) are always served, so a long
 prompt never stalls them; prefilling requests get what is left, a chunk at a time.
 
-A process's kv_blocks limit is enforced here: a request may not grow its process past the limit.
-Its process's idle contexts give way first; then it waits for its process's other requests (the
-least urgent of them may be dropped for it); it fails with the limit named if it alone cannot fit.
+A process's kv_blocks limit is enforced here: a request may not grow its process past the limit,
+which counts the blocks the process holds on every model the service runs (``elsewhere``, which
+the service installs: each model's engine has its own pool). Its process's idle contexts give way
+first; then it waits for its process's other requests on this model (the least urgent of them
+may be dropped for it); it fails with the limit named if it cannot fit beside what its requests
+hold on the other models (their idle contexts there give way first: ``reclaim_elsewhere``).
 
 Never: talk to the driver, or change a request's tokens (the engine does both).
 """
@@ -26,6 +29,7 @@ Never: talk to the driver, or change a request's tokens (the engine does both).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.inference.policy import Policy
@@ -57,6 +61,11 @@ class Scheduler:
         self.clock = clock
         self.seqs: list[Sequence] = []      # every live request, in arrival order
         self.contexts: dict[int, Context] = {}   # the engine's open contexts (their blocks can be taken)
+        # What a process holds on the service's other models, {model: (blocks, of which its
+        # requests')}, and taking back its least recently used idle context there (False: it has
+        # none). The inference service installs both (Resident.load); alone, an engine has no others.
+        self.elsewhere: Callable[[int], dict[str, tuple[int, int]]] = lambda pid: {}
+        self.reclaim_elsewhere: Callable[[int], bool] = lambda pid: False
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -91,9 +100,16 @@ class Scheduler:
         return [s for s in self.seqs if s.status is not Status.RUNNING]
 
     def held_blocks(self, pid: int) -> int:
-        """KV blocks a process holds: its requests' and its contexts', shared ones counted once."""
+        """KV blocks a process holds here: its requests' and its contexts', shared ones counted once."""
         return self.blocks.distinct([s.seq_id for s in self.seqs if s.pid == pid] +
                                     [c.owner for c in self.contexts.values() if c.pid == pid])
+
+    def request_blocks(self, pid: int) -> int:
+        """KV blocks a process's requests hold here (its idle contexts' are not counted)."""
+        return self.blocks.distinct([s.seq_id for s in self.seqs if s.pid == pid])
+
+    def held_elsewhere(self, pid: int) -> int:
+        return sum(held for held, _ in self.elsewhere(pid).values())
 
     def idle_contexts(self, pid: int | None = None) -> list[Context]:
         """Contexts holding blocks with no turn in flight (of one process), least recently used first."""
@@ -169,8 +185,11 @@ class Scheduler:
         # the process's own limit first
         limit = self.policy.procs[s.pid].limits.get("kv_blocks") if s.pid in self.policy.procs else None
         if limit is not None:
-            while (n := room(limit - self.held_blocks(s.pid))) < (want if not prefill else 1):
-                if blocks.blocks_for(s.num_computed + 1) > limit:
+            while (n := room(limit - self.held_blocks(s.pid) - self.held_elsewhere(s.pid))) \
+                    < (want if not prefill else 1):
+                if blocks.blocks_for(s.num_computed + 1) > limit - self.held_elsewhere(s.pid):
+                    if self.reclaim_elsewhere(s.pid):
+                        continue                 # an idle context of its on another model gave way
                     batch.over_quota.append((s, self._quota_message(s, limit)))
                     picked.discard(s)
                     return 0
@@ -248,7 +267,8 @@ class Scheduler:
     def _quota_message(self, s: Sequence, limit: int) -> str:
         need = self.blocks.blocks_for(s.num_computed + 1)
         return (f"pid {s.pid} reached its kv_blocks limit: this request needs {need} blocks of "
-                f"{self.blocks.block_size} tokens ({s.num_computed + 1} tokens) and the limit is {limit}")
+                f"{self.blocks.block_size} tokens ({s.num_computed + 1} tokens) and the limit is {limit}"
+                f"{held_on(self.elsewhere(s.pid))}")
 
     def describe(self) -> list[dict]:
         """Every request in scheduling order, as the runqueue syscall shows it."""
@@ -273,3 +293,13 @@ class Scheduler:
                         "kv_blocks": len(self.blocks.table(s.seq_id)), "prompt_tokens": len(s.prompt),
                         "generated": len(s.output), "waited_s": round(now - s.last_served, 3)})
         return out
+
+
+def held_on(elsewhere: dict[str, tuple[int, int]], requests: bool = False) -> str:
+    """", of which it holds 8 on other models (a: 8)": what a process holds on the other models
+    (only its requests', with requests), for the message of a limit; "" if nothing."""
+    held = {m: counts[requests] for m, counts in elsewhere.items() if counts[requests]}
+    if not held:
+        return ""
+    return (f", of which {'its requests hold' if requests else 'it holds'} {sum(held.values())} "
+            f"on other models ({', '.join(f'{m}: {b}' for m, b in sorted(held.items()))})")
