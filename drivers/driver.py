@@ -113,6 +113,12 @@ class Driver(Service):
     def op_release(self, args: dict, caller: dict) -> None:
         self.runner.release([int(i) for i in args.get("seq_ids", [])])
 
+    async def op_reset(self, args: dict, caller: dict) -> None:
+        """Forget every sequence (a restarted inference service knows none of them), once the step
+        its predecessor left running here is over."""
+        async with self.lock:
+            self.runner.reset()
+
 
 def named(cls: type[Driver]) -> type[Driver]:
     """cls as the service the kernel named in LLMOS_SERVICE: the boot driver (cpu, cuda0) or an

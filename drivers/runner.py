@@ -160,10 +160,11 @@ class ModelRunner:
         chunks, samplers, histories, ids = [], [], [], []
         for s in batch:
             sid = s["seq_id"]
-            if sid not in self._samplers:
+            if s.get("params") is not None or sid not in self._samplers:
                 if s.get("params") is None and s["start"] != 0:
                     raise ValueError(f"sequence {sid}: first step must start at 0 or carry params")
-                self._samplers[sid] = SequenceSampler(SamplingParams.from_dict(s.get("params")))
+                self._samplers[sid] = SequenceSampler(SamplingParams.from_dict(s.get("params")),
+                                                      drawn=int(s.get("drawn") or 0))
             # recompute after preemption re-feeds earlier positions: overwrite, never append twice
             hist = self._history.setdefault(sid, [])
             if s.get("history") is not None:
@@ -190,6 +191,10 @@ class ModelRunner:
         for row, why in blocked.items():
             out[row]["error"] = why
         return out
+
+    def reset(self) -> None:
+        """Forget every sequence: their engine is gone (the inference service restarted)."""
+        self.release(list(self._samplers) + list(self._history))
 
     def release(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:

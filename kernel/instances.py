@@ -28,6 +28,7 @@ from syscalls.runtime.config import Config
 from syscalls.runtime.devices import CPU_DRIVER, INSTANCE, MODEL_ENV, MODEL_NAME_ENV, is_driver, model_driver
 from syscalls.runtime.models import NAME, Registry
 
+from . import keep
 from .supervisor import FAILED, STOPPED, Service
 
 KERNEL = "kernel."          # the target of a service's call to the kernel itself
@@ -107,7 +108,8 @@ def drivers(kernel, origin: Service, args: dict) -> list[dict]:
             for s in kernel.supervisor.services.values() if is_driver(s.name)]
 
 
-SERVICE_TRAPS = {"driver_start": driver_start, "driver_stop": driver_stop, "drivers": drivers}
+SERVICE_TRAPS = {"driver_start": driver_start, "driver_stop": driver_stop, "drivers": drivers,
+                 "kept": keep.kept}
 
 
 # == at boot =======================================================================================

@@ -38,7 +38,7 @@ from syscalls.runtime.channel import SENT, Channel
 from syscalls.runtime.config import Config
 from syscalls.table import BY_NAME
 
-from . import accounting, instances, traps, users
+from . import accounting, instances, keep, traps, users
 from .launcher import Launcher
 from .proctable import KERNEL_PID, Process, ProcessTable
 from .routing import Forwarded, Router
@@ -65,7 +65,7 @@ class Kernel:
         self.table.get(KERNEL_PID).os_pid = os.getpid()
         self.counters = dict.fromkeys((
             "messages", "calls", "bad_frames", "unknown_calls", "forged_service_messages",
-            "replies_dropped", "disconnects", "retries", "kernel_bugs"), 0)
+            "replies_dropped", "disconnects", "retries", "resumed", "kernel_bugs"), 0)
         self.by_syscall = dict.fromkeys(BY_NAME, 0)      # calls made, by syscall name (kstat)
         self._sweeps: list[asyncio.TimerHandle] = []
         self.stopping = False
@@ -287,6 +287,7 @@ class Kernel:
             if not proc.receiver.done():
                 proc.receiver.cancel()
             proc.receiver = None
+        keep.process_ended(self.supervisor.services.values(), proc.pid)
         calls, proc.in_flight = proc.in_flight, {}
         for call in calls.values():
             self._cancel(call)
@@ -384,6 +385,8 @@ class Kernel:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+        elif kind == "keep" and isinstance(data, dict):       # state to have back after a restart
+            keep.keep(svc, data, self.log)
             self.router.expire(now, self.cfg.kernel.call_deadline)
             self._sweeps = [h for h in self._sweeps if not h.cancelled() and h.when() > self.loop.time()]
             accounting.rates(self.table, now - last)

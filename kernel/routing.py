@@ -7,7 +7,10 @@ named error (principle 3 of kernel.py):
 
 - a service that is not READY holds its calls; ``service_ready`` sends them;
 - one that dies under a call retries it at the head of its queue if the row is idempotent, it was
-  tried once and nothing of it was streamed; any other call ends with ESRVDOWN;
+  tried at most twice and nothing of it was streamed; a resumable stream (generate, chat) goes
+  back too, its args carrying ``resume``: the tokens its program has had, so the restarted
+  service goes on from there and the program sees one unbroken stream; any other call ends with
+  ESRVDOWN;
 - a FAILED (or STOPPED) service ends its calls with ESRVDOWN at once; a call queued longer than
   ``kernel.call_deadline`` ends with ETIMEDOUT (``expire``).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from syscalls import errors, wire
@@ -31,6 +34,8 @@ from . import accounting
 from .proctable import KERNEL_PID, Process, ProcessTable
 from .supervisor import FAILED, READY, STOPPED, Service
 
+MAX_ATTEMPTS = 3        # an idempotent call is sent at most this often to services that die under it
+MAX_STALLS = 2          # a resumable stream is given up after this many deaths with no token between
 
 @dataclass(eq=False)
 class Forwarded:
@@ -45,6 +50,9 @@ class Forwarded:
     queued_at: float
     attempts: int = 1
     chunks: int = 0
+    delivered: list = field(default_factory=list)   # a resumable stream's tokens, as its CHUNKs had them
+    resumed_at: int = 0                 # len(delivered) when it was last resubmitted
+    stalls: int = 0                     # deaths in a row under it with no token delivered between
     service: Service | None = None      # the service handling it
     origin: Service | None = None       # the service that made it, for a service-to-service call
 
@@ -155,6 +163,10 @@ class Router:
             accounting.charge(call.proc, msg[4])     # as it happens: ps and top see a stream grow
         if kind == wire.CHUNK:
             call.chunks += 1
+            if call.spec.resumable:
+                tokens = msg[3].get("tokens") if isinstance(msg[3], dict) else None
+                if isinstance(tokens, list):
+                    call.delivered += tokens
             return self.answer(call, wire.chunk(call.cid, msg[3]))
         del svc.in_flight[kid]
         call.waiting_map.pop(call.cid, None)
@@ -201,16 +213,27 @@ class Router:
             self.drop(call)
         lost, svc.in_flight = svc.in_flight, {}
         retry = []
+        back = svc.state not in (FAILED, STOPPED)
         for call in lost.values():
-            if call.spec.idempotent and call.attempts < 2 and call.chunks == 0 \
-                    and call.origin is None and svc.state not in (FAILED, STOPPED):
+            why = None
+            if not back:
+                why = "the service has FAILED" if svc.state == FAILED else f"the service is {svc.state}"
+            elif call.origin is not None:
+                why = "a service's own call (the calling service decides)"
+            elif call.spec.resumable:
+                why = self._resume(call)
+            elif not call.spec.idempotent:
+                why = "it is not idempotent"
+            elif call.chunks:
+                why = "part of its stream was delivered"
+            elif call.attempts >= MAX_ATTEMPTS:
+                why = f"it was tried {call.attempts} times"
+            else:
                 call.attempts += 1
                 self.counters["retries"] += 1
+            if why is None:
                 retry.append(call)
             else:
-                why = "it is not idempotent" if not call.spec.idempotent else "it was tried twice"
-                if svc.state == FAILED:
-                    why = "the service has FAILED"
                 self.fail(call, "ESRVDOWN", f"{call.spec.name}: service '{svc.name}' died while "
                                             f"handling the call ({svc.last_exit}); not retried: {why}")
         svc.waiting.extendleft(reversed(retry))
@@ -218,6 +241,16 @@ class Router:
             waiting, svc.waiting = svc.waiting, type(svc.waiting)()
             for call in waiting:
                 self.dispatch(svc, call)
+
+    def _resume(self, call: Forwarded) -> str | None:
+        """Send a stream again, to go on after the tokens its program has had; why not, if not."""
+        call.stalls = call.stalls + 1 if len(call.delivered) == call.resumed_at else 0
+        if call.stalls >= MAX_STALLS:
+            return f"its service died {call.stalls} times under it without a token between"
+        call.args = {**call.args, "resume": {"tokens": list(call.delivered)}}
+        call.resumed_at, call.queued_at = len(call.delivered), time.monotonic()
+        self.counters["resumed"] += 1
+        return None
 
     def expire(self, now: float, deadline: float) -> None:
         """End every call queued for longer than the deadline (counted from its first forward)."""

@@ -62,6 +62,8 @@ class Service:
         self.outgoing: dict[int, object] = {}    # calls it made to other services, by its own id
         self.removed: asyncio.Future | None = None   # set by Supervisor.remove: gone for good once done
         self.fail_unready = False    # dying before it was ever READY makes it FAILED at once
+        self.kept: dict[str, tuple] = {}     # what it left to have back after a restart (kernel/keep.py)
+        self.kept_bytes = 0
 
     @property
     def pid(self) -> int | None:

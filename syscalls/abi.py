@@ -57,7 +57,8 @@ def render() -> str:
         if s.target == "kernel":
             flags.append("idempotent" if s.idempotent else "not idempotent")
         else:
-            flags.append("idempotent (retried once if its service dies)" if s.idempotent
+            flags.append("resumed on the restarted service if its service dies" if s.resumable
+                         else "idempotent (retried if its service dies, twice at most)" if s.idempotent
                          else "not idempotent (never retried)")
         if s.stream:
             flags.append("streams CHUNKs, then END")

@@ -155,8 +155,12 @@ class Syscall:
     doc: str = ""
     privilege: str | None = None     # "admin": only a privileged process may make the call;
                                      # "owner": only a process of root or of the kernel's OS user
-    idempotent: bool = False         # safe to run twice: retried once if its service dies mid-call
+    idempotent: bool = False         # safe to run twice: retried if its service dies mid-call
     stream: bool = False             # answered by CHUNK messages and an END
+    resumable: bool = False          # a stream the kernel resubmits when its service dies: its
+                                     # CHUNKs' "tokens" are kept, and the new call's args carry
+                                     # resume = {tokens} (docs/architecture.md, "Calls when a
+                                     # service dies")
     caller: tuple[str, ...] = ()     # caller context the handler needs (keys of CALLER_CONTEXT)
     by_name: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -164,6 +168,8 @@ class Syscall:
         self.by_name.update({a.name: a for a in self.args})
         if self.privilege not in (None, "admin", "owner"):
             raise TypeError(f"syscall {self.name}: unknown privilege {self.privilege!r}")
+        if self.resumable and not self.stream:
+            raise TypeError(f"syscall {self.name}: only a stream can be resumable")
         unknown = set(self.caller) - set(CALLER_CONTEXT)
         if unknown:
             raise TypeError(f"syscall {self.name}: unknown caller context {sorted(unknown)}")

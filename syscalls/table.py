@@ -189,7 +189,8 @@ SYSCALLS: tuple[Syscall, ...] = (
             result="CHUNKs {text, tokens[, logprobs: [{token, logprob, bytes, top: [[token, "
                    "logprob, bytes]]}]]}, then END {finish, stop_reason, error, prompt_tokens, "
                    "cached_tokens, generated_tokens, ttft_s, decode_s, preemptions}",
-            errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"), stream=True, caller=_SCHED_INPUTS,
+            errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT"), stream=True, resumable=True,
+            caller=_SCHED_INPUTS,
             doc="Generate text from a prompt, streamed as it is produced. finish is stop (a stop "
                 "string, stop id or end of text), length (max_tokens or the context window), "
                 "cancelled or error. Sampling defaults follow llama.cpp's. With logprobs = n, "
@@ -212,7 +213,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     ), result="as generate, and cached_tokens: prompt tokens the context's cache spared; with "
               "tools, END has tool_calls: [{id, type: function, function: {name, arguments (a JSON "
               "string)}}] and, when there are calls, content: the text outside them or null",
-        errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT", "EBADF"), stream=True,
+        errors=("EINVAL", "ENOENT", "EIO", "EAGAIN", "EDQUOT", "EBADF"), stream=True, resumable=True,
         caller=_SCHED_INPUTS,
         doc="generate, from chat messages ({role, content}) rendered with the model's chat "
             "template. With ctx, the conversation so far is the context's, whose KV cache is "
@@ -247,15 +248,17 @@ SYSCALLS: tuple[Syscall, ...] = (
             "and reuses its cached KV prefix. It belongs to the caller and is closed when the "
             "caller exits; its cached blocks count against the caller's kv_blocks. While it is "
             "open its model is not unloaded (by keep_alive or the memory budget), unless cache."),
+        idempotent=True,
     Syscall("close_context", "inference", (Arg("ctx", "int", min=1),), errors=("EBADF",),
-            doc="Close a context and free its KV blocks."),
+            idempotent=True, doc="Close a context and free its KV blocks."),
     Syscall("save_context", "inference", (Arg("ctx", "int", min=1), _key, _ns),
             result="{version, size}", errors=("EBADF", "EPERM", "EDQUOT", "E2BIG", "ENOENT", "EINVAL",
                                               "EIO"),
             doc="Write a context (its messages and tokens) to storage under key, in the caller's "
                 "namespace unless ns is given; load_context restores it, after a reboot too."),
     Syscall("load_context", "inference", (_key, _ns), result="int (a new context handle)",
-            errors=("ENOENT", "EINVAL", "EPERM", "EDQUOT"),
+            errors=("ENOENT", "EINVAL", "EPERM", "EDQUOT"), idempotent=True,
+            idempotent=True,
             doc="Open a context saved by save_context; its KV cache is rebuilt at its next turn."),
     Syscall("contexts", "inference", (Arg("pid", "int", None, min=1),),
             result="[{ctx, pid, model, messages, tokens, kv_blocks, last_used}]", errors=("EPERM",),
@@ -337,7 +340,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("model", "str", max_len=256, doc="a registered model's name or file"),
         Arg("keep_alive", "float", None, min=-1, max=1e9,
             doc="as generate's: from now on; 0 unloads the model as soon as it is idle"),
-    ), result="{model, state, driver}", errors=("ENOENT", "EIO", "EAGAIN"),
+    ), result="{model, state, driver}", errors=("ENOENT", "EIO", "EAGAIN"), idempotent=True,
         doc="Load a model now, ahead of the requests that will name it (the call waits while it "
             "loads, as a request would); with keep_alive 0, unload it once idle instead (a model "
             "not loaded stays so). The default model is never unloaded."),

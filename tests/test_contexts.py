@@ -138,23 +138,27 @@ def test_context_blocks_count_against_the_kv_blocks_limit(system):
         c.close_context(ctx)
 
 
-def test_a_handle_held_across_a_restart_of_the_service_names_no_other_context():
-    """The contexts go with the inference service; a restarted one numbers its handles past the
-    last start's, so a program (the gateway) holding an old handle gets EBADF, never a turn on a
-    context it opened since."""
+def test_a_context_outlives_a_restart_of_the_service_under_its_handle():
+    """The kernel keeps each context's messages (kernel/keep.py): a restarted inference service
+    opens them again under their handles, their K/V recomputed at the next turn; handles it opens
+    itself are numbered past the last start's, so an old and a new one never collide."""
     s = Booted(make_home()).boot()
     try:
         with s.connect() as c:
             old = c.open_context(system="first")
-            turn(c, old, "hello")
+            reply, _ = turn(c, old, "hello")
             before = s.service("inference")
             os.kill(before["pid"], signal.SIGKILL)
             wait_until(lambda: (x := s.service("inference"))["state"] == "READY" and x["pid"] != before["pid"],
                        30, "the inference service to be restarted")
             new = c.open_context(system="second")
             assert new > old
-            with pytest.raises(errors.EBADF):
-                turn(c, old, "again")
+            again, end = turn(c, old, "again")
+            assert end.cached_tokens == 0
+            history = [{"role": "system", "content": "first"}, {"role": "user", "content": "hello"},
+                       {"role": "assistant", "content": c.detokenize(reply)},
+                       {"role": "user", "content": "again"}]
+            assert again == plain(c, history)
             msgs = [{"role": "system", "content": "second"}, {"role": "user", "content": "hi"}]
             assert turn(c, new, "hi")[0] == plain(c, msgs)
     finally:

@@ -199,8 +199,9 @@ def test_two_requests_on_one_history_at_once_both_answer(gw, oai):
 
 
 def test_after_the_inference_service_restarts_held_chats_are_computed_afresh():
-    """Its contexts went with it: a held one is EBADF, and the request is answered on a new
-    context, never on another one the gateway opened since."""
+    """A held context outlives the service (the kernel keeps its messages) but not its K/V: the
+    follow-up is computed afresh (cached_tokens 0), and never on another context the gateway
+    opened since."""
     system = start_tiny("contexts_per_key = 2\n", **MODEL)
     try:
         anyone = client(system)

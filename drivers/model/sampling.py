@@ -41,10 +41,17 @@ class Sample:
 class SequenceSampler:
     """One sequence's sampling state: its parameters and its private random generator."""
 
-    def __init__(self, params: SamplingParams | None = None):
+    def __init__(self, params: SamplingParams | None = None, drawn: int = 0):
+        """drawn: tokens this sequence has sampled already (elsewhere: a driver or an inference
+        service that died). Each sampled token takes exactly one 64-bit draw (``_sample_rows``),
+        so the stream advanced by drawn is where it stood: a seeded sequence's tokens are a
+        function of its seed and their position, however often it is made again."""
         self.params = params or SamplingParams()
         seed = self.params.seed if self.params.seed is not None else random.SystemRandom().randrange(2 ** 63)
-        self.generator = np.random.Generator(np.random.PCG64(seed))
+        bits = np.random.PCG64(seed)
+        if drawn:
+            bits.advance(drawn)
+        self.generator = np.random.Generator(bits)
 
 
 def host_logits(logits) -> np.ndarray:

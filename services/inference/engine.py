@@ -79,19 +79,25 @@ class Engine:
         self._ids = itertools.count(1)
         self._arrivals = itertools.count()
         self._release: list[int] = []     # finished sequences the driver has not been told about yet
+        self._ended: list[dict] = []      # last events of requests that ended as they were added
+        self._replayed: dict[int, str] = {}   # text of the tokens requests were added with, until schedule()
 
     # ------------------------------------------------------------------------------------------ requests
 
     def add(self, prompt: str | Seq[int], sampling: SamplingParams | dict | None = None, *, max_tokens: int = 256,
             stop: Iterable[str] = (), stop_ids: Iterable[int] = (), ignore_eos: bool = False,
             seq_id: int | None = None, pid: int = 0, ctx: Context | None = None,
-            constraint: str | None = None) -> int:
+            constraint: str | None = None, resume: Seq[int] = ()) -> int:
         """Queue a request of process pid; return its seq_id. Raises RequestError (or QueueFull,
         QuotaExceeded) for anything the engine cannot run. The process's priority and limits are
         the policy's (``engine.policy.update(pid, ...)`` first). With ctx, the prompt is the whole
         conversation: the prefix it shares with the context's history is not computed again.
         constraint is a grammar the output keeps to (drivers.model.constraints.grammar_for, checked
-        by the caller); the driver masks each token of it."""
+        by the caller); the driver masks each token of it. resume: tokens this request generated
+        before (on an inference service that died, as its program had them): they count as its
+        output, are computed with the prompt and never streamed again, and a seeded sampler goes
+        on from where they leave its random stream; ``replayed(seq_id)``, asked before the next
+        ``schedule()``, is their text."""
         if ctx is not None and ctx.busy is not None:
             raise ContextBusy(f"context {ctx.ctx} has a turn in flight (request {ctx.busy}); one turn "
                               f"at a time")
@@ -120,7 +126,10 @@ class Engine:
             raise RequestError(f"stop_ids must be integers in 0..{self.vocab_size - 1}")
         if not ignore_eos:
             stop_ids |= set(self.tokenizer.eog_ids)
-        self._admit(pid, len(ids))
+        resume = list(resume)
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in resume):
+            raise RequestError(f"resumed token ids must be integers in 0..{self.vocab_size - 1}")
+        self._admit(pid, len(ids) + len(resume))
         if seq_id is None:
             seq_id = next(self._ids)
             while seq_id in self._seqs:
@@ -134,7 +143,34 @@ class Engine:
         self.scheduler.add(seq)
         if ctx is not None:
             self._attach(seq, ctx)
+        if resume:
+            self._replay(seq, resume)
         return seq_id
+
+    def replayed(self, seq_id: int) -> str:
+        """The text of the tokens a request was just added with (resume); "" without."""
+        return self._replayed.get(seq_id, "")
+
+    def _replay(self, seq: Sequence, tokens: list[int]) -> None:
+        """Take tokens generated before as seq's output: through its decoder (their text is what
+        was shown, and what the decoder holds back it holds back again), then the same ends as a
+        token sampled now; one that has ended already ends at the next schedule()."""
+        decoder, text, end = self._decoders[seq.seq_id], [], None
+        for token in tokens:
+            seq.output.append(token)
+            if token in seq.stop_ids:
+                seq.stop_reason, end = token, "stop"
+                break
+            text.append(decoder.push(token))
+            if decoder.stopped:
+                seq.stop_reason, end = decoder.stopped_on, "stop"
+                break
+        self._replayed[seq.seq_id] = "".join(text)
+        if end is None and len(seq.output) >= seq.max_tokens:
+            end = "length"
+        if end is not None:
+            self._ended.append(self._finish(seq, end, {"seq_id": seq.seq_id, "tokens": [],
+                                                       "text": decoder.flush()}))
 
     # ------------------------------------------------------------------------------------------ contexts
 
@@ -215,7 +251,7 @@ class Engine:
         return self._finish(seq, "cancelled", {"seq_id": seq_id, "text": "", "tokens": []})
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return bool(self._ended) or self.scheduler.has_work()
 
     def usage(self) -> dict[str, int]:
         return {**self.blocks.usage(), "running": len(self.scheduler.running),
@@ -245,8 +281,10 @@ class Engine:
     def schedule(self) -> Step:
         """Pick this step's work: the driver's messages, and events of requests that cannot run."""
         release, self._release = self._release, []
+        ended, self._ended = self._ended, []
+        self._replayed.clear()
         batch = self.scheduler.schedule()
-        events = [self._finish(seq, "length", {"seq_id": seq.seq_id, "text": self._decoders[seq.seq_id].flush(),
+        events = ended + [self._finish(seq, "length", {"seq_id": seq.seq_id, "text": self._decoders[seq.seq_id].flush(),
                                                "tokens": []},
                                error=f"the KV cache ({self.blocks.num_blocks} blocks of {self.blocks.block_size}"
                                      f" tokens) cannot hold {len(seq)} tokens")
@@ -263,6 +301,8 @@ class Engine:
                          "params": seq.params if start == 0 or not seq.known else None})
             if msgs[-1]["params"] is not None and seq.constraint is not None:
                 msgs[-1]["constraint"] = {"grammar": seq.constraint, "prompt_len": len(seq.prompt)}
+            if msgs[-1]["params"] is not None and seq.output:
+                msgs[-1]["drawn"] = len(seq.output)     # where its random stream stands
             if not seq.known:
                 seq.known = True
                 if start:
@@ -325,7 +365,8 @@ class Engine:
 
     def device_lost(self) -> None:
         """The driver lost its KV cache and samplers (it restarted): recompute whatever was running.
-        Greedy output is unchanged by this; a seeded sampler starts its random stream again."""
+        Output is unchanged by this: greedy is, and a seeded sampler is made again where its
+        stream stood (``drawn``)."""
         self.scheduler.evict_all()
         self._release = []          # the new driver knows none of them
         for seq in self._seqs.values():

@@ -13,6 +13,13 @@ loads; an unknown name is ENOENT naming the models there are. Which models stay 
 Pager's (services/inference/pager.py: the memory budget, keep_alive). Context handles are the
 service's, one numbering across models; a context outlives its model's unloading and an update of
 its file, and its next turn runs on the model's current version, recomputed.
+
+A context also outlives this service: each one's messages are left with the kernel as they change
+(``EVENT keep``, kernel/keep.py), and a restarted service opens them again under their handles
+(``_restore``), their K/V recomputed at their next turn. A generation or chat the kernel resubmits
+after a death carries ``resume``: the tokens its program has had, taken as output already made
+(``Engine.add``), so the stream goes on where it broke. open, close and load of contexts are safe
+for the kernel to retry: one whose effect outlived the death is answered from the kept records.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import asyncio
 import itertools
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from services.inference.contexts import Context
 from services.inference.pager import Pager, file_version
 from services.inference.resident import Resident
 from services.inference.turns import Turns
@@ -36,6 +45,7 @@ from syscalls.runtime.service import Reply, Service
 REPORT_S = 0.2             # the kernel hears of changes in model work at most this often while busy
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "logprobs")
 HANDLES_PER_START = 1 << 32   # context handles of one start: a restart's start past the last's
+CLOSES_KEPT = 8            # a process's last closes remembered across a restart (a retried close)
 RANK = {"running": 0, "ready": 1, "suspended": 2, "throttled": 2, "stopped": 3, None: 4}  # by_process
 
 
@@ -58,6 +68,9 @@ class Inference(Service):
         self.turns = Turns(cfg.scheduler.band)      # whose step runs next on the device
         self.pending: dict[int, dict] = {}          # requests waiting for their model: id -> {pid, ...}
         self._pending_ids = itertools.count(1)
+        self.made_by: dict[int, str] = {}           # context handle -> the txid of the call that opened it
+        self.opened_by: dict[str, int] = {}         # the reverse, for contexts a previous run opened
+        self.closed: dict[int, deque] = {}          # pid -> its last (handle, txid) closes
         # Driver instances a previous run of this service started hold K/V of engines that are
         # gone: stop them, so that what is resident is what the Pager counts.
         for d in await self.runtime.call("kernel", "drivers", {}):
@@ -67,13 +80,59 @@ class Inference(Service):
         boot = Resident(self, "", None, model_driver())
         await boot.load(self.scheduler_cfg, self.progress)
         await boot.ready                    # a failure here fails the start: the supervisor retries
+        await self.runtime.call(boot.driver, "reset", {})   # what it holds is a dead engine's
         boot.name = self._name_of(boot.path)
         real = os.path.realpath(boot.path)
         boot.version = file_version(real)
         self.default = self.models[(real, boot.version)] = boot
         self.pager = Pager(self, cfg.models, cfg.driver, int(boot.info.get("memory_total") or 0))
         self.pager.check_boot()
+        await self._restore()
         self.spawn(self.pager.run())
+
+    async def _restore(self) -> None:
+        """Open again the contexts a previous run of this service left with the kernel, under
+        their handles: on the default model, or waiting for theirs to load at their next turn."""
+        away: dict[str, Resident] = {}
+        for record in await self.runtime.call("kernel", "kept", {}):
+            pid, value = record["pid"], record["value"]
+            if record["key"].startswith("closed:"):
+                self.closed[pid] = deque((tuple(c) for c in value), maxlen=CLOSES_KEPT)
+                continue
+            ctx = Context(0, pid, value["model"], value["messages"])
+            ctx.cache = bool(value.get("cache"))       # a gateway's held conversation stays one
+            if value["path"] == os.path.realpath(self.default.path):
+                model = self.default
+                model.engine.adopt_context(ctx)
+            else:
+                model = away.get(value["path"])
+                if model is None:
+                    model = away[value["path"]] = Resident(self, value["model"], Path(value["path"]), None)
+                    model.state = "absent"              # loaded by the context's next turn
+            handle = value["handle"]
+            self.contexts[handle] = (model, ctx)
+            if value.get("txid"):
+                self.made_by[handle] = value["txid"]
+                self.opened_by[value["txid"]] = handle
+        if self.contexts:
+            self.log.info("contexts_restored", contexts=len(self.contexts))
+            self.report(force=True)
+
+    def _keep(self, handle: int) -> None:
+        """Leave a context's state with the kernel, to be opened again by a restarted service."""
+        model, ctx = self.contexts[handle]
+        self.runtime.send(wire.event("keep", {"key": f"ctx:{handle}", "pid": ctx.pid, "value": {
+            "handle": handle, "model": model.name, "path": os.path.realpath(model.path),
+            "messages": ctx.messages, "cache": ctx.cache,
+            "txid": self.made_by.get(handle)}}))
+
+    @staticmethod
+    def _leave(model: Resident, ctx) -> None:
+        """A context leaves a model: that model's engine (if it ever had one) keeps nothing of it."""
+        engine = getattr(model, "engine", None)
+        if engine is not None:
+            engine.blocks.free(ctx.owner)
+            engine.contexts.pop(ctx.ctx, None)
 
     async def stop(self) -> None:
         for model in self.models.values():
@@ -197,10 +256,10 @@ class Inference(Service):
             return model, ctx
         new = await self._model(model.name, call, keep_alive, int(caller.get("pid") or 0))
         if new is not model and self.contexts.get(handle, (None, None))[1] is ctx:
-            model.engine.blocks.free(ctx.owner)       # the old version keeps nothing of it
-            model.engine.contexts.pop(ctx.ctx, None)
+            self._leave(model, ctx)                   # the old version keeps nothing of it
             new.engine.adopt_context(ctx)
             self.contexts[handle] = (new, ctx)
+            self._keep(handle)
             self.log.info("context_moved", ctx=handle, model=new.name, driver=new.driver)
         return new, ctx
 
@@ -255,8 +314,11 @@ class Inference(Service):
         messages = (ctx.messages if ctx else []) + args["messages"]
         prompt = self._render(model, messages, "chat", "messages", tools)
         constraint = await self._constraint(model, args, tools, "chat")
-        return await self._stream(model, prompt, args, emit, "chat", caller, ctx, messages,
-                                  constraint=constraint, tools=tools)
+        reply = await self._stream(model, prompt, args, emit, "chat", caller, ctx, messages,
+                                   constraint=constraint, tools=tools)
+        if ctx is not None and self.contexts.get(args["ctx"], (None, None))[1] is ctx:
+            self._keep(args["ctx"])         # before the END: a kernel that has the END has this
+        return reply
 
     @staticmethod
     def _render(model: Resident, messages: list, call: str, arg: str, tools=None) -> str:
@@ -312,10 +374,14 @@ class Inference(Service):
         messages = [{"role": "system", "content": args["system"]}] if args.get("system") else []
         handle = self._open(model, messages, caller, "open_context", "system")
         self.contexts[handle][1].cache = bool(args.get("cache"))    # a cache does not pin its model
+        self._keep(handle)
         return handle
 
     def _open(self, model: Resident, messages: list[dict], caller: dict, call: str, arg: str) -> int:
         from services.inference.engine import QuotaExceeded
+        again = self.opened_by.get(caller.get("txid") or "")
+        if again in self.contexts:          # the kernel retries a call whose open outlived a death
+            return again
         self._render(model, messages, call, arg)
         try:
             ctx = model.engine.open_context(int(caller["pid"]), model.name, messages)
@@ -323,17 +389,31 @@ class Inference(Service):
             raise errors.EDQUOT(f"{call}: {e}") from None
         handle = next(self._handles)
         self.contexts[handle] = (model, ctx)
+        if caller.get("txid"):
+            self.made_by[handle] = caller["txid"]
+        self._keep(handle)
         self.report(force=True)
         return handle
 
     def _close(self, handle: int) -> None:
         model, ctx = self.contexts.pop(handle)
-        model.engine.close_context(ctx)
+        if getattr(model, "engine", None) is not None:
+            model.engine.close_context(ctx)
         model.wake.set()
+        txid = self.made_by.pop(handle, None)
+        if txid is not None and self.opened_by.get(txid) == handle:
+            del self.opened_by[txid]
+        self.runtime.send(wire.event("keep", {"key": f"ctx:{handle}", "pid": ctx.pid, "value": None}))
 
     def op_close_context(self, args: dict, caller: dict) -> None:
-        self._context(args["ctx"], caller, "close_context")
-        self._close(args["ctx"])
+        pid, handle, txid = caller.get("pid"), args["ctx"], caller.get("txid") or ""
+        if handle not in self.contexts and (handle, txid) in self.closed.get(pid, ()):
+            return None                     # closed already, by this very call before a death
+        self._context(handle, caller, "close_context")
+        self._close(handle)
+        done = self.closed.setdefault(pid, deque(maxlen=CLOSES_KEPT))
+        done.append((handle, txid))
+        self.runtime.send(wire.event("keep", {"key": f"closed:{pid}", "pid": pid, "value": list(done)}))
         self.report(force=True)
 
     async def op_save_context(self, args: dict, caller: dict) -> dict:
@@ -362,7 +442,8 @@ class Inference(Service):
             raise errors.EPERM(f"contexts: those of pid {pid} are its own; listing them needs privilege")
         now = time.monotonic()
         return [{"ctx": handle, "pid": c.pid, "model": c.model, "messages": len(c.messages),
-                 "tokens": len(c.tokens), "kv_blocks": len(model.engine.blocks.table(c.owner)),
+                 "tokens": len(c.tokens), "kv_blocks": len(model.engine.blocks.table(c.owner))
+                 if getattr(model, "engine", None) is not None else 0,
                  "last_used": round(now - c.last_used, 3)}
                 for handle, (model, c) in self.contexts.items() if c.pid == pid]
 
@@ -371,6 +452,7 @@ class Inference(Service):
         pid = args.get("pid")
         for handle in [h for h, (_, c) in self.contexts.items() if c.pid == pid]:
             self._close(handle)
+        self.closed.pop(pid, None)
         self.report(force=True)
 
     def op_model_users(self, args: dict, caller: dict) -> list[dict]:
@@ -493,13 +575,14 @@ class Inference(Service):
         engine = model.engine
         sampling = {k: args[k] for k in SAMPLING if args.get(k) is not None}
         pid = int(caller.get("pid") or 0)
+        resume = (args.get("resume") or {}).get("tokens") or []   # the kernel's, after a death
         engine.policy.update(pid, priority=caller.get("priority", 0),
                              stopped=caller.get("stopped", False), limits=caller.get("limits") or {})
         try:
             seq_id = engine.add(prompt, sampling, max_tokens=args["max_tokens"],
                                 stop=args.get("stop") or (), stop_ids=args.get("stop_ids") or (),
                                 ignore_eos=bool(args.get("ignore_eos")), pid=pid, ctx=ctx,
-                                constraint=constraint)
+                                constraint=constraint, resume=resume)
         except (QueueFull, ContextBusy) as e:
             raise errors.EAGAIN(f"{call}: {e}") from None
         except QuotaExceeded as e:
@@ -512,7 +595,10 @@ class Inference(Service):
         model.queues[seq_id] = queue
         model.wake.set()
         model.abort_for(pid)
-        reply, streamed = [], 0
+        # what the program has had already: part of the reply, never sent again or counted twice
+        reply, streamed = [engine.replayed(seq_id)], len(resume)
+        if resume:
+            self.log.info("resumed", call=call, pid=pid, seq_id=seq_id, tokens=len(resume))
         try:
             while True:
                 ev = await queue.get()

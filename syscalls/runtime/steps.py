@@ -7,12 +7,16 @@ Tensors and logits never leave the driver.
 
 The driver's ops: ``info`` -> {"num_blocks", "block_size", "vocab_size", "context_length", "model",
 ...}; ``step`` {"batch": [SeqStep], "id": int} -> [Sampled]; ``abort`` {"id", "mode": "abort" |
-"yield"}; ``release`` {"seq_ids": [int]}: forget those sequences' samplers and histories.
+"yield"}; ``release`` {"seq_ids": [int]}: forget those sequences' samplers and histories;
+``reset`` {}: forget every sequence (a restarted inference service knows none of them).
 
 One step's input, a list of SeqStep, one per scheduled sequence:
     {"seq_id": int, "tokens": [int], "start": int, "block_table": [int], "sample": bool,
      "params": {...} | None,    # SamplingParams.to_dict(); sent with the first step the driver
-                                # sees of a sequence (or again after a recompute from 0)
+                                # sees of a sequence (or again after a recompute from 0);
+                                # with params, the driver makes the sequence's sampler afresh
+     "drawn": int,              # with params: tokens the sequence has sampled already, so
+                                # a seeded sampler starts that far into its random stream
      "history": [int],          # only with a first step that starts past 0 (a context's cached
                                 # prefix): the tokens before start, for the repetition penalty
      "steps": int, "stop_ids": [int],   # a decoding sequence may ask for up to `steps` tokens in
@@ -40,6 +44,7 @@ class SeqStep(TypedDict):
     sample: bool
     params: dict[str, Any] | None
     history: NotRequired[list[int]]
+    drawn: NotRequired[int]
     steps: NotRequired[int]
     stop_ids: NotRequired[list[int]]
     constraint: NotRequired[dict[str, Any]]
