@@ -10,6 +10,10 @@ ModelRunner (drivers/runner.py).
 A step runs in a worker thread (torch releases the GIL), so the event loop keeps answering the
 kernel's pings during a long prefill; steps are serialised, as the KV pool is one.
 
+A driver whose model does not load (a file it cannot read, out of memory) says why before it
+exits (``_failed``), so that ``models`` and the requests waiting for the model show the reason,
+not only the exit status.
+
 A subclass names its torch device (``torch_device``) and says what it knows of it
 (``device_info``: device_name, memory_total, memory_used); drivers/cpu.py and drivers/cuda.py.
 """
@@ -17,6 +21,7 @@ A subclass names its torch device (``torch_device``) and says what it knows of i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 from pathlib import Path
@@ -29,6 +34,8 @@ from syscalls.runtime.models import Registry
 from syscalls.runtime.service import Service
 
 from drivers.runner import ModelRunner
+
+LAST_WORD_S = 5.0           # how long a driver whose model failed to load waits to be heard
 
 
 class Driver(Service):
@@ -55,16 +62,37 @@ class Driver(Service):
                 lambda: self.progress(what="loading model", done=done, total=total, detail=what))
 
         budget = cfg.budget_bytes(int(self.device_info().get("memory_total") or 0))
-        self.runner = await asyncio.to_thread(
-            ModelRunner.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
-            block_size=cfg.block_size, progress=progress, kv_dtype=cfg.kv_dtype,
-            dense_copy=cfg.dense_copy, dense_copy_budget=budget, native=cfg.native, engine=cfg.engine,
-            threads=cfg.threads, device=self.torch_device())
+        try:
+            self.runner = await asyncio.to_thread(
+                ModelRunner.from_gguf, path, registry.cache_dir, num_blocks=cfg.kv_blocks,
+                block_size=cfg.block_size, progress=progress, kv_dtype=cfg.kv_dtype,
+                dense_copy=cfg.dense_copy, dense_copy_budget=budget, native=cfg.native, engine=cfg.engine,
+                threads=cfg.threads, device=self.torch_device())
+        except Exception as e:      # it exits with it; first it says why
+            await self._failed(path, e)
+            raise
         self.lock = asyncio.Lock()
         self.current = self.abort_id = self.yield_id = None   # the step running; those asked to stop
         self.steps = 0
         info = self.runner.info()
         self.log.info("model_loaded", path=str(path), device=self.torch_device(), weights=info.pop("weights"), **info)
+
+    async def _failed(self, path: Path, e: Exception) -> None:
+        """Say why the model did not load, before the process exits: a progress event {what:
+        "failed", error}, which the kernel keeps with the service (``kernel.drivers`` lists it,
+        and the inference service gives it to the requests that waited for this driver), then
+        a round trip through the kernel, whose answer means the event has been read."""
+        from drivers.model import ModelError
+        if isinstance(e, ModelError):           # it names the file and what is wrong with it
+            why = str(e)
+        elif isinstance(e, MemoryError):
+            why = f"{path}: out of memory loading it on {self.torch_device()}"
+        else:
+            why = f"{path}: {type(e).__name__}: {e}"
+        self.log.error("model_load_failed", path=str(path), error=why)
+        self.progress(what="failed", error=why)
+        with contextlib.suppress(errors.LLMOSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.runtime.call("kernel", "drivers", {}), LAST_WORD_S)
 
     def op_info(self, args: dict, caller: dict) -> dict:
         info = self.runner.info()

@@ -14,7 +14,8 @@ under ``[models] memory_budget``), answered once its process has exited and its 
 
 These calls come only from services (trusted, past their HELLO); their arguments are checked all
 the same, and a bad one is an error for that call. The kernel never opens the model file: whether
-it loads is the driver's start to say.
+it loads is the driver's start to say, and a driver that cannot load it says why before it exits
+(a progress event with ``error``, kept with the service and listed by ``kernel.drivers``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ models are registered after boot and loaded by the first request that names each
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -258,3 +259,53 @@ def test_a_model_that_cannot_load_fails_its_requests_by_name(system):
         assert "cpu@broken" not in services(c)
         _, _, end = generated(c, "and yet", max_tokens=3)
         assert end.generated_tokens == 3
+
+
+def kept_as_it_was(path: Path, spoil) -> None:
+    """Spoil a model file keeping its size and mtime: the check made before a driver starts,
+    cached by the file's version, still takes it for the file it was, so only the driver that
+    loads it finds out."""
+    st = path.stat()
+    spoil(path)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def other_architecture(path: Path) -> None:
+    qwen = write_tiny_gguf(path.with_name("qwen9.gguf"), seed=3, arch="qwen9")   # the same length
+    path.write_bytes(qwen.read_bytes())
+
+
+def cut_short(path: Path) -> None:
+    """The last tensor's offset moved past the end of the file, as if the file were truncated."""
+    import gguf
+    reader = gguf.GGUFReader(str(path), "r+")
+    reader.tensors[-1].field.parts[-1][0] = 2 * path.stat().st_size
+    del reader
+
+
+def test_a_driver_that_cannot_load_its_file_says_why(system):
+    """A file that only its driver finds it cannot load (another architecture; cut short): the
+    driver instance says why before it exits, the request gets EIO with that reason, models and
+    llmos status show the model failed with it, and other models answer as before."""
+    path = system.home / "inplace.gguf"
+    for spoil, reason in ((other_architecture, r"architecture 'qwen9' is not supported"),
+                          (cut_short, r"truncated: tensor blk\.1\.ffn_down\.weight ends at byte \d+ "
+                                      r"but the file has \d+ bytes")):
+        write_tiny_gguf(path, seed=3)
+        with system.connect(privileged=True) as c:
+            registered(c, "inplace", path)
+            generated(c, "x", model="inplace", max_tokens=2)         # checked and loaded
+            c.model_load("inplace", keep_alive=0)
+            wait_until(lambda: {m["name"]: m for m in c.models()}["inplace"]["state"] == "absent", 20,
+                       "inplace unloaded")
+            kept_as_it_was(path, spoil)
+            with pytest.raises(errors.EIO, match=r"generate: model 'inplace' could not be loaded: .*" + reason):
+                list(c.generate("x", model="inplace", max_tokens=2))
+            (row,) = [m for m in c.models() if m["name"] == "inplace"]
+            assert row["state"] == "failed" and re.search(reason, row["error"]), row["error"]
+            _, _, end = generated(c, "and yet", max_tokens=3)
+            assert end.generated_tokens == 3
+        status = run_cli(system.home, "status").stdout
+        (line,) = [line for line in status.splitlines() if line.startswith("inplace ")]
+        assert line.split()[1] == "failed" and re.search(reason, line), line

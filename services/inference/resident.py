@@ -71,7 +71,10 @@ class Resident:
                 started = await self.runtime.call("kernel", "driver_start", {
                     "model": self.name, "path": str(self.path), "version": self.version})
                 self.driver = started["service"]
-            info = await self._driver_info(progress)
+            try:
+                info = await self._driver_info(progress)
+            except errors.LLMOSError as e:          # its driver exited: with what reason?
+                raise await self._driver_failure(e) from None
             if self.path is not None and os.path.realpath(info["model"]) != os.path.realpath(self.path):
                 raise errors.EIO(f"the {self.driver} driver runs {info['model']}, not {self.path}")
             self.path = Path(info["model"])
@@ -124,6 +127,17 @@ class Resident:
                 continue
             finally:
                 call.cancel()
+
+    async def _driver_failure(self, e: errors.LLMOSError) -> errors.LLMOSError:
+        """Why the driver did not load the model, as it said before it exited (drivers/driver.py:
+        the error of its last progress event, which the kernel keeps), rather than the kernel's
+        "FAILED (exited with status 1)"; e when it said nothing."""
+        with contextlib.suppress(errors.LLMOSError):
+            for d in await self.runtime.call("kernel", "drivers", {}):
+                said = d.get("progress") or {}
+                if d["service"] == self.driver and said.get("what") == "failed" and said.get("error"):
+                    return errors.EIO(f"its driver {self.driver} could not load it: {said['error']}")
+        return e
 
     async def stop(self) -> None:
         if self.loop_task is not None:
