@@ -35,7 +35,7 @@ from .proctable import KERNEL_PID, Process, ProcessTable
 from .supervisor import FAILED, READY, STOPPED, Service
 
 MAX_ATTEMPTS = 3        # an idempotent call is sent at most this often to services that die under it
-MAX_STALLS = 2          # a resumable stream is given up after this many deaths with no token between
+MAX_STALLS = 2          # a resumable stream is given up after this many crashes with no token between
 
 @dataclass(eq=False)
 class Forwarded:
@@ -221,7 +221,7 @@ class Router:
             elif call.origin is not None:
                 why = "a service's own call (the calling service decides)"
             elif call.spec.resumable:
-                why = self._resume(call)
+                why = self._resume(call, svc.crashed)
             elif not call.spec.idempotent:
                 why = "it is not idempotent"
             elif call.chunks:
@@ -242,11 +242,18 @@ class Router:
             for call in waiting:
                 self.dispatch(svc, call)
 
-    def _resume(self, call: Forwarded) -> str | None:
-        """Send a stream again, to go on after the tokens its program has had; why not, if not."""
-        call.stalls = call.stalls + 1 if len(call.delivered) == call.resumed_at else 0
+    def _resume(self, call: Forwarded, crashed: bool) -> str | None:
+        """Send a stream again, to go on after the tokens its program has had; why not, if not.
+        A crash of its service with no token since the last one counts as a stall, so that a
+        call that crashes its service is not sent again for ever. Kills do not count (a chaos
+        run's, an admin's, the supervisor's of a hung service): a call that hangs its service
+        is bounded by the supervisor's max_restarts instead."""
+        if len(call.delivered) != call.resumed_at:
+            call.stalls = 0
+        if crashed:
+            call.stalls += 1
         if call.stalls >= MAX_STALLS:
-            return f"its service died {call.stalls} times under it without a token between"
+            return f"its service failed {call.stalls} times under it without a token between"
         call.args = {**call.args, "resume": {"tokens": list(call.delivered)}}
         call.resumed_at, call.queued_at = len(call.delivered), time.monotonic()
         self.counters["resumed"] += 1

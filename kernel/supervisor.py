@@ -62,6 +62,8 @@ class Service:
         self.outgoing: dict[int, object] = {}    # calls it made to other services, by its own id
         self.removed: asyncio.Future | None = None   # set by Supervisor.remove: gone for good once done
         self.fail_unready = False    # dying before it was ever READY makes it FAILED at once
+        self.killed_for: str | None = None   # why the supervisor itself killed it, until it is restarted
+        self.crashed = False         # its last death was a crash or an exit, not a kill (ours, or from outside)
         self.kept: dict[str, tuple] = {}     # what it left to have back after a restart (kernel/keep.py)
         self.kept_bytes = 0
 
@@ -162,7 +164,11 @@ class Supervisor:
 
     # -- dying ---------------------------------------------------------------------------------
     def _exited(self, svc: Service, how: child.Exit) -> None:
-        svc.last_exit = str(how)
+        svc.last_exit = str(how) + (f" (by the supervisor: {svc.killed_for})" if svc.killed_for else "")
+        # A kill (SIGKILL, SIGTERM, SIGINT, SIGHUP: from outside, or ours of a hung service) may
+        # have nothing to do with the calls it held; a crash (SIGSEGV, an exit) may be one's doing.
+        svc.crashed = how.signal not in ("KILL", "TERM", "INT", "HUP")
+        svc.killed_for = None
         level = "info" if self.stopping else "warning"
         getattr(self.log, level)("service_exited", service=svc.name, how=svc.last_exit)
         self._died(svc)
@@ -171,6 +177,7 @@ class Supervisor:
         """SIGKILL a service; its pidfd then reports the death and the usual path follows."""
         if svc.process and svc.process.popen.returncode is None:
             self.log.warning("service_killed", service=svc.name, why=why)
+            svc.killed_for = why
             with contextlib.suppress(ProcessLookupError):
                 svc.process.signal(signal.SIGKILL)
 
