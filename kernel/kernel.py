@@ -277,6 +277,7 @@ class Kernel:
         self._abort_calls(proc)
         if proc.model:                      # what the service keeps for it (contexts) goes with it
             self.router.tell(proc.model_by, "process_exit", {"pid": proc.pid})
+        keep.process_ended(self.supervisor.services.values(), proc.pid)
         self.table.end(proc, status, signal)
         self.log.info("process_ended", pid=proc.pid, name=proc.name, status=status, signal=signal)
 
@@ -287,7 +288,6 @@ class Kernel:
             if not proc.receiver.done():
                 proc.receiver.cancel()
             proc.receiver = None
-        keep.process_ended(self.supervisor.services.values(), proc.pid)
         calls, proc.in_flight = proc.in_flight, {}
         for call in calls.values():
             self._cancel(call)
@@ -375,6 +375,8 @@ class Kernel:
             self.supervisor.ready(svc)
         elif kind == "sched" and isinstance(data, dict):      # model work, for ps
             accounting.record_work(self.table, svc.name, data.get("procs"))
+        elif kind == "keep" and isinstance(data, dict):       # state to have back after a restart
+            keep.keep(svc, data, self.log)
 
     def _ping_service(self, svc: Service, seq: int) -> None:
         if svc.ident:
@@ -385,8 +387,6 @@ class Kernel:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-        elif kind == "keep" and isinstance(data, dict):       # state to have back after a restart
-            keep.keep(svc, data, self.log)
             self.router.expire(now, self.cfg.kernel.call_deadline)
             self._sweeps = [h for h in self._sweeps if not h.cancelled() and h.when() > self.loop.time()]
             accounting.rates(self.table, now - last)

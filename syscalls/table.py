@@ -244,21 +244,21 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="a cache context does not keep its model resident: its next turn after an unload "
                 "recomputes its history (cached_tokens 0)"),
     ), result="int (a context handle)", errors=("ENOENT", "EINVAL", "EDQUOT", "EIO", "EAGAIN"),
+        idempotent=True,
         doc="Open a conversation kept by the kernel: chat(messages, ctx=handle) appends turns "
             "and reuses its cached KV prefix. It belongs to the caller and is closed when the "
             "caller exits; its cached blocks count against the caller's kv_blocks. While it is "
             "open its model is not unloaded (by keep_alive or the memory budget), unless cache."),
-        idempotent=True,
     Syscall("close_context", "inference", (Arg("ctx", "int", min=1),), errors=("EBADF",),
             idempotent=True, doc="Close a context and free its KV blocks."),
     Syscall("save_context", "inference", (Arg("ctx", "int", min=1), _key, _ns),
             result="{version, size}", errors=("EBADF", "EPERM", "EDQUOT", "E2BIG", "ENOENT", "EINVAL",
                                               "EIO"),
+            idempotent=True,
             doc="Write a context (its messages and tokens) to storage under key, in the caller's "
                 "namespace unless ns is given; load_context restores it, after a reboot too."),
     Syscall("load_context", "inference", (_key, _ns), result="int (a new context handle)",
             errors=("ENOENT", "EINVAL", "EPERM", "EDQUOT"), idempotent=True,
-            idempotent=True,
             doc="Open a context saved by save_context; its KV cache is rebuilt at its next turn."),
     Syscall("contexts", "inference", (Arg("pid", "int", None, min=1),),
             result="[{ctx, pid, model, messages, tokens, kv_blocks, last_used}]", errors=("EPERM",),
