@@ -123,7 +123,8 @@ class Chaos:
         except Exception as e:     # noqa: BLE001 -- a client's failure (HTTP) counts as a failed call
             with self.tally.lock:
                 self.tally.failed[(name, type(e).__name__)] += 1
-                self.tally.examples.setdefault((name, type(e).__name__), str(e)[:300])
+                self.tally.examples.setdefault((name, type(e).__name__),
+                                               f"{e} ({e.__cause__!r})"[:300] if e.__cause__ else str(e)[:300])
             return FAILED
 
     def check(self, name: str, ok: bool, got=None, want=None) -> None:
@@ -236,7 +237,7 @@ class Chaos:
     def spawner(self) -> None:
         with self.connect() as c:
             while not self.stop.is_set():
-                pid = self.call("spawn", c.spawn, [sys.executable, "-c", "pass"])
+                pid = self.call("spawn", c.spawn, ["true"])
                 if pid is not FAILED:
                     done = self.call("wait", c.wait, pid, timeout=HANG_S)
                     if done is not FAILED:
@@ -321,7 +322,7 @@ class Chaos:
                 self.tally.not_back[target] += 1
             elif back != pid:
                 now = time.monotonic()
-                self.tally.restarts[target].append(now - dead)
+                self.tally.restarts[target].append(now - (t0 if dead is None else dead))
                 self.tally.down[target].append(now - t0)
 
     # -- the campaign ----------------------------------------------------------------------------
@@ -436,6 +437,7 @@ def main() -> int:
     parser.add_argument("--gap", type=float, default=0.25, help="mean seconds between faults")
     parser.add_argument("--workers", type=int, default=2, help="programs of each kind of load")
     parser.add_argument("--think", type=float, default=0.01, help="mean seconds a program waits between calls")
+    parser.add_argument("--keep", action="store_true", help="keep LLMOS_HOME (its logs) when anything failed")
     parser.add_argument("--model", default=None,
                         help='a GGUF file, or "default" (the model llmos boots with); the tiny model if absent')
     args = parser.parse_args()
@@ -446,8 +448,11 @@ def main() -> int:
     finally:
         took = time.monotonic() - t0
         system.shutdown()
-        shutil.rmtree(home, ignore_errors=True)
     report(tally, took)
+    if args.keep and tally.failures():
+        print(f"LLMOS_HOME kept: {home}")
+    else:
+        shutil.rmtree(home, ignore_errors=True)
     return 1 if tally.failures() else 0
 
 

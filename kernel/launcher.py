@@ -7,12 +7,14 @@ good when its policy says so (``never``; ``on-failure`` after a clean exit), whe
 with llmos's ``kill`` (TERM, INT, HUP or KILL: that is a request, not a crash), or when it keeps
 failing (more than ``max_restarts`` in ``restart_window``).
 
-Output goes to LLMOS_HOME/logs/proc-PID.log, appended across restarts.
+Output goes to LLMOS_HOME/logs/proc-PID.log, appended across restarts; a program that ends for
+good having written nothing leaves no file (a busy machine spawns thousands of short programs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from typing import Callable
@@ -62,6 +64,10 @@ class Launcher:
             return
         delay = self._restart_delay(proc, status)
         if delay is None:
+            log = self.paths.log_file(f"proc-{proc.pid}")
+            with contextlib.suppress(OSError):
+                if log.stat().st_size == 0:
+                    log.unlink()
             self.on_end(proc, status, sig)
             return
         proc.restarts += 1

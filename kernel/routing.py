@@ -6,8 +6,8 @@ calling service's ``outgoing``) and by the service: in ``svc.in_flight`` once se
 named error (principle 3 of kernel.py):
 
 - a service that is not READY holds its calls; ``service_ready`` sends them;
-- one that dies under a call retries it at the head of its queue if the row is idempotent, it was
-  tried at most twice and nothing of it was streamed; a resumable stream (generate, chat) goes
+- one that dies under a call retries it at the head of its queue if the row is idempotent, nothing
+  of it was streamed and it has not crashed its service twice; a resumable stream (generate, chat) goes
   back too, its args carrying ``resume``: the tokens its program has had, so the restarted
   service goes on from there and the program sees one unbroken stream; any other call ends with
   ESRVDOWN;
@@ -34,8 +34,10 @@ from . import accounting
 from .proctable import KERNEL_PID, Process, ProcessTable
 from .supervisor import FAILED, READY, STOPPED, Service
 
-MAX_ATTEMPTS = 3        # an idempotent call is sent at most this often to services that die under it
-MAX_STALLS = 2          # a resumable stream is given up after this many crashes with no token between
+# Kills (from outside, or the supervisor's of a hung service) never end a call: only crashes of
+# its service count against it, so that a call that crashes its service is not sent for ever.
+MAX_CRASHES = 2         # an idempotent call is given up after crashing this many services
+MAX_STALLS = 2          # a resumable stream, after this many crashes with no token between
 
 @dataclass(eq=False)
 class Forwarded:
@@ -48,7 +50,8 @@ class Forwarded:
     kid: int
     txid: str
     queued_at: float
-    attempts: int = 1
+    attempts: int = 1                   # times sent to a service
+    crashes: int = 0                    # services that crashed (not were killed) holding it
     chunks: int = 0
     delivered: list = field(default_factory=list)   # a resumable stream's tokens, as its CHUNKs had them
     resumed_at: int = 0                 # len(delivered) when it was last resubmitted
@@ -226,9 +229,10 @@ class Router:
                 why = "it is not idempotent"
             elif call.chunks:
                 why = "part of its stream was delivered"
-            elif call.attempts >= MAX_ATTEMPTS:
-                why = f"it was tried {call.attempts} times"
+            elif (crashes := call.crashes + svc.crashed) >= MAX_CRASHES:
+                why = f"its service crashed {crashes} times under it"
             else:
+                call.crashes = crashes
                 call.attempts += 1
                 self.counters["retries"] += 1
             if why is None:

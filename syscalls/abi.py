@@ -58,7 +58,7 @@ def render() -> str:
             flags.append("idempotent" if s.idempotent else "not idempotent")
         else:
             flags.append("resumed on the restarted service if its service dies" if s.resumable
-                         else "idempotent (retried if its service dies, twice at most)" if s.idempotent
+                         else "idempotent (retried if its service dies)" if s.idempotent
                          else "not idempotent (never retried)")
         if s.stream:
             flags.append("streams CHUNKs, then END")

@@ -108,8 +108,9 @@ SYSCALLS: tuple[Syscall, ...] = (
     ), result="int (the new PID)", errors=("EINVAL", "ENOENT", "EPERM", "EAGAIN"),
         doc="Start a program as a child of the caller, running as the caller's OS user (another "
             "user's program gets an environment of its own, not the kernel's, and starts in its "
-            "home unless cwd). Its output goes to logs/proc-PID.log, appended across restarts. "
-            "EAGAIN: the user has kernel.processes_per_user processes."),
+            "home unless cwd). Its output goes to logs/proc-PID.log, appended across restarts "
+            "(none is left if it wrote nothing). EAGAIN: the user has kernel.processes_per_user "
+            "processes."),
     Syscall("kill", "kernel", (
         _pid, Arg("signal", "str", "TERM", choices=SIGNALS),
     ), errors=("ESRCH", "EPERM"),

@@ -67,6 +67,15 @@ def test_exit_syscall_sets_the_status(llmos):
         assert c.wait(pid, timeout=30)["status"] == 5
 
 
+def test_a_program_that_wrote_nothing_leaves_no_log_file(llmos):
+    """Thousands of short programs must not leave thousands of empty files in logs/."""
+    with llmos.connect() as c:
+        quiet, loud = c.spawn(["true"]), c.spawn(["echo", "something"])
+        assert c.wait(quiet, timeout=30)["status"] == 0 and c.wait(loud, timeout=30)["status"] == 0
+    assert not (llmos.paths.logs / f"proc-{quiet}.log").exists()
+    assert (llmos.paths.logs / f"proc-{loud}.log").read_text() == "something\n"
+
+
 def test_spawn_errors_name_the_problem(llmos):
     with llmos.connect() as c:
         with pytest.raises(errors.ENOENT, match="no-such-program"):

@@ -125,8 +125,16 @@ class Resident:
                         progress(what=f"waiting for the {self.driver} driver", seconds=waited)
             except errors.ETIMEDOUT:
                 continue
+            except errors.ESRVDOWN:         # it died under the call: ask its restarted self, unless
+                if await self._driver_failed():         # the supervisor has given up on it
+                    raise
+                continue
             finally:
                 call.cancel()
+
+    async def _driver_failed(self) -> bool:
+        drivers = await self.runtime.call("kernel", "drivers", {})
+        return any(d["service"] == self.driver and d["state"] in ("FAILED", "STOPPED") for d in drivers)
 
     async def _driver_failure(self, e: errors.LLMOSError) -> errors.LLMOSError:
         """Why the driver did not load the model, as it said before it exited (drivers/driver.py:

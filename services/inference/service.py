@@ -71,6 +71,15 @@ class Inference(Service):
         self.made_by: dict[int, str] = {}           # context handle -> the txid of the call that opened it
         self.opened_by: dict[str, int] = {}         # the reverse, for contexts a previous run opened
         self.closed: dict[int, deque] = {}          # pid -> its last (handle, txid) closes
+        # At boot the service is READY once its default model is (a model that cannot load fails
+        # the boot, loudly). Restarted, it is READY at once and the calls wait in it while its
+        # driver answers (the driver may be restarting too): its own restart is not its driver's.
+        if os.environ.get("LLMOS_SERVICE_RESTARTS", "0") == "0":
+            await self._boot(cfg)
+        else:
+            self.gate = asyncio.ensure_future(self._boot(cfg))
+
+    async def _boot(self, cfg: Config) -> None:
         # Driver instances a previous run of this service started hold K/V of engines that are
         # gone: stop them, so that what is resident is what the Pager counts.
         for d in await self.runtime.call("kernel", "drivers", {}):
@@ -80,7 +89,10 @@ class Inference(Service):
         boot = Resident(self, "", None, model_driver())
         await boot.load(self.scheduler_cfg, self.progress)
         await boot.ready                    # a failure here fails the start: the supervisor retries
-        await self.runtime.call(boot.driver, "reset", {})   # what it holds is a dead engine's
+        try:
+            await self.runtime.call(boot.driver, "reset", {})   # what it holds is a dead engine's
+        except errors.ESRVDOWN:
+            pass                            # it died meanwhile: its next self holds nothing
         boot.name = self._name_of(boot.path)
         real = os.path.realpath(boot.path)
         boot.version = file_version(real)

@@ -55,6 +55,10 @@ class Service:
 
     name = "service"
     internal: tuple[str, ...] = ()     # ops for the kernel and other services only: no syscall names them
+    # Set by start() to be READY before it can serve (what it needs is still coming, e.g. a
+    # restarted inference service's driver): calls wait here, in order, until it is done; if it
+    # fails, the service exits with the error (a crash, for the supervisor).
+    gate: "asyncio.Future | None" = None
 
     def __init__(self, paths: Paths, log):
         self.paths = paths
@@ -86,6 +90,8 @@ class Runtime:
         self._ids = itertools.count(1)
         self.last_ping = time.monotonic()
         self.stopped = asyncio.Event()
+        self.held: list[tuple] = []         # calls that came before service.gate was done
+        self.failure: BaseException | None = None
         self.ctx = zmq.Context()
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
@@ -124,6 +130,8 @@ class Runtime:
             self.loop.add_signal_handler(sig, self.stopped.set)
         self.send(wire.hello(self.service.name, {"token": self.token, "pid": os.getpid()}))
         await self.service.start()
+        if self.service.gate is not None:
+            self.service.gate.add_done_callback(self._opened)
         self.last_ping = time.monotonic()
         self.send(wire.event("ready", {}))
         watchdog = self.loop.create_task(self._watchdog())
@@ -134,6 +142,19 @@ class Runtime:
         await self.service.stop()
         self.ch.close()
         self.ctx.term()
+        if self.failure is not None:
+            raise self.failure
+
+    def _opened(self, gate: asyncio.Future) -> None:
+        """The service's gate is done: the calls held meanwhile run, in the order they came."""
+        if gate.cancelled() or gate.exception() is not None:
+            self.failure = gate.exception() or RuntimeError("start cancelled")
+            self.service.log.error("start_failed", error=repr(self.failure))
+            self.stopped.set()
+            return
+        held, self.held = self.held, []
+        for kid, name, args, caller in held:
+            self._call(kid, name, args, caller)
 
     async def _watchdog(self) -> None:
         while True:
@@ -154,8 +175,13 @@ class Runtime:
             self.last_ping = time.monotonic()
             self.send(wire.pong(msg[2]))
         elif kind == wire.CALL and len(msg) >= 6:
-            self._call(msg[2], msg[3], msg[4], msg[5])
+            gate = self.service.gate
+            if gate is not None and not gate.done():
+                self.held.append((msg[2], msg[3], msg[4], msg[5]))
+            else:
+                self._call(msg[2], msg[3], msg[4], msg[5])
         elif kind == wire.CANCEL:
+            self.held = [h for h in self.held if h[0] != msg[2]]
             task = self.tasks.pop(msg[2], None)
             if task:
                 task.cancel()
