@@ -191,6 +191,9 @@ async def sys_wait(kernel, proc: Process, a: dict) -> dict:
             except asyncio.TimeoutError:
                 raise errors.ETIMEDOUT(f"wait: pid {target.pid} still running after "
                                        f"{a['timeout']}s") from None
+            finally:    # timed out or cancelled: a long-lived target must not gather them
+                if fut in target.exit_waiters:
+                    target.exit_waiters.remove(fut)
     result = {"pid": target.pid, "status": target.exit_status, "signal": target.exit_signal}
     if target.ppid == proc.pid:
         kernel.table.reap(target)
@@ -284,7 +287,8 @@ def sys_send(kernel, proc: Process, a: dict) -> None:
         cfg = kernel.cfg.kernel
         raise errors.EAGAIN(f"send: mailbox of pid {target.pid} is full ({len(target.mailbox)} "
                             f"messages, {target.mailbox_bytes} bytes; limits {cfg.mailbox_messages} "
-                            f"messages, {cfg.mailbox_bytes} bytes)")
+                            f"messages (kernel.mailbox_messages), {cfg.mailbox_bytes} bytes "
+                            f"(kernel.mailbox_bytes)); this message is {size} bytes")
 
 
 def _deliver(kernel, target: Process, message: dict, size: int) -> bool:
@@ -332,8 +336,10 @@ def sys_publish(kernel, proc: Process, a: dict) -> int:
 
 
 def sys_subscribe(kernel, proc: Process, a: dict) -> None:
-    if len(proc.subscriptions) >= 256 and a["topic"] not in proc.subscriptions:
-        raise errors.EAGAIN("subscribe: at most 256 subscriptions per process")
+    limit = kernel.cfg.kernel.max_subscriptions
+    if len(proc.subscriptions) >= limit and a["topic"] not in proc.subscriptions:
+        raise errors.EAGAIN(f"subscribe: pid {proc.pid} holds {len(proc.subscriptions)} "
+                            f"subscriptions, the limit (kernel.max_subscriptions = {limit})")
     proc.subscriptions.add(a["topic"])
 
 
@@ -370,7 +376,23 @@ def sys_kstat(kernel, proc: Process, a: dict) -> dict:
             "rss": rss, "processes": len(kernel.table.procs),
             "in_flight": sum(len(p.in_flight) for p in kernel.table),
             "syscalls": {name: n for name, n in kernel.by_syscall.items() if n},
-            "ended_tokens": {name: list(t) for name, t in kernel.table.ended_tokens.items()}}
+            "ended_tokens": {name: list(t) for name, t in kernel.table.ended_tokens.items()},
+            "tables": _table_sizes(kernel)}
+
+
+def _table_sizes(kernel) -> dict:
+    """How much the kernel holds, entry by entry: each is bounded (docs/reliability.md,
+    "Resource exhaustion"), and back to its baseline once the programs that filled it are gone."""
+    table = kernel.table
+    return {"processes": len(table.procs), "connections": len(table.by_ident),
+            "spawn_tokens": len(table.by_token), "ended_names": len(table.ended_tokens),
+            "mailbox_messages": sum(len(p.mailbox) for p in table),
+            "mailbox_bytes": sum(p.mailbox_bytes for p in table),
+            "subscriptions": sum(len(p.subscriptions) for p in table),
+            "exit_waiters": sum(len(p.exit_waiters) for p in table),
+            "sweeps": len(kernel._sweeps),
+            "service_calls": sum(len(svc.in_flight) + len(svc.waiting) + len(svc.outgoing)
+                                 for svc in kernel.supervisor.services.values())}
 
 
 def sys_shutdown(kernel, proc: Process, a: dict) -> None:

@@ -11,13 +11,24 @@ caller may do anything. Bytes (key + encoded value) count against the namespace 
 
 Every write carries the kernel's transaction id, recorded in the same transaction, so a write the
 kernel retries after a crash is applied once: that is what makes put and delete idempotent.
+
+A full disk is ENOSPC, never EIO, and loses nothing acknowledged: a write that finds no room
+(SQLITE_FULL) fails alone, or, when SQLite gave up the whole transaction, with the writes that
+shared it, none of which had been answered. Deleting keys must still work then, to make room:
+- ``[storage] max_db_bytes`` bounds the database below the disk's size: puts past it are ENOSPC,
+  while deletes may use DELETE_RESERVE pages above it.
+- On a disk that really is full, storage gives up the file it reserved at start
+  (data/storage.reserve, RESERVE_BYTES) so that deletes and their WAL frames have room; until the
+  disk has room for the reserve again, only writes that fit in the database's free pages are tried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from syscalls.runtime.config import Config
@@ -36,12 +47,25 @@ CREATE TABLE IF NOT EXISTS applied (
     txid TEXT PRIMARY KEY, result BLOB NOT NULL, at REAL NOT NULL);
 """
 KEEP_APPLIED = 100_000      # transaction ids remembered for retries (far more than can be in flight)
+APPLIED_MAX_AGE = 600.0     # seconds: a retry comes within kernel.call_deadline, so older ids may go
+DELETE_RESERVE = 64         # pages above max_db_bytes that only deletes (and their records) may use
+RESERVE_BYTES = 1 << 20     # disk kept back at start for deletes once the disk is full
+# Below LOW_DISK free, the WAL is moved into the database every LOW_DISK_CHECKPOINT pages instead
+# of SQLite's 1000 (4 MiB): a full disk then finds most of the data in the database's own pages,
+# and the WAL small enough to be checkpointed and reused from the start by the deletes after it.
+LOW_DISK = 64 << 20
+LOW_DISK_CHECKPOINT = 64
 
 
 def _uid(caller: dict) -> int:
     """The caller's OS uid; -1 stands for a peer whose credentials the kernel could not read."""
     uid = caller.get("uid")
     return uid if isinstance(uid, int) else -1
+
+
+def _full(e: BaseException) -> bool:
+    """SQLite found no room: the disk is full, or max_page_count (storage.max_db_bytes) is reached."""
+    return isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _stored(result: dict) -> Reply:
@@ -61,6 +85,15 @@ class Storage(Service):
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self.page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
+        self.max_db_bytes = cfg.max_db_bytes
+        self.max_pages = cfg.max_db_bytes // self.page_size
+        if self.max_pages:      # the hard cap, for deletes; puts stop at max_pages (_room)
+            self.db.execute(f"PRAGMA max_page_count = {self.max_pages + DELETE_RESERVE}")
+        self.reserve = self.paths.data / "storage.reserve"
+        self.disk_full = not self._take_reserve()
+        self.low_disk = False
+        self._watch_disk()
         self.pending: list[tuple[Callable, dict, dict, asyncio.Future]] = []
         self.flush_scheduled = False
         self.commits = 0
@@ -153,11 +186,16 @@ class Storage(Service):
         batch, self.pending = self.pending, []
         outcomes: list[tuple[asyncio.Future, Any, Exception | None]] = []
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
+            if self.max_pages and self._pages() > self.max_pages * 0.9:
+                # near storage.max_db_bytes: old transaction ids take room no retry needs
+                db.execute("DELETE FROM applied WHERE at < ?", (time.time() - APPLIED_MAX_AGE,))
             for fn, args, caller, fut in batch:
                 if fut.cancelled():
                     continue
+                if not db.in_transaction:      # SQLite gave up the transaction (a full disk)
+                    raise errors.ENOSPC("storage: the disk is full; the transaction was rolled back")
                 txid = caller.get("txid")
                 done = db.execute("SELECT result FROM applied WHERE txid=?", (txid,)).fetchone() \
                     if txid else None
@@ -172,20 +210,40 @@ class Storage(Service):
                                    (txid, wire.pack(result), time.time()))
                     db.execute("RELEASE op")
                     outcomes.append((fut, result, None))
-                except errors.LLMOSError as e:
-                    db.execute("ROLLBACK TO op")
-                    db.execute("RELEASE op")
+                except (errors.LLMOSError, sqlite3.Error) as e:
+                    if not isinstance(e, errors.LLMOSError):
+                        if not _full(e):
+                            raise
+                        e = self._no_space(fn)
+                        if not self.max_pages or self._pages() < self.max_pages:
+                            self._disk_is_full()
+                    if db.in_transaction:
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
                     outcomes.append((fut, None, e))
+            if not db.in_transaction:
+                raise errors.ENOSPC("storage: the disk is full; the transaction was rolled back")
             self.commits += 1
             if self.commits % 1000 == 0:
                 db.execute("DELETE FROM applied WHERE at < (SELECT at FROM applied ORDER BY at DESC "
                            "LIMIT 1 OFFSET ?)", (KEEP_APPLIED,))
             db.execute("COMMIT")
         except BaseException as e:
-            db.execute("ROLLBACK")
-            self.log.exception("commit_failed", writes=len(batch))
-            failure = errors.EIO(f"storage could not commit: {e!r}")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if _full(e) or isinstance(e, errors.ENOSPC):
+                self.log.warning("commit_failed_disk_full", writes=len(batch))
+                self._disk_is_full()
+                failure = e if isinstance(e, errors.ENOSPC) else errors.ENOSPC(
+                    f"storage could not commit {len(batch)} writes: the disk is full (nothing of "
+                    f"them was applied)")
+            else:
+                self.log.exception("commit_failed", writes=len(batch))
+                failure = errors.EIO(f"storage could not commit: {e!r}")
             outcomes = [(fut, None, failure) for _, _, _, fut in batch]
+        if self.disk_full:
+            self._after_full()
+        self._watch_disk()
         # Only now, with the commit on disk, is any write acknowledged.
         for fut, result, exc in outcomes:
             if fut.cancelled():
@@ -205,6 +263,7 @@ class Storage(Service):
         size = len(key.encode()) + len(blob)
         row = self.db.execute("SELECT version, size FROM kv WHERE ns=? AND key=?", (ns, key)).fetchone()
         version, old_size = (row[0], row[1]) if row else (0, 0)
+        self._room("put", size)
         want = args["if_version"]
         if want is not None and want != version:
             now = f"is at version {version}" if row else "does not exist"
@@ -243,6 +302,7 @@ class Storage(Service):
                                 f"no ':'; user:UID namespaces exist already)")
         if self.db.execute("SELECT 1 FROM namespaces WHERE name=?", (name,)).fetchone():
             raise errors.EEXIST(f"ns_create: namespace {name!r} already exists")
+        self._room("ns_create", len(name.encode()))
         self.db.execute("INSERT INTO namespaces VALUES (?, ?, ?, ?)",
                         (name, _uid(caller), args["mode"], time.time()))
 
@@ -253,6 +313,86 @@ class Storage(Service):
         if row[0] != _uid(caller) and not caller.get("privileged"):
             raise errors.EPERM(f"ns_chmod: namespace {args['name']!r} belongs to uid {row[0]}")
         self.db.execute("UPDATE namespaces SET mode=? WHERE name=?", (args["mode"], args["name"]))
+
+    def _room(self, call: str, size: int) -> None:
+        """ENOSPC if `size` more bytes would take the database past storage.max_db_bytes, or,
+        while the disk is full, past the database's free pages."""
+        need = size // self.page_size + 2          # its pages, and some for the B-tree's splits
+        if self.disk_full:
+            free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+            if need > free and not self._disk_has_room():
+                raise errors.ENOSPC(f"{call}: the disk holding storage.db is full (the database "
+                                    f"has {free} free pages of {self.page_size} bytes; this needs "
+                                    f"about {need}); delete keys or free disk space")
+        if not self.max_pages:
+            return
+        used = self._pages()
+        if used + need > self.max_pages:
+            raise errors.ENOSPC(f"{call}: the database holds {used * self.page_size} bytes and this "
+                                f"needs about {need * self.page_size} more, past storage.max_db_bytes "
+                                f"({self.max_db_bytes}); delete keys to make room")
+
+    def _take_reserve(self) -> bool:
+        """Hold RESERVE_BYTES of the disk in data/storage.reserve; False if there is no room."""
+        try:
+            if not self.reserve.exists() or self.reserve.stat().st_size < RESERVE_BYTES:
+                with open(self.reserve, "wb") as f:
+                    os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+            return True
+        except OSError as e:
+            self.reserve.unlink(missing_ok=True)
+            self.log.warning("storage_reserve_not_taken", error=str(e))
+            return False
+
+    def _disk_is_full(self) -> None:
+        """The disk is full: give the reserve back so that deletes (and their WAL) have room."""
+        if not self.disk_full:
+            self.log.warning("disk_full", reserve=RESERVE_BYTES)
+        self.disk_full = True
+        self.reserve.unlink(missing_ok=True)
+
+    def _after_full(self) -> None:
+        """After a batch while the disk is full: once the disk has room for what the WAL holds,
+        move it into the database and truncate the WAL (which frees its space), and once it has
+        room for the reserve again, take it back and let puts grow the database again."""
+        try:
+            wal = Path(f"{self.paths.data / 'storage.db'}-wal")
+            if wal.exists() and self._free() >= wal.stat().st_size:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (OSError, sqlite3.Error) as e:
+            self.log.warning("disk_still_full", error=str(e))
+        self._disk_has_room()
+
+    def _disk_has_room(self) -> bool:
+        """Has the disk room for the reserve again? Then take it: puts may grow the database."""
+        if self._free() >= 2 * RESERVE_BYTES and self._take_reserve():
+            self.disk_full = False
+            self.log.info("disk_has_room")
+            return True
+        return False
+
+    def _watch_disk(self) -> None:
+        low = self._free() < LOW_DISK
+        if low != self.low_disk:
+            self.low_disk = low
+            self.db.execute(f"PRAGMA wal_autocheckpoint = {LOW_DISK_CHECKPOINT if low else 1000}")
+            self.log.info("low_disk" if low else "disk_not_low", free=self._free())
+
+    def _free(self) -> int:
+        st = os.statvfs(self.paths.data)
+        return st.f_bavail * st.f_frsize
+
+    def _pages(self) -> int:
+        """Pages in use: the database's pages less its free list."""
+        return self.db.execute("PRAGMA page_count").fetchone()[0] - \
+            self.db.execute("PRAGMA freelist_count").fetchone()[0]
+
+    def _no_space(self, fn: Callable) -> errors.ENOSPC:
+        what = fn.__name__.lstrip("_")
+        limit = f" or storage.max_db_bytes ({self.max_db_bytes}) with its reserve for deletes" \
+            if self.max_pages else ""
+        return errors.ENOSPC(f"{what}: no space left: the disk holding storage.db is full{limit}; "
+                             f"nothing of this write was applied")
 
     def _used(self, owner: int) -> int:
         row = self.db.execute("SELECT bytes FROM usage WHERE owner=?", (owner,)).fetchone()

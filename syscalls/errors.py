@@ -20,6 +20,7 @@ CODES: dict[str, str] = {
     "EAGAIN": "resource temporarily unavailable (queue full, too many calls in flight)",
     "EBUSY": "in use (a model with requests or contexts on it)",
     "EDQUOT": "quota exceeded",
+    "ENOSPC": "no space left for storage (the disk, or storage.max_db_bytes, is full)",
     "EBADF": "no such context handle (never opened, closed, or another process's)",
     "E2BIG": "argument or message too large",
     "EIO": "input/output error inside a service",
@@ -59,6 +60,7 @@ ECONFLICT = _make("ECONFLICT")
 EAGAIN = _make("EAGAIN", BlockingIOError)
 EBUSY = _make("EBUSY")
 EDQUOT = _make("EDQUOT")
+ENOSPC = _make("ENOSPC", OSError)
 EBADF = _make("EBADF")
 E2BIG = _make("E2BIG", ValueError)
 EIO = _make("EIO", OSError)

@@ -243,3 +243,69 @@ def test_an_unknown_users_group_stops_the_boot(home):
     r = run_cli(home, "boot", "--timeout", "20", timeout=40)
     assert r.returncode != 0 and "users_group names no OS group: 'no-such-group-llmos'" in r.stdout + r.stderr
     assert Paths(home).kernel_pid() is None
+
+
+def _llmsh_as(machine, who: str, env: dict):
+    """The real llmsh, interactive in a pseudo-terminal, run as a test user with runuser."""
+    import pexpect
+    base = dict(machine.env, LLMOS_HOME=str(machine.home), TERM="xterm", NO_COLOR="1",
+                PROMPT_TOOLKIT_NO_CPR="1")
+    # through env(1): runuser sets HOME to the user's passwd entry, as su does
+    return pexpect.spawn(shutil.which("runuser"), ["-u", machine.users[who]["name"], "--",
+                         shutil.which("env"), *(f"{k}={v}" for k, v in env.items()),
+                         machine.python, "-m", "userland.llmsh", "--home", str(machine.home)],
+                         env=base, cwd="/", timeout=30, encoding="utf-8", dimensions=(40, 200))
+
+
+def _session(child, line: str) -> None:
+    """Type one line at the prompt, see its output, leave with Ctrl-D: status 0."""
+    import pexpect
+    try:
+        child.expect(r"llmsh\$")
+        child.sendline(line)
+        child.expect(r"hello-from-member")         # the output: the line typed has quotes in it
+        child.expect(r"llmsh\$")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, child.before
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+def test_llmsh_of_a_member_keeps_its_history_and_log_in_its_own_state_directory(machine):
+    user = machine.users["a"]
+    own = Path(tempfile.mkdtemp(prefix="llmos-state-", dir="/tmp"))
+    try:
+        os.chown(own, user["uid"], -1)
+        # XDG_STATE_HOME: the history goes there, 0700 and the member's; LLMOS_HOME gets nothing
+        _session(_llmsh_as(machine, "a", {"XDG_STATE_HOME": str(own / "xdg"), "HOME": "/nonexistent"}),
+                 "echo hello-from-''member")
+        folder = own / "xdg" / "llmos"
+        history = list(folder.glob("llmsh_history-*"))
+        assert len(history) == 1 and "echo hello-from-''member" in history[0].read_text(), history
+        st = folder.stat()
+        assert st.st_uid == user["uid"] and stat.S_IMODE(st.st_mode) == 0o700, oct(st.st_mode)
+        assert history[0].stat().st_uid == user["uid"]
+        assert not (machine.home / "llmsh_history").exists()
+        # without XDG_STATE_HOME: ~/.local/state/llmos, and the log of an llmsh bug goes there too
+        home = own / "home"
+        _session(_llmsh_as(machine, "a", {"HOME": str(home), "XDG_STATE_HOME": ""}),
+                 "echo hello-from-''member again")
+        run_as(machine, "a", f"""
+            os.environ["HOME"] = {str(home)!r}
+            from syscalls.paths import Paths
+            from userland.shell.shell import Shell
+            Shell(Paths.from_env({str(machine.home)!r})).log().error("member_log_line")
+        """)
+        folder = home / ".local" / "state" / "llmos"
+        assert "again" in next(folder.glob("llmsh_history-*")).read_text()
+        assert "member_log_line" in next(folder.glob("llmsh.log-*")).read_text()
+        assert "member_log_line" not in (machine.paths.logs / "llmsh.log").read_text() \
+            if (machine.paths.logs / "llmsh.log").exists() else True
+        # nowhere to write at all: llmsh still starts and runs, its history in memory
+        _session(_llmsh_as(machine, "a", {"HOME": "/nonexistent", "XDG_STATE_HOME": ""}),
+                 "echo hello-from-''member nowhere")
+    finally:
+        shutil.rmtree(own, ignore_errors=True)

@@ -95,8 +95,11 @@ class Channel:
                 return False
             if e.errno != zmq.EAGAIN:    # a full queue means a live but slow peer
                 raise
-        if not self._draining:
-            self.kick()
+        finally:
+            # A failed send eats an edge as a good one does: without this drain, a message that
+            # came in while the departed peers were probed waited for the next one to wake it.
+            if not self._draining:
+                self.kick()
         return True
 
     def close(self) -> None:

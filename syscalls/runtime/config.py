@@ -1,10 +1,10 @@
 """llmos's tunables, read from LLMOS_HOME/config.toml by the kernel and by the services; every key is optional.
 
-    [kernel]       max_in_flight, mailbox_messages, mailbox_bytes, call_deadline,
-                   zombies_per_parent, users_group, processes_per_user
+    [kernel]       max_in_flight, mailbox_messages, mailbox_bytes, max_subscriptions,
+                   call_deadline, zombies_per_parent, users_group, processes_per_user
     [supervisor]   ping_interval, ping_timeout, start_timeout, max_restarts, restart_window,
                    backoff_base, backoff_max
-    [storage]      value_limit, quota_bytes
+    [storage]      value_limit, quota_bytes, max_db_bytes
     [scheduler]    max_running, token_budget, max_queue, band, aging_s, quantum, decode_steps
                    (model work; see services/inference/policy.py)
     [driver]       device, model, kv_blocks, block_size, threads, kv_dtype, dense_copy,
@@ -51,6 +51,7 @@ class KernelConfig:
     max_in_flight: int = 256          # calls one process may have open at once
     mailbox_messages: int = 1024
     mailbox_bytes: int = 16 << 20
+    max_subscriptions: int = 256      # topic prefixes one process may subscribe to
     call_deadline: float = 60.0       # how long a call may wait for its service to come back
     zombies_per_parent: int = 256
     users_group: str = ""             # an OS group whose members may connect too (kernel/users.py)
@@ -68,6 +69,8 @@ class KernelConfig:
                                  f"must be root or a member of group {self.users_group!r}")
         if self.processes_per_user < 1:
             raise ValueError("config: kernel.processes_per_user must be >= 1")
+        if self.max_subscriptions < 0:
+            raise ValueError("config: kernel.max_subscriptions must be >= 0")
 
 
 @dataclass
@@ -85,6 +88,14 @@ class SupervisorConfig:
 class StorageConfig:
     value_limit: int = 1 << 20
     quota_bytes: int = 1 << 30
+    # the database's size for puts (0: as large as the disk allows); past it a put is ENOSPC,
+    # while deletes may still use a reserve above it (services/storage.py, DELETE_RESERVE)
+    max_db_bytes: int = 0
+
+    def check(self) -> None:
+        if self.max_db_bytes and self.max_db_bytes < 1 << 20:
+            raise ValueError(f"config: storage.max_db_bytes must be 0 (no limit) or at least "
+                             f"1048576 (1 MiB), got {self.max_db_bytes}")
 
 
 @dataclass
@@ -294,6 +305,7 @@ class Config:
         for section in sections[:7]:
             _apply(getattr(cfg, section), raw.get(section, {}), section)
         cfg.kernel.check()
+        cfg.storage.check()
         cfg.scheduler.check()
         cfg.driver.check()
         cfg.models.check()

@@ -1,4 +1,7 @@
-"""The interactive llmsh: a prompt with history ($LLMOS_HOME/llmsh_history) and Tab completion.
+"""The interactive llmsh: a prompt with history and Tab completion.
+
+The history is $LLMOS_HOME/llmsh_history for the kernel's user, and in a group member's own state
+directory for anyone else (userland/shell/state.py); in memory only if neither can be written.
 
 Ctrl-C only ever cancels: the line being typed, or the command running (its call is withdrawn in
 the kernel), or the job brought back by fg. Ctrl-D at an empty prompt leaves. Background jobs
@@ -22,6 +25,7 @@ from syscalls.paths import Paths
 from syscalls.table import RESOURCES, SIGNALS
 from userland import programs
 
+from . import state
 from .commands import COMMANDS
 from .parse import ParseError
 from .shell import LineReader, Shell
@@ -82,8 +86,10 @@ def _prompt(status: int, colour: bool) -> str | list[tuple[str, str]]:
 
 def _history(paths: Paths) -> History:
     try:
-        paths.home.mkdir(parents=True, exist_ok=True)
-        return FileHistory(str(paths.home / "llmsh_history"))
+        path = state.history_file(paths)
+        with open(path, "a"):           # FileHistory would fail only at the first line typed
+            pass
+        return FileHistory(str(path))
     except OSError:
         return InMemoryHistory()
 

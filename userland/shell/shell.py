@@ -2,8 +2,9 @@
 
 Every command ends with a status (0 ok, 1 error, 2 usage, 127 unknown, 130 interrupted) and at most
 one line on stderr per fault, ``llmsh: CMD: message``. A Python exception that is not an llmos
-error is a bug in llmsh: it is logged with its traceback to LLMOS_HOME/logs/llmsh.log and reported
-in one line; it never ends the shell.
+error is a bug in llmsh: it is logged with its traceback to llmsh.log (LLMOS_HOME/logs/ for the
+kernel's user, the user's own state directory for anyone else: userland/shell/state.py) and
+reported in one line; it never ends the shell.
 
 A pipeline, or a command list ended by &, runs in threads (``jobs``); each thread gets a shell
 of its own from ``fork``, with its own connection. ``> KEY`` and ``>> KEY`` send a command's
@@ -26,6 +27,7 @@ import syscalls
 from syscalls import errors
 from syscalls.paths import Paths
 
+from . import state
 from .builtin import Failure, ShellExit, Streams, Usage, error_text
 from .commands import COMMANDS
 from .jobs import Job, JobTable
@@ -257,7 +259,7 @@ class Shell:
         except Exception as e:
             self.log().exception("internal_error", argv=[self._word_text(w) for w in command.words])
             io.error(name, f"internal error: {type(e).__name__}: {e} "
-                           f"(traceback in {self.paths.log_file('llmsh')})")
+                           f"(traceback in {state.log_file(self.paths)})")
             return 1
         finally:
             for f in opened:
@@ -337,10 +339,10 @@ class Shell:
         return 2
 
     def log(self):
-        """The structlog logger of llmsh, set up on first use (logs/llmsh.log)."""
+        """The structlog logger of llmsh, set up on first use (llmsh.log, state.log_file)."""
         if self._log is None:
             from syscalls.runtime import logs
-            self._log = logs.setup("llmsh", self.paths.log_file("llmsh"))
+            self._log = logs.setup("llmsh", state.log_file(self.paths))
         return self._log
 
 
