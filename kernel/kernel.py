@@ -67,7 +67,8 @@ class Kernel:
             "messages", "calls", "bad_frames", "unknown_calls", "forged_service_messages",
             "replies_dropped", "disconnects", "retries", "resumed", "kernel_bugs"), 0)
         self.by_syscall = dict.fromkeys(BY_NAME, 0)      # calls made, by syscall name (kstat)
-        self._sweeps: list[asyncio.TimerHandle] = []
+        self._sweeps: dict[float, asyncio.TimerHandle] = {}     # delay -> the one pending sweep
+        self._sweep_again: set[float] = set()     # delays whose sweep must run once more
         self.stopping = False
         self.stopped = asyncio.Event()
 
@@ -203,7 +204,7 @@ class Kernel:
         if len(proc.in_flight) >= self.cfg.kernel.max_in_flight:
             return self._reply(ident, wire.err(
                 cid, "EAGAIN", f"{name}: too many calls in flight for pid {proc.pid} "
-                               f"(limit {self.cfg.kernel.max_in_flight})"))
+                               f"(limit {self.cfg.kernel.max_in_flight}, kernel.max_in_flight)"))
         try:
             args = spec.check_args(args)
             if spec.privilege == "admin" and not proc.privileged:
@@ -248,12 +249,21 @@ class Kernel:
         if event["event"] == zmq.EVENT_DISCONNECTED:
             self.counters["disconnects"] += 1
             # The pipe of the departed peer is torn down by libzmq a moment after the event; probe
-            # twice so that the departure is found even if the first probe comes too early.
+            # twice so that the departure is found even if the first probe comes too early. One
+            # sweep per delay is pending at a time (a burst of departures must not queue a sweep
+            # of the whole table each): an event while it waits makes it run once more after it.
             for delay in (0.05, 1.0):
-                self._sweeps.append(self.loop.call_later(delay, self._sweep))
+                if delay in self._sweeps:
+                    self._sweep_again.add(delay)
+                else:
+                    self._sweeps[delay] = self.loop.call_later(delay, self._sweep, delay)
 
-    def _sweep(self) -> None:
+    def _sweep(self, delay: float) -> None:
         """Probe every connected program; one that is no longer reachable has left."""
+        del self._sweeps[delay]
+        if delay in self._sweep_again:
+            self._sweep_again.discard(delay)
+            self._sweeps[delay] = self.loop.call_later(delay, self._sweep, delay)
         probe = wire.ping(0)
         for proc in list(self.table.by_ident.values()):
             if not self.programs.reachable(proc.ident, probe):
@@ -388,7 +398,6 @@ class Kernel:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             self.router.expire(now, self.cfg.kernel.call_deadline)
-            self._sweeps = [h for h in self._sweeps if not h.cancelled() and h.when() > self.loop.time()]
             accounting.rates(self.table, now - last)
             last = now
 
@@ -401,7 +410,7 @@ class Kernel:
                     self._reply(proc.ident, wire.err(cid, "ESHUTDOWN", "llmos is shutting down"))
                 self._abort_calls(proc)
         await asyncio.gather(self.supervisor.stop_all(grace=2.0), self.launcher.stop_all(grace=2.0))
-        for h in self._sweeps:
+        for h in self._sweeps.values():
             h.cancel()
         for ch in (self.monitor, self.programs, self.services_ch):
             ch.close()

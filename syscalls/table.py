@@ -168,7 +168,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "mailbox is full misses it (counted in its ps entry as dropped)."),
     Syscall("subscribe", "kernel", (_topic,), idempotent=True, errors=("EAGAIN",),
             doc="Receive, through recv(), every message published to a topic starting with this "
-                "prefix; at most 256 prefixes per process (EAGAIN)."),
+                "prefix; at most kernel.max_subscriptions (256) prefixes per process (EAGAIN)."),
     Syscall("unsubscribe", "kernel", (_topic,), idempotent=True, errors=("ENOENT",)),
     # -- the system -----------------------------------------------------------------------------
     Syscall("services", "kernel", result="[{name, pid, state, restarts, uptime, last_exit}]",
@@ -178,11 +178,15 @@ SYSCALLS: tuple[Syscall, ...] = (
             doc="Kill and restart a service, clearing a FAILED state."),
     Syscall("uname", "kernel", result="{system, version, abi, home, kernel_pid, boot_time}",
             idempotent=True),
-    Syscall("kstat", "kernel", result="{counters, rss, processes, in_flight, syscalls, ended_tokens}",
+    Syscall("kstat", "kernel", result="{counters, rss, processes, in_flight, syscalls, ended_tokens, "
+                                      "tables}",
             idempotent=True,
             doc="The kernel's own counters: messages, malformed frames dropped, replies dropped; "
                 "syscalls: the calls made since boot, by syscall name; ended_tokens: {name: "
-                "[tokens_in, tokens_out]} of the processes that have ended, by process name."),
+                "[tokens_in, tokens_out]} of the processes that have ended, by process name; "
+                "tables: the entries the kernel holds (processes, connections, spawn_tokens, "
+                "ended_names, mailbox_messages, mailbox_bytes, subscriptions, exit_waiters, sweeps, "
+                "service_calls)."),
     Syscall("shutdown", "kernel", privilege="admin",
             doc="Stop every program and service, then the kernel."),
     # -- the model ------------------------------------------------------------------------------
@@ -271,7 +275,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         Arg("if_version", "int", None, min=0, doc="compare-and-set: 0 means the key must not exist"),
         _ns,
     ), result="{version, size, delta}",
-        errors=("ECONFLICT", "E2BIG", "EDQUOT", "EPERM", "ENOENT", "EINVAL", "EIO"),
+        errors=("ECONFLICT", "E2BIG", "EDQUOT", "ENOSPC", "EPERM", "ENOENT", "EINVAL", "EIO"),
         idempotent=True, caller=("storage_allowance",),
         doc="Store a value (any msgpack value). Durable once acknowledged. Idempotent: the kernel "
             "tags each call with an id that storage records, so a retried put is applied once."),
@@ -280,8 +284,10 @@ SYSCALLS: tuple[Syscall, ...] = (
             idempotent=True),
     Syscall("delete", "storage", (
         _key, Arg("if_version", "int", None, min=1), _ns,
-    ), result="{delta}", errors=("ENOENT", "ECONFLICT", "EPERM", "EINVAL", "EIO"), idempotent=True,
-        doc="Remove a key; delta is the (negative) change in bytes stored."),
+    ), result="{delta}", errors=("ENOENT", "ECONFLICT", "EPERM", "EINVAL", "ENOSPC", "EIO"),
+        idempotent=True,
+        doc="Remove a key; delta is the (negative) change in bytes stored. It works when puts are "
+            "ENOSPC under storage.max_db_bytes (a reserve is kept for deletes)."),
     Syscall("list", "storage", (
         Arg("prefix", "str", "", max_len=MAX_KEY), _ns,
         Arg("limit", "int", 1000, min=1, max=100000),
@@ -289,7 +295,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         doc="Keys starting with a prefix, in order."),
     Syscall("ns_create", "storage", (
         Arg("name", "str", max_len=128), Arg("mode", "str", "r", choices=("", "r", "rw")),
-    ), errors=("EEXIST", "EINVAL", "EIO"), idempotent=True,
+    ), errors=("EEXIST", "EINVAL", "ENOSPC", "EIO"), idempotent=True,
         doc="Create a shared namespace owned by the caller's user. mode is what other users may "
             "do: nothing, read, or read and write."),
     Syscall("ns_chmod", "storage", (
