@@ -48,6 +48,7 @@ from model.tiny_gguf import write_tiny_gguf  # noqa: E402
 from syscalls import errors  # noqa: E402
 
 SERVICES = ("storage", "tokenizer", "cpu", "inference")
+TARGETS = SERVICES + ("gateway",)
 # Supervision for the campaign: the tests' quick pings, and room for the restarts it causes (the
 # defaults make a service that dies 5 times a minute FAILED, which is their job, not this one's).
 SUPERVISION = """
@@ -258,8 +259,7 @@ class Chaos:
         s = next(s for s in c.services() if s["name"] == target)
         return s["pid"] if s["state"] == "READY" else None
 
-    def faults(self, count: int, gap: float, stop_max: float) -> None:
-        targets = SERVICES + ("gateway",)
+    def faults(self, count: int, gap: float, stop_max: float, targets=TARGETS) -> None:
         watchers = []
         with self.connect() as c:
             for _ in range(count):
@@ -326,7 +326,7 @@ class Chaos:
                 self.tally.down[target].append(now - t0)
 
     # -- the campaign ----------------------------------------------------------------------------
-    def run(self, faults: int, gap: float = 0.25, stop_max: float = 2.0) -> Tally:
+    def run(self, faults: int, gap: float = 0.25, stop_max: float = 2.0, targets=TARGETS) -> Tally:
         kernel = self.system.kernel_pid
         self.references()
         load = [self.writer, self.generator, self.chatter, self.tokenizer]
@@ -336,7 +336,7 @@ class Chaos:
         for t in threads:
             t.start()
         try:
-            self.faults(faults, gap, stop_max)
+            self.faults(faults, gap, stop_max, targets)
         finally:
             self.stop.set()
             for t in threads:
@@ -411,7 +411,7 @@ def report(t: Tally, took: float) -> None:
                platform.processor())
     print(f"{cpu}, {os.cpu_count()} CPUs; {took:.0f} s")
     print(f"faults: {sum(t.faults.values())}")
-    for target in SERVICES + ("gateway",):
+    for target in TARGETS:
         kills, stops = t.faults[(target, "SIGKILL")], t.faults[(target, "SIGSTOP")]
         r, d = t.restarts.get(target, []), t.down.get(target, [])
         print(f"  {target:<10} SIGKILL {kills:>4}  SIGSTOP {stops:>4}  restarts {len(r):>4}  "
@@ -438,13 +438,15 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="programs of each kind of load")
     parser.add_argument("--think", type=float, default=0.01, help="mean seconds a program waits between calls")
     parser.add_argument("--keep", action="store_true", help="keep LLMOS_HOME (its logs) when anything failed")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="what to fault, comma-separated")
     parser.add_argument("--model", default=None,
                         help='a GGUF file, or "default" (the model llmos boots with); the tiny model if absent')
     args = parser.parse_args()
     system, url, name, home = boot(args.model)
     t0 = time.monotonic()
     try:
-        tally = Chaos(system, url, name, args.seed, args.workers, args.think).run(args.faults, args.gap)
+        tally = Chaos(system, url, name, args.seed, args.workers, args.think).run(
+            args.faults, args.gap, targets=tuple(args.targets.split(",")))
     finally:
         took = time.monotonic() - t0
         system.shutdown()

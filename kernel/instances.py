@@ -102,10 +102,11 @@ def driver_stop(kernel, origin: Service, args: dict):
 
 
 def drivers(kernel, origin: Service, args: dict) -> list[dict]:
-    """Every driver service: the boot driver(s) and the instances, with their state and model."""
+    """Every driver service: the boot driver(s) and the instances, with their state and model;
+    crashed: its last death was a crash or an exit, not a kill (supervisor.py)."""
     return [{"service": s.name, "model": s.env.get(MODEL_NAME_ENV), "path": s.env.get(MODEL_ENV),
              "version": s.env.get(VERSION_ENV), "state": "STOPPING" if s.removed else s.state,
-             "progress": s.progress, "last_exit": s.last_exit, "pid": s.pid}
+             "progress": s.progress, "last_exit": s.last_exit, "crashed": s.crashed, "pid": s.pid}
             for s in kernel.supervisor.services.values() if is_driver(s.name)]
 
 

@@ -10,7 +10,8 @@ kernel meanwhile), then "resident"; requests for it wait on ``ready`` rather tha
 The step loop is the engine's algorithm: schedule, the driver's ``step`` (a service-to-service
 call through the kernel), postprocess, and each event to the queue of the call that made it. A
 driver that dies takes the KV cache with it: the step in flight fails, and the engine recomputes
-every running request on the restarted driver; only a driver that keeps failing fails requests.
+every running request on the restarted driver; only a driver that keeps failing (a step that
+fails, or a crash: a kill, from outside or the supervisor's, never counts) fails requests.
 
 Never: share sequences, blocks or queues between models: each engine's ids are its own.
 """
@@ -126,15 +127,21 @@ class Resident:
             except errors.ETIMEDOUT:
                 continue
             except errors.ESRVDOWN:         # it died under the call: ask its restarted self, unless
-                if await self._driver_failed():         # the supervisor has given up on it
+                if (await self._driver())["state"] in ("FAILED", "STOPPED"):   # it is given up on
                     raise
                 continue
             finally:
                 call.cancel()
 
-    async def _driver_failed(self) -> bool:
+    async def _driver(self) -> dict:
+        """The kernel's entry for this model's driver service (kernel/instances.py, drivers)."""
         drivers = await self.runtime.call("kernel", "drivers", {})
-        return any(d["service"] == self.driver and d["state"] in ("FAILED", "STOPPED") for d in drivers)
+        return next((d for d in drivers if d["service"] == self.driver), {"state": "STOPPED", "crashed": True})
+
+    async def _driver_crashed(self) -> bool:
+        """Whether the driver's last death was its own (a crash, an exit), or it is given up on."""
+        d = await self._driver()
+        return bool(d.get("crashed")) or d["state"] in ("FAILED", "STOPPED")
 
     async def _driver_failure(self, e: errors.LLMOSError) -> errors.LLMOSError:
         """Why the driver did not load the model, as it said before it exited (drivers/driver.py:
@@ -261,6 +268,11 @@ class Resident:
                     continue                # aborted for an urgent request: nothing of it counts
                 except errors.LLMOSError as e:
                     turns.give(self)
+                    if isinstance(e, errors.ESRVDOWN) and not await self._driver_crashed():
+                        # killed (from outside, or hung): its restart recomputes; nothing counts
+                        self.log.warning("driver_step_lost", driver=self.driver, error=str(e))
+                        engine.device_lost()
+                        continue
                     failures += 1
                     self.log.warning("driver_step_failed", driver=self.driver, error=str(e),
                                      failures=failures)
