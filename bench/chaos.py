@@ -11,8 +11,8 @@ driver, inference) and to the gateway at random moments:
 - tokenize, checked; send/recv and publish/subscribe between two programs, checked in order;
 - spawn/wait of a short program; chat completions through the gateway with the openai package.
 
-A fault goes to a target that is up (READY, or for the gateway listening), so that every fault
-tests a recovery, never a start; a SIGSTOP lasts a random time up to twice the ping timeout (the
+A fault goes to a target that is up (READY, or for the gateway listening) and has been for
+``--floor`` seconds, so that every fault tests a recovery from a working system, never a start; a SIGSTOP lasts a random time up to twice the ping timeout (the
 supervisor kills a service that misses its pongs that long), then SIGCONT. It reports faults by
 target, calls made and failed by syscall and error, answers that differ from the undisturbed run,
 hung calls, acknowledged writes lost, kernel deaths and kernel bugs, and each target's restart
@@ -100,12 +100,13 @@ class Chaos:
         self.tally = Tally()
         self.stop = threading.Event()
         self.acked: dict[str, tuple[int, int]] = {}          # key -> (value, version) acknowledged
+        self.up_since: dict[tuple, float] = {}               # (target, OS pid) -> first seen up
         self.want: dict = {}
 
     # -- calls, counted ------------------------------------------------------------------------
     def call(self, name: str, fn, *args, **kw):
         """fn(*args, **kw), counted; an error is counted and returned as FAILED."""
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.strftime("%H:%M:%S", time.gmtime())
         with self.tally.lock:
             self.tally.calls[name] += 1
         if self.think:          # a program's think time (a load, not a synchronisation)
@@ -116,7 +117,7 @@ class Chaos:
             took = time.monotonic() - t0
             with self.tally.lock:
                 if e.code == "ETIMEDOUT" and took >= HANG_S * 0.9:
-                    self.tally.hung.append((name, round(took, 1)))
+                    self.tally.hung.append((name, round(took, 1), f"from {started} UTC"))
                 else:
                     self.tally.failed[(name, e.code)] += 1
                     self.tally.examples.setdefault((name, e.code), str(e)[:300])
@@ -259,7 +260,11 @@ class Chaos:
         s = next(s for s in c.services() if s["name"] == target)
         return s["pid"] if s["state"] == "READY" else None
 
-    def faults(self, count: int, gap: float, stop_max: float, targets=TARGETS) -> None:
+    def faults(self, count: int, gap: float, stop_max: float, targets=TARGETS, floor: float = 2.0) -> None:
+        """count faults, a random gap (mean gap) apart, each to a random target once it has been up
+        for floor seconds: every fault tests a recovery from a working system, and a target that
+        is faulted again before it could do any work (a driver that never finishes a step) is a
+        livelock no system escapes, not a finding."""
         watchers = []
         with self.connect() as c:
             for _ in range(count):
@@ -270,6 +275,11 @@ class Chaos:
                 pid = self.up(c, target, None)
                 if pid is None:
                     continue
+                seen = self.up_since.setdefault((target, pid), time.monotonic())
+                if time.monotonic() - seen < floor:       # pacing the campaign, not a synchronisation
+                    time.sleep(floor - (time.monotonic() - seen))
+                    if self.target_pid(c, target) != pid:
+                        continue
                 sig = signal.SIGKILL if self.rng.random() < 0.75 else signal.SIGSTOP
                 t0 = time.monotonic()
                 try:
@@ -322,11 +332,13 @@ class Chaos:
                 self.tally.not_back[target] += 1
             elif back != pid:
                 now = time.monotonic()
+                self.up_since.setdefault((target, back), now)
                 self.tally.restarts[target].append(now - (t0 if dead is None else dead))
                 self.tally.down[target].append(now - t0)
 
     # -- the campaign ----------------------------------------------------------------------------
-    def run(self, faults: int, gap: float = 0.25, stop_max: float = 2.0, targets=TARGETS) -> Tally:
+    def run(self, faults: int, gap: float = 0.25, stop_max: float = 2.0, targets=TARGETS,
+            floor: float = 2.0) -> Tally:
         kernel = self.system.kernel_pid
         self.references()
         load = [self.writer, self.generator, self.chatter, self.tokenizer]
@@ -336,7 +348,7 @@ class Chaos:
         for t in threads:
             t.start()
         try:
-            self.faults(faults, gap, stop_max, targets)
+            self.faults(faults, gap, stop_max, targets, floor)
         finally:
             self.stop.set()
             for t in threads:
@@ -439,6 +451,7 @@ def main() -> int:
     parser.add_argument("--think", type=float, default=0.01, help="mean seconds a program waits between calls")
     parser.add_argument("--keep", action="store_true", help="keep LLMOS_HOME (its logs) when anything failed")
     parser.add_argument("--targets", default=",".join(TARGETS), help="what to fault, comma-separated")
+    parser.add_argument("--floor", type=float, default=2.0, help="seconds a target is up before its next fault")
     parser.add_argument("--model", default=None,
                         help='a GGUF file, or "default" (the model llmos boots with); the tiny model if absent')
     args = parser.parse_args()
@@ -446,7 +459,7 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         tally = Chaos(system, url, name, args.seed, args.workers, args.think).run(
-            args.faults, args.gap, targets=tuple(args.targets.split(",")))
+            args.faults, args.gap, targets=tuple(args.targets.split(",")), floor=args.floor)
     finally:
         took = time.monotonic() - t0
         system.shutdown()

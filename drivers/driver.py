@@ -146,6 +146,7 @@ class Driver(Service):
         its predecessor left running here is over."""
         async with self.lock:
             self.runner.reset()
+            self.abort_id = self.yield_id = None      # its step ids start again at 1
 
 
 def named(cls: type[Driver]) -> type[Driver]:

@@ -7,7 +7,8 @@ named error (principle 3 of kernel.py):
 
 - a service that is not READY holds its calls; ``service_ready`` sends them;
 - one that dies under a call retries it at the head of its queue if the row is idempotent, nothing
-  of it was streamed and it has not crashed its service twice; a resumable stream (generate, chat) goes
+  of it was streamed and it has not crashed its service twice (a service's call of an idempotent
+  syscall too: the inference service's storage.put of save_context); a resumable stream (generate, chat) goes
   back too, its args carrying ``resume``: the tokens its program has had, so the restarted
   service goes on from there and the program sees one unbroken stream; any other call ends with
   ESRVDOWN;
@@ -92,7 +93,8 @@ class Router:
 
         Ops no syscall names have no row: services are trusted, and the callee checks its own
         arguments. An op that is a syscall of the callee gets its row's caller context. The
-        kernel never retries these; the caller decides.
+        kernel retries these only where the op is an idempotent syscall (service_down); for the
+        others the caller decides.
         """
         sid, name, args = msg[2], msg[3], msg[4]
         # the last dot: an op's name has none, a driver instance's may (cpu@qwen2.5)
@@ -221,7 +223,7 @@ class Router:
             why = None
             if not back:
                 why = "the service has FAILED" if svc.state == FAILED else f"the service is {svc.state}"
-            elif call.origin is not None:
+            elif call.origin is not None and (call.spec.resumable or not call.spec.idempotent):
                 why = "a service's own call (the calling service decides)"
             elif call.spec.resumable:
                 why = self._resume(call, svc.crashed)

@@ -194,8 +194,11 @@ class TokenizerService(Service):
             row["state"], row["driver"], row["older"] = mine["state"], mine["driver"], older
             row["progress"] = here["progress"] if here and row["state"] == "loading" else None
             if row["state"] == "failed":
+                said = (here or {}).get("progress") or {}     # the driver's own reason, if it gave one
                 row["error"] = mine.get("error") or row["error"] or (
-                    f"its driver {here['service']} failed: {here['last_exit']}" if here else None)
+                    f"its driver {here['service']} failed: "
+                    f"{said['error'] if said.get('what') == 'failed' and said.get('error') else here['last_exit']}"
+                    if here else None)
             for k in ("memory_bytes", "last_used", "expires_at", "keep_alive", "requests", "position"):
                 row[k] = mine.get(k)
             row["budget"] = held["budget"] if held else None

@@ -257,8 +257,8 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall("close_context", "inference", (Arg("ctx", "int", min=1),), errors=("EBADF",),
             idempotent=True, doc="Close a context and free its KV blocks."),
     Syscall("save_context", "inference", (Arg("ctx", "int", min=1), _key, _ns),
-            result="{version, size}", errors=("EBADF", "EPERM", "EDQUOT", "E2BIG", "ENOENT", "EINVAL",
-                                              "EIO"),
+            result="{version, size}", errors=("EBADF", "EPERM", "EDQUOT", "ENOSPC", "E2BIG", "ENOENT",
+                                              "EINVAL", "EIO"),
             idempotent=True,
             doc="Write a context (its messages and tokens) to storage under key, in the caller's "
                 "namespace unless ns is given; load_context restores it, after a reboot too."),
@@ -300,7 +300,7 @@ SYSCALLS: tuple[Syscall, ...] = (
             "do: nothing, read, or read and write."),
     Syscall("ns_chmod", "storage", (
         Arg("name", "str", max_len=128), Arg("mode", "str", choices=("", "r", "rw")),
-    ), errors=("ENOENT", "EPERM", "EIO"), idempotent=True),
+    ), errors=("ENOENT", "EPERM", "ENOSPC", "EIO"), idempotent=True),
     Syscall("ns_list", "storage", result="[{name, owner, mode, bytes}]", idempotent=True),
     Syscall("usage", "storage", result="{uid, bytes, quota, keys}", idempotent=True,
             doc="Bytes the caller's user stores, and its quota."),

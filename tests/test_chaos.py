@@ -15,7 +15,7 @@ def test_every_call_is_answered_while_every_service_is_killed_and_stopped_at_ran
     system, url, model, home = boot(None)
     try:
         chaos = Chaos(system, url, model, seed=7, workers=1)
-        tally = chaos.run(faults=15, gap=0.3)
+        tally = chaos.run(faults=10, gap=0.3)
     finally:
         system.shutdown()
         shutil.rmtree(home, ignore_errors=True)
@@ -23,10 +23,10 @@ def test_every_call_is_answered_while_every_service_is_killed_and_stopped_at_ran
     shown = capsys.readouterr().out
     print(shown)
     assert tally.failures() == 0, shown
-    assert sum(tally.faults.values()) == 15, shown
+    assert sum(tally.faults.values()) == 10, shown
     # the load ran through the faults: every kind of call was made, and answered
     for name in ("put", "generate", "chat", "save_context", "load_context", "tokenize", "send",
                  "publish", "recv", "spawn", "wait", "http chat"):
         assert tally.calls[name] > 0, (name, shown)
     assert tally.writes_acked > 0
-    assert sum(len(r) for r in tally.restarts.values()) >= 8, shown     # most faults were deaths
+    assert sum(len(r) for r in tally.restarts.values()) >= 5, shown     # most faults were deaths

@@ -268,6 +268,9 @@ def test_open_contexts_keep_their_model_and_a_cache_context_does_not(system):
         assert turn.result.cached_tokens == 0 and state(c, "a") == "resident"
         (row,) = [x for x in c.contexts() if x["ctx"] == cache]
         assert row["model"] == "a" and row["messages"] == 5
+        # a turn on the context is a request naming its model: its keep_alive is the model's too
+        c.chat([{"role": "user", "content": "Last"}], ctx=cache, max_tokens=3, temperature=0.0, keep_alive=0)
+        wait_until(lambda: state(c, "a") == "absent", 20, "a unloaded after a turn with keep_alive 0")
         c.close_context(cache)
 
 

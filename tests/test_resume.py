@@ -3,8 +3,8 @@ stream has delivered and resubmits it with ``resume`` to the restarted service, 
 there. The program sees one unbroken stream, no token repeated or skipped, identical to an
 undisturbed run, greedy or seeded; contexts, their handles and constraints outlive the death.
 
-The tiny long-context model of tiny_system: a 2,000-token generation lasts seconds, so a kill after
-the first chunks lands mid-stream."""
+The tiny long-context model of tiny_system: a generation of hundreds of tokens lasts a second or
+more, so a kill after the first chunks lands mid-stream."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import signal
 from conftest import wait_until
 from tiny_system import tiny_system  # noqa: F401
 
-LONG = 800
+LONG = 500
 
 
 def kill_midway(system, service: str, stream, after: int = 5) -> tuple[list[int], str]:

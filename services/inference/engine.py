@@ -177,7 +177,8 @@ class Engine:
     def open_context(self, pid: int, model: str, messages: list[dict]) -> Context:
         mine = sum(1 for c in self.contexts.values() if c.pid == pid)
         if mine >= MAX_CONTEXTS:
-            raise QuotaExceeded(f"pid {pid} has {mine} contexts open, the most a process may hold")
+            raise QuotaExceeded(f"pid {pid} has {mine} contexts open on model {model!r}, the most a "
+                                f"process may hold on one model ({MAX_CONTEXTS}); close one first")
         ctx = Context(next(self._ctx_ids), pid, model, list(messages))
         self.contexts[ctx.ctx] = ctx
         return ctx

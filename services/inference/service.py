@@ -151,9 +151,21 @@ class Inference(Service):
             await model.stop()
 
     def spawn(self, coro) -> None:
+        """Run coro in the background (a driver's release or abort, the Pager): an LLMOSError it
+        ends with (the driver died meanwhile) is of no use to anyone and goes to the log only."""
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        task.add_done_callback(self._spawned)
+
+    def _spawned(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if task.cancelled():
+            return
+        e = task.exception()
+        if isinstance(e, errors.LLMOSError):
+            self.log.info("background_call_failed", error=e.message)
+        elif e is not None:
+            self.log.error("background_task_failed", error=repr(e), exc_info=e)
 
     def forget(self, model: Resident) -> None:
         """An unloaded model leaves the table (a newer Resident may hold its key already)."""
@@ -202,12 +214,7 @@ class Inference(Service):
                 resident = self.models[key] = Resident(self, name, Path(real), None, key[1])
                 self.spawn(resident.load(self.scheduler_cfg))
             break
-        resident.last_used = time.monotonic()
-        if not resident.boot:
-            resident.keep_alive = self.pager.keep_alive if keep_alive is None else keep_alive
-        # In use until this call ends (its stream included): an idle model is one nobody's call holds.
-        resident.pins += 1
-        asyncio.current_task().add_done_callback(lambda _: self._unpin(resident))
+        self._use(resident, keep_alive)
         if resident.ready.done() and resident.ready.exception() is None:
             return resident
         resident.waiters += 1
@@ -223,6 +230,15 @@ class Inference(Service):
             resident.waiters -= 1
             del self.pending[ticket]
         return resident
+
+    def _use(self, model: Resident, keep_alive: float | None) -> None:
+        """The calling request uses model: its last use is now, keep_alive (if given) becomes the
+        model's, and it is pinned (not idle) until the call ends, its stream included."""
+        model.last_used = time.monotonic()
+        if not model.boot:
+            model.keep_alive = self.pager.keep_alive if keep_alive is None else keep_alive
+        model.pins += 1
+        asyncio.current_task().add_done_callback(lambda _: self._unpin(model))
 
     def _resolve(self, model: str, call: str) -> tuple[str, str]:
         """(real path, name) of a registered model named by its name or its file's path."""
@@ -265,6 +281,8 @@ class Inference(Service):
         its history (cached_tokens 0). A context with a turn in flight stays where it is."""
         model, ctx = self._context(handle, caller, call)
         if ctx.busy is not None or (model.state == "resident" and not self.superseded(model)):
+            if model.state == "resident":
+                self._use(model, keep_alive)    # as a request naming the model: pinned, keep_alive
             return model, ctx
         new = await self._model(model.name, call, keep_alive, int(caller.get("pid") or 0))
         if new is not model and self.contexts.get(handle, (None, None))[1] is ctx:

@@ -16,8 +16,9 @@ loop is noticed) and hands each CALL to ``op_<name>(args, caller)``:
   keys. The kernel adds it to the calling process's counters; the program gets the value alone.
 
 A service reaches another only through the kernel: ``await self.runtime.call("storage", "get",
-{...})``. The kernel routes it like a syscall (waiting while the target restarts) but never
-retries it: the caller knows best what a failure means.
+{...})``. The kernel routes it like a syscall (waiting while the target restarts) and retries
+it only where the op is an idempotent syscall of the target: the caller knows best what any
+other failure means.
 """
 
 from __future__ import annotations
