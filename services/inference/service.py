@@ -133,18 +133,20 @@ class Inference(Service):
     def _keep(self, handle: int) -> None:
         """Leave a context's state with the kernel, to be opened again by a restarted service."""
         model, ctx = self.contexts[handle]
-        self.runtime.send(wire.event("keep", {"key": f"ctx:{handle}", "pid": ctx.pid, "value": {
+        self._record(f"ctx:{handle}", ctx.pid, {
             "handle": handle, "model": model.name, "path": os.path.realpath(model.path),
-            "messages": ctx.messages, "cache": ctx.cache,
-            "txid": self.made_by.get(handle)}}))
+            "messages": ctx.messages, "cache": ctx.cache, "txid": self.made_by.get(handle)})
+
+    def _record(self, key: str, pid: int, value) -> None:
+        """One record of the kernel's store for this service (kernel/keep.py); None deletes it."""
+        self.runtime.send(wire.event("keep", {"key": key, "pid": pid, "value": value}))
 
     @staticmethod
     def _leave(model: Resident, ctx) -> None:
         """A context leaves a model: that model's engine (if it ever had one) keeps nothing of it."""
-        engine = getattr(model, "engine", None)
-        if engine is not None:
-            engine.blocks.free(ctx.owner)
-            engine.contexts.pop(ctx.ctx, None)
+        if model.engine is not None:
+            model.engine.blocks.free(ctx.owner)
+            model.engine.contexts.pop(ctx.ctx, None)
 
     async def stop(self) -> None:
         for model in self.models.values():
@@ -427,13 +429,13 @@ class Inference(Service):
 
     def _close(self, handle: int) -> None:
         model, ctx = self.contexts.pop(handle)
-        if getattr(model, "engine", None) is not None:
+        if model.engine is not None:
             model.engine.close_context(ctx)
         model.wake.set()
         txid = self.made_by.pop(handle, None)
         if txid is not None and self.opened_by.get(txid) == handle:
             del self.opened_by[txid]
-        self.runtime.send(wire.event("keep", {"key": f"ctx:{handle}", "pid": ctx.pid, "value": None}))
+        self._record(f"ctx:{handle}", ctx.pid, None)
 
     def op_close_context(self, args: dict, caller: dict) -> None:
         pid, handle, txid = caller.get("pid"), args["ctx"], caller.get("txid") or ""
@@ -443,7 +445,7 @@ class Inference(Service):
         self._close(handle)
         done = self.closed.setdefault(pid, deque(maxlen=CLOSES_KEPT))
         done.append((handle, txid))
-        self.runtime.send(wire.event("keep", {"key": f"closed:{pid}", "pid": pid, "value": list(done)}))
+        self._record(f"closed:{pid}", pid, list(done))
         self.report(force=True)
 
     async def op_save_context(self, args: dict, caller: dict) -> dict:
@@ -473,7 +475,7 @@ class Inference(Service):
         now = time.monotonic()
         return [{"ctx": handle, "pid": c.pid, "model": c.model, "messages": len(c.messages),
                  "tokens": len(c.tokens), "kv_blocks": len(model.engine.blocks.table(c.owner))
-                 if getattr(model, "engine", None) is not None else 0,
+                 if model.engine is not None else 0,
                  "last_used": round(now - c.last_used, 3)}
                 for handle, (model, c) in self.contexts.items() if c.pid == pid]
 
