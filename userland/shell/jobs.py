@@ -38,7 +38,7 @@ class Job:
         self.status: int | None = None
         self.stopped = False
         self.interrupts = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()     # Ctrl-C's handler may take it again, nested
         self.pending: list[int] = []        # signals sent while it had no program running
         self.commands: dict[int, list[str]] = {}    # thread -> the builtins it runs (nice gen: 2)
         self.ended_by: int | None = None    # the signal kill %N ended its builtins with
@@ -145,9 +145,13 @@ class Job:
         numbered job's programs and gives the prompt back (status 148, the job stays)."""
         if self.stopped:
             self.resume()
-        previous = None
-        if self.number and threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTSTP, _suspend)
+        previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C interrupts the job wherever the main thread is, even between two statements
+            # (a KeyboardInterrupt raised there would end the wait and leave the job running)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: self.interrupt())
+            if self.number:
+                previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, _suspend)
         try:
             if announce is not None:        # only now: a Ctrl-Z right after it finds the handler
                 announce()
@@ -155,14 +159,14 @@ class Job:
                 try:
                     for e in self.ended:
                         e.wait(JOIN_SLICE)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt:   # off the main thread: raised into it by its job
                     self.interrupt()
         except _Suspended:
             self.signal(signal.SIGSTOP)
             return 128 + signal.SIGTSTP
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTSTP, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return 130 if self.status is None else self.status
 
 
