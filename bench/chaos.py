@@ -25,6 +25,8 @@ status 1 when any count is not 0. Each program pauses a random ``--think`` betwe
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import random
@@ -418,7 +420,19 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def report(t: Tally, took: float) -> None:
+def spare_starts(logs: Path) -> Counter:
+    """service -> how many of its starts were its spare process (the supervisor's rule 4), from
+    the kernel's log."""
+    n: Counter = Counter()
+    for path in logs.glob("kernel.log*"):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"service_started"' in line and '"spare": true' in line:
+                with contextlib.suppress(ValueError, KeyError):
+                    n[json.loads(line)["service"]] += 1
+    return n
+
+
+def report(t: Tally, took: float, spares: Counter | None = None) -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
     print(f"{cpu}, {os.cpu_count()} CPUs; {took:.0f} s")
@@ -429,6 +443,7 @@ def report(t: Tally, took: float) -> None:
         print(f"  {target:<10} SIGKILL {kills:>4}  SIGSTOP {stops:>4}  restarts {len(r):>4}  "
               f"restart p50 {pct(r, 0.5):5.2f} s  p99 {pct(r, 0.99):5.2f} s  max {max(r, default=0):5.2f} s  "
               f"down p50 {pct(d, 0.5):5.2f} s  p99 {pct(d, 0.99):5.2f} s"
+              + (f"  from a spare {spares[target]}" if spares and spares[target] else "")
               + (f"  NOT BACK {t.not_back[target]}" if t.not_back[target] else ""))
     print(f"calls: {sum(t.calls.values()):,}")
     for name, n in sorted(t.calls.items(), key=lambda kv: -kv[1]):
@@ -463,7 +478,7 @@ def main() -> int:
     finally:
         took = time.monotonic() - t0
         system.shutdown()
-    report(tally, took)
+    report(tally, took, spare_starts(system.paths.logs))
     if args.keep and tally.failures():
         print(f"LLMOS_HOME kept: {home}")
     else:

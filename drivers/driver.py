@@ -49,6 +49,17 @@ class Driver(Service):
         """device_name, memory_total and memory_used (bytes, the whole device's), and any more."""
         raise NotImplementedError
 
+    @classmethod
+    def preload(cls, paths) -> None:
+        """Import the torch engine (torch's own import is ~2 s of a driver's start) unless the
+        config asks for the lean one; a spare driver has it done before it is needed."""
+        try:
+            cfg = Config.load(paths.home / "config.toml").driver
+        except Exception:           # noqa: BLE001 - start() loads it again and says what is wrong
+            return
+        if cfg.engine == "torch" or (cfg.engine == "auto" and cfg.dense_copy != "never"):
+            import drivers.model.llama  # noqa: F401
+
     async def start(self) -> None:
         cfg = Config.load(self.paths.home / "config.toml").driver
         registry = Registry(self.paths)

@@ -36,6 +36,7 @@ from syscalls.errors import LLMOSError
 from syscalls.paths import Paths
 from syscalls.runtime.channel import SENT, Channel
 from syscalls.runtime.config import Config
+from syscalls.runtime.devices import is_driver
 from syscalls.table import BY_NAME
 
 from . import accounting, instances, keep, traps, users
@@ -85,8 +86,8 @@ class Kernel:
         self.router.services = self.supervisor.services
         self.launcher = Launcher(self.loop, paths, cfg.supervisor, log, self.end_process,
                                  self._detach)
-        for name in cfg.services:
-            self.supervisor.add(name, cfg.modules[name])
+        for name in cfg.services:       # a boot driver keeps a spare: its restart skips torch's import
+            self.supervisor.add(name, cfg.modules[name], spare=cfg.supervisor.spare_drivers and is_driver(name))
 
     def _bind(self, endpoint: str, handler) -> Channel:
         sock = self.ctx.socket(zmq.ROUTER)

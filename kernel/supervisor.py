@@ -9,6 +9,12 @@ Rules, stated once:
    marks it FAILED: its calls get ESRVDOWN until ``service_restart`` clears it.
 3. A new service process is trusted only after it says HELLO with the one-time token the kernel
    gave it on its stdin; anything else arriving on the service socket is dropped and counted.
+4. A service may keep a spare (``spare``: the boot drivers, unless ``spare_drivers`` is false): a
+   process of its program started once the service is READY, that does what it can before its
+   token (``Service.preload``: a driver imports torch and its engine, ~2 s) and then waits on its
+   stdin. The next start of the service is that process, given its token, not a new one. A spare
+   is not the service: it holds no calls and gets no pings; one that dies is replaced at the
+   service's next READY.
 The supervisor decides; the kernel (through the ``Events`` it is given) deals with the calls.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -39,7 +46,8 @@ class Events(Protocol):
 
 
 class Service:
-    def __init__(self, name: str, argv: list[str], backoff: Backoff, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], backoff: Backoff, env: dict[str, str] | None = None,
+                 spare: bool = False):
         self.name = name
         self.argv = argv
         self.env = env or {}         # added to the kernel's environment (a driver instance's model)
@@ -66,6 +74,8 @@ class Service:
         self.crashed = False         # its last death was a crash or an exit, not a kill (ours, or from outside)
         self.kept: dict[str, tuple] = {}     # what it left to have back after a restart (kernel/keep.py)
         self.kept_bytes = 0
+        self.spare = spare           # keep a spare process for its next start (rule 4)
+        self.spare_process: child.Child | None = None
 
     @property
     def pid(self) -> int | None:
@@ -77,6 +87,7 @@ class Service:
             "uptime": round(now - self.ready_at, 3) if self.state == READY else 0.0,
             "last_exit": self.last_exit, "in_flight": len(self.in_flight),
             "waiting": len(self.waiting), "progress": self.progress,
+            "spare": self.spare_process.pid if self.spare_process and self.spare_process.running else None,
         }
 
 
@@ -94,10 +105,10 @@ class Supervisor:
         self.stopping = False
         self._tick: asyncio.Task | None = None
 
-    def add(self, name: str, module: str, env: dict[str, str] | None = None) -> Service:
+    def add(self, name: str, module: str, env: dict[str, str] | None = None, spare: bool = False) -> Service:
         c = self.cfg
         svc = self.services[name] = Service(name, [sys.executable, "-m", module], Backoff(
-            c.backoff_base, c.backoff_max, c.max_restarts, c.restart_window), env)
+            c.backoff_base, c.backoff_max, c.max_restarts, c.restart_window), env, spare)
         return svc
 
     def start_all(self) -> None:
@@ -106,26 +117,39 @@ class Supervisor:
         self._tick = self.loop.create_task(self._watch())
 
     # -- starting ------------------------------------------------------------------------------
+    def _spawn(self, svc: Service, on_exit) -> child.Child:
+        """A process of svc's program, waiting for its token on stdin; OSError if none starts."""
+        env = dict(os.environ, **svc.env, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name)
+        out = open(self.paths.log_file(f"{svc.name}.out"), "ab")
+        try:
+            return child.Child(self.loop, svc.argv, env, on_exit, stdin=subprocess.PIPE, stdout=out,
+                               stderr=subprocess.STDOUT)
+        finally:
+            out.close()
+
     def start(self, svc: Service) -> None:
         svc.restart_handle = None
         svc.token = secrets.token_hex(16)
-        # which start of the service this is, so that what it hands out (context handles) is
-        # never handed out again by a later start
-        env = dict(os.environ, **svc.env, LLMOS_HOME=str(self.paths.home), LLMOS_SERVICE=svc.name,
-                   LLMOS_SERVICE_RESTARTS=str(svc.restarts))
-        out = open(self.paths.log_file(f"{svc.name}.out"), "ab")
+        on_exit = lambda how: self._exited(svc, how)        # noqa: E731
+        spare, svc.spare_process = svc.spare_process, None
+        if spare is not None and spare.running:
+            spare.on_exit = on_exit                         # the spare is the service from now on
+            svc.process = spare
+        else:
+            if spare is not None:
+                spare.close()                               # dead, its pidfd not yet read
+            try:
+                svc.process = self._spawn(svc, on_exit)
+            except OSError as e:
+                self.log.error("service_start_failed", service=svc.name, error=str(e))
+                svc.last_exit = f"could not start: {e}"
+                self._died(svc)
+                return
         try:
-            svc.process = child.Child(self.loop, svc.argv, env, lambda how: self._exited(svc, how),
-                                      stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-        except OSError as e:
-            self.log.error("service_start_failed", service=svc.name, error=str(e))
-            svc.last_exit = f"could not start: {e}"
-            self._died(svc)
-            return
-        finally:
-            out.close()
-        try:
-            svc.process.popen.stdin.write(svc.token.encode() + b"\n")
+            # the token, then what differs between starts: which start this is, so that what
+            # it hands out (context handles) is never handed out again by a later start
+            svc.process.popen.stdin.write(svc.token.encode() + b"\n" + json.dumps(
+                {"LLMOS_SERVICE_RESTARTS": str(svc.restarts)}).encode() + b"\n")
             svc.process.popen.stdin.close()
         except OSError:
             pass        # it died at once; the pidfd reports it
@@ -133,7 +157,31 @@ class Supervisor:
         svc.started_at = time.monotonic()
         svc.deadline = svc.started_at + self.cfg.start_timeout
         svc.progress = None
-        self.log.info("service_started", service=svc.name, pid=svc.process.pid)
+        self.log.info("service_started", service=svc.name, pid=svc.process.pid, spare=spare is svc.process)
+
+    def _keep_spare(self, svc: Service) -> None:
+        """Start svc's spare, if it keeps one and has none (rule 4)."""
+        if not svc.spare or self.stopping or svc.removed is not None or (
+                svc.spare_process is not None and svc.spare_process.running):
+            return
+
+        def exited(how: child.Exit) -> None:
+            if svc.spare_process is proc:
+                svc.spare_process = None
+                getattr(self.log, "info" if self.stopping else "warning")(
+                    "spare_exited", service=svc.name, pid=proc.pid, how=str(how))
+        try:
+            proc = svc.spare_process = self._spawn(svc, exited)
+        except OSError as e:
+            self.log.error("spare_start_failed", service=svc.name, error=str(e))
+            return
+        self.log.info("spare_started", service=svc.name, pid=proc.pid)
+
+    def _drop_spare(self, svc: Service) -> None:
+        spare, svc.spare_process = svc.spare_process, None
+        if spare is not None and spare.running:
+            with contextlib.suppress(ProcessLookupError):
+                spare.signal(signal.SIGKILL)
 
     def hello(self, svc: Service, ident: bytes) -> None:
         """The service proved it is the process we started (token checked by the kernel).
@@ -154,6 +202,7 @@ class Supervisor:
         self.log.info("service_ready", service=svc.name, pid=svc.pid,
                       startup_s=round(svc.ready_at - svc.started_at, 3))
         self.events.service_ready(svc)
+        self._keep_spare(svc)       # now, not at the start: it would slow the start it follows
 
     def progress(self, svc: Service, data: dict) -> None:
         svc.progress = data
@@ -214,6 +263,7 @@ class Supervisor:
         if svc.removed is not None:
             return svc.removed
         svc.removed = self.loop.create_future()
+        self._drop_spare(svc)
         if svc.restart_handle:
             svc.restart_handle.cancel()
             svc.restart_handle = None
@@ -269,6 +319,7 @@ class Supervisor:
         for svc in self.services.values():
             if svc.restart_handle:
                 svc.restart_handle.cancel()
-        await child.stop_all([svc.process for svc in self.services.values() if svc.process], grace)
+        await child.stop_all([p for svc in self.services.values() for p in (svc.process, svc.spare_process)
+                              if p is not None], grace)
         for svc in self.services.values():
             svc.state = STOPPED

@@ -171,8 +171,11 @@ SYSCALLS: tuple[Syscall, ...] = (
                 "prefix; at most kernel.max_subscriptions (256) prefixes per process (EAGAIN)."),
     Syscall("unsubscribe", "kernel", (_topic,), idempotent=True, errors=("ENOENT",)),
     # -- the system -----------------------------------------------------------------------------
-    Syscall("services", "kernel", result="[{name, pid, state, restarts, uptime, last_exit}]",
-            idempotent=True, doc="The service processes and what the supervisor knows of them."),
+    Syscall("services", "kernel",
+            result="[{name, pid, state, restarts, uptime, last_exit, in_flight, waiting, progress, spare}]",
+            idempotent=True, doc="The service processes and what the supervisor knows of them; spare: "
+                "the OS pid of the process kept ready for the service's next start (a boot driver's), "
+                "or null."),
     Syscall("service_restart", "kernel", (Arg("name", "str", max_len=64),),
             errors=("ENOENT",), privilege="admin",
             doc="Kill and restart a service, clearing a FAILED state."),

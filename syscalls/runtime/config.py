@@ -82,6 +82,9 @@ class SupervisorConfig:
     restart_window: float = 60.0
     backoff_base: float = 0.5         # 2nd restart waits this, then doubling...
     backoff_max: float = 30.0         # ...up to this
+    spare_drivers: bool = True        # each boot driver keeps a spare process with its imports done
+                                      # (torch's: ~160 MB), so a driver that dies is back in the
+                                      # time of its model's load (kernel/supervisor.py, rule 4)
 
 
 @dataclass

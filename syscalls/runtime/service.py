@@ -2,7 +2,8 @@
 
 A service connects to the kernel (never the other way round), so it listens on no socket a program
 could reach. It proves it is the process the kernel started by saying HELLO with the one-time token
-the kernel wrote on its stdin, runs ``start()`` (loading what it needs; the kernel hears it
+the kernel wrote on its stdin (with, on the next line, a map of environment variables that differ
+from one start to the next), runs ``start()`` (loading what it needs; the kernel hears it
 already), then says it is ready. From then on it answers PINGs from its own event loop (so a hung
 loop is noticed) and hands each CALL to ``op_<name>(args, caller)``:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import json
 import os
 import signal
 import sys
@@ -64,6 +66,11 @@ class Service:
     def __init__(self, paths: Paths, log):
         self.paths = paths
         self.log = log
+
+    @classmethod
+    def preload(cls, paths: Paths) -> None:
+        """What can be done before the kernel's token: imports. A spare process (the supervisor's
+        rule 4) does it long before it is needed; a service that starts cold, at once."""
 
     async def start(self) -> None:
         """Open what the service needs before it is READY (databases, models); it may already
@@ -239,10 +246,14 @@ def main(cls: type[Service]) -> None:
     """Entry point of a service process: ``python -m services.NAME`` ends up here."""
     paths = Paths.from_env()
     log = setup(cls.name, paths.log_file(cls.name))
+    cls.preload(paths)
     token = sys.stdin.readline().strip()
     if not token:
         print(f"{cls.name}: services are started by the llmos kernel, not by hand", file=sys.stderr)
         sys.exit(2)
+    starting = sys.stdin.read().strip()         # the kernel closes stdin after writing it
+    if starting:
+        os.environ.update(json.loads(starting))
 
     async def run() -> None:
         await Runtime(cls(paths, log), token).run()
